@@ -1,0 +1,300 @@
+"""Train a CIFAR ResNet with a multi-sample dropout head and save its curves.
+
+    python run.py --dropout_num=0    # no dropout
+    python run.py --dropout_num=1    # ordinary dropout
+    python run.py --dropout_num=8    # multi-sample dropout, 8 samples
+
+Each run lands in outputs/<model>_<dataset>_m<M>_p<p>_s<seed>-<hash>/; after each run the
+finished runs of the same setup are overlaid in outputs/compare/<setup>/.
+"""
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import datasource
+import progressbar
+import tools
+import trainingmonitor
+from nn import MODEL_WIDTHS, build_model
+from tools import UserError
+
+# The flags that change a run's numbers (with the data's identity and the resolved precision).
+# They name the run directory and decide what may be resumed and what may be compared.
+DEFINING = ["dataset", "data_source", "model", "dropout_num", "dropout_p", "batch_size", "lr", "lr_milestone",
+            "augment", "seed", "data_seed", "train_size", "test_size", "precision"]
+SETUP_EXCLUDES = ["dropout_num", "seed"]  # runs differing only in these are overlaid in one comparison
+
+MEAN = (0.4914, 0.4822, 0.4465)  # CIFAR-10 training set per-channel mean (official release)
+STD = (0.2470, 0.2435, 0.2616)  # and std; the seed's (0.2023, 0.1994, 0.2010) was not CIFAR-10's std
+EVAL_BATCH = 1000  # images per evaluation step; no gradients, so larger than training's
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the whole usage block
+        raise UserError(f"{message} (see python run.py --help)")
+
+
+def parse_args(argv):
+    p = Parser(description="Multi-sample dropout on CIFAR-10.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dropout_num", type=int, default=0, help="dropout samples M: 0 none, 1 plain dropout, M>1 multi-sample")
+    p.add_argument("--dropout_p", type=float, default=0.5, help="dropout probability")
+    p.add_argument("--model", default="miniresnet", help=f"one of {', '.join(MODEL_WIDTHS)}")
+    p.add_argument("--dataset", default="cifar10", help="cifar10")
+    p.add_argument("--epochs", type=int, default=20, help="epochs to train (more than a finished run continues it)")
+    p.add_argument("--batch_size", type=int, default=128, help="training batch; the last incomplete batch is dropped")
+    p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate")
+    p.add_argument("--lr_milestone", type=int, default=10, help="epochs 1..N use lr, later ones lr x 0.1 (0: never)")
+    p.add_argument("--augment", action="store_true", help="random crop (4-pixel padding) and horizontal flip")
+    p.add_argument("--seed", type=int, default=42, help="initialisation, shuffling, augmentation and dropout")
+    p.add_argument("--data_seed", type=int, default=0, help="which images --train_size/--test_size pick")
+    p.add_argument("--train_size", type=int, default=None, help="train on a random subset of this many images (default: all)")
+    p.add_argument("--test_size", type=int, default=None, help="evaluate on a random subset of this many images (default: all)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="autocast dtype; auto: bf16 where the device computes it natively, else fp32")
+    p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--data_dir", default="data", help="torchvision's CIFAR-10 root (downloaded if missing), "
+                   "or an image-folder copy: a folder or .tar/.tar.gz with train/<class>/* and test/<class>/*")
+    p.add_argument("--output_dir", default="outputs", help="where run directories and comparisons land")
+    p.add_argument("--overwrite", action="store_true", help="start the run afresh, deleting its earlier results")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    if args.dropout_num < 0:
+        raise UserError(f"--dropout_num must be 0 or more, got {args.dropout_num}")
+    if not 0 <= args.dropout_p < 1:
+        raise UserError(f"--dropout_p must be in [0, 1), got {args.dropout_p}")
+    for flag in ("epochs", "batch_size", "lr", "train_size", "test_size"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise UserError(f"--{flag} must be positive, got {value}")
+    if args.lr_milestone < 0:
+        raise UserError(f"--lr_milestone must be 0 (never) or a positive epoch, got {args.lr_milestone}")
+    if args.model not in MODEL_WIDTHS:
+        raise UserError(f"unknown --model {args.model!r}: use one of {', '.join(MODEL_WIDTHS)}")
+    if args.dataset != "cifar10":
+        raise UserError(f"unknown --dataset {args.dataset!r}: use cifar10")
+
+
+def short_hash(values):
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def run_identity(config):
+    """(run directory name, setup name) from the defining flags."""
+    defining = {k: config[k] for k in DEFINING}
+    setup = {k: v for k, v in defining.items() if k not in SETUP_EXCLUDES}
+    c = config
+    run = f"{c['model']}_{c['dataset']}_m{c['dropout_num']}_p{c['dropout_p']}_s{c['seed']}-{short_hash(defining)}"
+    return run, f"{c['model']}_{c['dataset']}_p{c['dropout_p']}-{short_hash(setup)}"
+
+
+def check_writable(folder):
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise UserError(f"cannot write to {folder} ({e.strerror or e}); choose another --output_dir")
+
+
+def previous_checkpoint(run_dir, config):
+    """The run's last checkpoint if it has one, after checking it is the same experiment."""
+    path = run_dir / "last.pt"
+    if not path.exists():
+        return None
+    checkpoint = tools.load_checkpoint(path)
+    for flag in DEFINING:
+        if checkpoint["config"].get(flag) != config[flag]:
+            raise UserError(f"{path} is another experiment: its --{flag} is {checkpoint['config'].get(flag)!r}, "
+                            f"this command's {config[flag]!r}; use another --output_dir or --overwrite")
+    return checkpoint
+
+
+def pick_subset(x, y, size, rng):
+    """A random subset of `size` images (all if None), in their original order."""
+    order = rng.permutation(len(y))
+    if size is None:
+        return x, y
+    if size > len(y):
+        raise UserError(f"asked for {size} images but the split has {len(y)}; lower --train_size/--test_size")
+    keep = np.sort(order[:size])
+    return x[keep], y[keep]
+
+
+def to_device(x, y, device):
+    """uint8 NHWC arrays -> uint8 NCHW and int64 tensors on the device (normalised per batch)."""
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device), torch.from_numpy(y).to(device)
+
+
+def normalise(x):
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1) * 255
+    return ((x.float() - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+def random_crop_flip(x, generator, pad=4):
+    """Per image: a random 32x32 window of the zero-padded image, and a coin-flip mirror."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, b, 1), generator=generator, device=x.device)
+    rows, cols = dy + torch.arange(h, device=x.device), dx + torch.arange(w, device=x.device)
+    crops = padded[torch.arange(b, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    crops = crops.permute(0, 3, 1, 2)  # advanced indexing put the channel dim last
+    flip = torch.rand(b, generator=generator, device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], crops.flip(3), crops)
+
+
+def train_batches(x, y, batch_size, generator, augment):
+    """Shuffled full batches (the last incomplete one is dropped), normalised on the device."""
+    order = torch.randperm(len(y), generator=generator, device=x.device)
+    for i in range(len(y) // batch_size):
+        idx = order[i * batch_size:(i + 1) * batch_size]
+        xb = random_crop_flip(x[idx], generator) if augment else x[idx]
+        yield normalise(xb), y[idx]
+
+
+def evaluate(model, x, y, autocast):
+    """(loss, accuracy) of the single eval-mode pass: dropout off, so comparable across dropout_num."""
+    model.eval()
+    loss, correct = torch.zeros((), device=x.device), torch.zeros((), device=x.device)
+    with torch.inference_mode(), autocast:
+        for i in range(0, len(y), EVAL_BATCH):
+            logits, _ = model(normalise(x[i:i + EVAL_BATCH]))
+            loss += F.cross_entropy(logits.float(), y[i:i + EVAL_BATCH], reduction="sum")
+            correct += (logits.argmax(1) == y[i:i + EVAL_BATCH]).sum()
+    return loss.item() / len(y), correct.item() / len(y)
+
+
+def compare(output_dir, setup):
+    """Overlay every finished run of this setup in output_dir/compare/<setup>/."""
+    runs = []
+    for config_path in sorted(output_dir.glob("*/config.json")):
+        config = tools.read_json(config_path)
+        metrics = config_path.parent / "metrics.json"
+        if config.get("setup") == setup and metrics.exists():
+            history = tools.read_json(metrics)
+            if len(history) >= config["epochs"]:
+                runs.append({"dir": config_path.parent, "config": config, "history": history})
+    out_dir = output_dir / "compare" / setup
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trainingmonitor.plot_comparison(out_dir, runs)
+    trainingmonitor.write_summary(out_dir, runs)
+    return out_dir, len(runs)
+
+
+def main(argv=None):
+    try:
+        return train(parse_args(argv))
+    except UserError as e:
+        print(f"run.py: error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"run.py: stopped: {e}", file=sys.stderr)
+        return 1
+
+
+def train(args):
+    check_args(args)
+    device = tools.pick_device(args.device)
+    config = {**vars(args), "precision": tools.resolve_precision(args.precision, device),
+              "data_source": datasource.source_id(args.data_dir, args.dataset)}
+    run_name, setup = run_identity(config)
+    output_dir = Path(args.output_dir)
+    run_dir = output_dir / run_name
+    check_writable(output_dir)
+    checkpoint = None if args.overwrite else previous_checkpoint(run_dir, config)
+    if checkpoint and checkpoint["epoch"] >= args.epochs:
+        print(f"{run_dir} already holds this run, finished at epoch {checkpoint['epoch']}: nothing to do "
+              f"(--epochs above {checkpoint['epoch']} continues it, --overwrite starts it afresh)")
+        return 0
+
+    # Data: the whole (sub)set as uint8 tensors on the device; --data_seed alone picks the subset.
+    data = datasource.load(args.data_dir, args.dataset)
+    subset_rng = np.random.default_rng(args.data_seed)
+    train_x, train_y = to_device(*pick_subset(data["train_x"], data["train_y"], args.train_size, subset_rng), device)
+    test_x, test_y = to_device(*pick_subset(data["test_x"], data["test_y"], args.test_size, subset_rng), device)
+    steps = len(train_y) // args.batch_size
+    if steps == 0:
+        raise UserError(f"--batch_size {args.batch_size} is larger than the {len(train_y)} training images; lower it")
+
+    tools.seed_everything(args.seed)
+    generator = torch.Generator(device=device).manual_seed(args.seed)  # shuffling and augmentation
+    model = build_model(args.model, len(data["classes"]), args.dropout_num, args.dropout_p)
+    model = model.to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config["precision"] == "bf16")
+
+    if args.overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    history, first_epoch = [], 1
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        tools.set_rng_state(checkpoint["rng"], generator)
+        history, first_epoch = checkpoint["history"], checkpoint["epoch"] + 1
+        print(f"resumed from epoch {checkpoint['epoch']}")
+    commit, dirty = tools.git_state()
+    config.update(run_dir=str(run_dir), setup=setup, device=str(device), threads=torch.get_num_threads(),
+                  torch=torch.__version__, torchvision=__import__("torchvision").__version__, numpy=np.__version__,
+                  git_commit=commit, git_dirty=dirty, train_images=len(train_y), test_images=len(test_y))
+    tools.write_json(run_dir / "config.json", config)
+    print(f"{run_dir}: {args.model}, dropout_num={args.dropout_num}, p={args.dropout_p}, {len(train_y)} train / "
+          f"{len(test_y)} test images, {device}, {config['precision']}")
+    progressbar.print_header()
+
+    for epoch in range(first_epoch, args.epochs + 1):
+        start = time.perf_counter()
+        lr = args.lr * (0.1 if args.lr_milestone and epoch > args.lr_milestone else 1.0)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        bar = progressbar.EpochBar(steps, epoch, args.epochs)
+        refresh = max(1, steps // 20) if bar.enabled else steps  # steps between host reads of the metrics
+        # Sums stay on the device: reading them forces a sync, so we do it only at refreshes.
+        loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
+        bad_step = torch.full((), -1, device=device)  # first step with a non-finite loss
+        for step, (xb, yb) in enumerate(train_batches(train_x, train_y, args.batch_size, generator, args.augment), 1):
+            with autocast:
+                logits, loss = model(xb, yb, loss_fn)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach().float() * len(yb)
+            correct += (logits.detach().argmax(1) == yb).sum()
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
+            seen += len(yb)
+            if step % refresh == 0 or step == steps:
+                if bad_step.item() >= 0:
+                    bar.close()
+                    raise FloatingPointError(f"non-finite training loss at epoch {epoch}, step {bad_step.item()}; "
+                                             f"the last good checkpoint is {run_dir / 'last.pt'}")
+                bar.update(step, loss_sum.item() / seen, correct.item() / seen)
+        bar.close()
+        valid_loss, valid_acc = evaluate(model, test_x, test_y, autocast)
+        history.append({"epoch": epoch, "lr": lr, "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
+                        "valid_loss": valid_loss, "valid_acc": valid_acc, "seconds": time.perf_counter() - start})
+        progressbar.print_row(history[-1])
+        tools.save_checkpoint(run_dir / "last.pt", {
+            "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "rng": tools.rng_state(generator), "history": history, "config": config})
+        trainingmonitor.write_metrics(run_dir, history)
+        trainingmonitor.plot_run(run_dir, history)
+
+    compare_dir, n = compare(output_dir, setup)
+    print(f"done: {run_dir}; comparison of {n} finished run(s) in {compare_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
