@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
 
 import datasource
 import progressbar
@@ -44,7 +45,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv):
-    p = Parser(description="Multi-sample dropout on CIFAR-10.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="run.py", description="Multi-sample dropout on CIFAR-10.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dropout_num", type=int, default=0, help="dropout samples M: 0 none, 1 plain dropout, M>1 multi-sample")
     p.add_argument("--dropout_p", type=float, default=0.5, help="dropout probability")
     p.add_argument("--model", default="miniresnet", help=f"one of {', '.join(MODEL_WIDTHS)}")
@@ -246,7 +247,7 @@ def train(args):
         print(f"resumed from epoch {checkpoint['epoch']}")
     commit, dirty = tools.git_state()
     config.update(run_dir=str(run_dir), setup=setup, device=str(device), threads=torch.get_num_threads(),
-                  torch=torch.__version__, torchvision=__import__("torchvision").__version__, numpy=np.__version__,
+                  torch=str(torch.__version__), torchvision=torchvision.__version__, numpy=np.__version__,
                   git_commit=commit, git_dirty=dirty, train_images=len(train_y), test_images=len(test_y))
     tools.write_json(run_dir / "config.json", config)
     print(f"{run_dir}: {args.model}, dropout_num={args.dropout_num}, p={args.dropout_p}, {len(train_y)} train / "

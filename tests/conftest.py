@@ -1,0 +1,44 @@
+"""Shared fixtures: a small real CIFAR-10 subset cut from the shared archive, and a private cache."""
+import os
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import datasource  # noqa: E402
+
+SHARED_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory):
+    """Decoded arrays go to a temporary folder, not the repo's data/cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(datasource, "CACHE_DIR", tmp_path_factory.mktemp("cache"))
+        yield
+
+
+@pytest.fixture(scope="session")
+def small_cifar(tmp_path_factory):
+    """A real CIFAR-10 subset as a .tar.gz: the first 30 train and 10 test JPEGs of each class."""
+    if not SHARED_ARCHIVE.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs the shared CIFAR-10 copy at {SHARED_ARCHIVE}")
+        pytest.skip(f"no shared CIFAR-10 copy at {SHARED_ARCHIVE}")
+    out = tmp_path_factory.mktemp("small") / "cifar10-small.tar.gz"
+    wanted = {"train": 30, "test": 10}
+    counts = {}
+    with tarfile.open(SHARED_ARCHIVE) as src, tarfile.open(out, "w:gz") as dst:
+        for member in src:  # streamed: the archive is read once, front to back
+            parts = member.name.split("/")
+            if member.isfile() and len(parts) == 3 and parts[0] in wanted:
+                key = tuple(parts[:2])
+                if counts.get(key, 0) < wanted[parts[0]]:
+                    counts[key] = counts.get(key, 0) + 1
+                    dst.addfile(member, src.extractfile(member))
+    assert len(counts) == 20 and sum(counts.values()) == 400
+    return out

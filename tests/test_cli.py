@@ -1,0 +1,150 @@
+"""The command line end to end, on a small real CIFAR-10 subset (in-process calls of run.main)."""
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import run
+from conftest import ROOT
+
+# 400 real images (300 train, 100 test), batch 32: about a second an epoch
+TINY = ["--batch_size", "32", "--lr_milestone", "1", "--epochs", "2"]
+
+
+def cli(capsys, *args):
+    rc = run.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def rows(run_dir, drop=("seconds",)):
+    with open(run_dir / "metrics.csv") as f:
+        return [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(f)]
+
+
+def run_dirs(output_dir, dropout_num):
+    return sorted(output_dir.glob(f"miniresnet_cifar10_m{dropout_num}_*"))
+
+
+@pytest.fixture(scope="module")
+def trained(small_cifar, tmp_path_factory):
+    """dropout_num 0, 1 and 8 trained for two epochs into one output folder."""
+    out = tmp_path_factory.mktemp("outputs")
+    with pytest.MonkeyPatch.context():
+        for m in (0, 1, 8):
+            assert run.main(["--data_dir", str(small_cifar), "--output_dir", str(out), "--dropout_num", str(m), *TINY]) == 0
+    return out
+
+
+def test_each_run_writes_metrics_config_curves_and_checkpoint(trained):
+    for m in (0, 1, 8):
+        (run_dir,) = run_dirs(trained, m)
+        assert run_dir.name.startswith(f"miniresnet_cifar10_m{m}_p0.5_s42-")
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert [r["epoch"] for r in metrics] == [1, 2]
+        assert [r["lr"] for r in metrics] == [0.01, 0.01 * 0.1]  # --lr_milestone 1: epoch 2 is decayed
+        assert rows(run_dir, drop=()) == [{k: repr(v) for k, v in r.items()} for r in metrics]  # full precision
+        for r in metrics:
+            assert 0 <= r["train_acc"] <= 1 and 0 <= r["valid_acc"] <= 1 and r["valid_loss"] > 0
+        config = json.loads((run_dir / "config.json").read_text())
+        assert config["dropout_num"] == m and config["device"] == "cpu" and config["precision"] in ("fp32", "bf16")
+        assert config["train_images"] == 300 and config["test_images"] == 100
+        for key in ("torch", "torchvision", "numpy", "threads", "git_commit", "git_dirty", "data_source"):
+            assert key in config
+        for name in ("loss.png", "acc.png", "last.pt"):
+            assert (run_dir / name).stat().st_size > 1000
+
+
+def test_comparison_overlays_the_three_runs(trained):
+    (compare_dir,) = (trained / "compare").iterdir()
+    for name in ("train_loss.png", "valid_loss.png", "valid_acc.png"):
+        assert (compare_dir / name).stat().st_size > 1000
+    table = (compare_dir / "summary.md").read_text().splitlines()
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["0", "1", "8"]
+
+
+def test_rerunning_a_finished_run_does_not_train(trained, small_cifar, capsys):
+    (run_dir,) = run_dirs(trained, 8)
+    before = (run_dir / "last.pt").stat().st_mtime_ns, (run_dir / "metrics.csv").read_text()
+    rc, out, err = cli(capsys, "--data_dir", small_cifar, "--output_dir", trained, "--dropout_num", 8, *TINY)
+    assert rc == 0, err
+    assert "nothing to do" in out and str(run_dir) in out
+    assert ((run_dir / "last.pt").stat().st_mtime_ns, (run_dir / "metrics.csv").read_text()) == before
+
+
+def test_same_command_same_numbers_and_another_seed_others(trained, small_cifar, tmp_path, capsys):
+    (reference,) = run_dirs(trained, 8)
+    args = ["--data_dir", small_cifar, "--dropout_num", 8, *TINY]
+    assert cli(capsys, *args, "--output_dir", tmp_path / "again")[0] == 0
+    (again,) = run_dirs(tmp_path / "again", 8)
+    assert again.name == reference.name and rows(again) == rows(reference)
+    assert cli(capsys, *args, "--output_dir", tmp_path / "seed", "--seed", 7)[0] == 0
+    (other,) = run_dirs(tmp_path / "seed", 8)
+    assert other.name != reference.name and rows(other) != rows(reference)
+
+
+def test_more_epochs_continue_a_finished_run_exactly(trained, small_cifar, tmp_path, capsys):
+    args = ["--data_dir", small_cifar, "--dropout_num", 1, "--batch_size", 32, "--lr_milestone", 1, "--epochs", 3]
+    rc, out, _ = cli(capsys, *args, "--output_dir", tmp_path / "fresh")
+    assert rc == 0 and "resumed" not in out
+    continued = tmp_path / "continued"
+    (finished,) = run_dirs(trained, 1)
+    shutil.copytree(finished, continued / finished.name)
+    rc, out, _ = cli(capsys, *args, "--output_dir", continued)
+    assert rc == 0 and "resumed from epoch 2" in out
+    assert rows(run_dirs(continued, 1)[0]) == rows(run_dirs(tmp_path / "fresh", 1)[0])
+
+
+def test_overwrite_starts_afresh(trained, small_cifar, tmp_path, capsys):
+    (finished,) = run_dirs(trained, 0)
+    shutil.copytree(finished, tmp_path / finished.name)
+    (tmp_path / finished.name / "stale.txt").write_text("from before")
+    rc, out, _ = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path, "--dropout_num", 0, *TINY, "--overwrite")
+    assert rc == 0 and "resumed" not in out and "nothing to do" not in out
+    assert not (tmp_path / finished.name / "stale.txt").exists()
+    assert rows(tmp_path / finished.name) == rows(finished)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--dropout_num", "-1"], "--dropout_num must be 0 or more"),
+    (["--dropout_num", "two"], "invalid int value"),
+    (["--dropout_p", "1.0"], "--dropout_p must be in [0, 1)"),
+    (["--epochs", "0"], "--epochs must be positive"),
+    (["--batch_size", "0"], "--batch_size must be positive"),
+    (["--lr", "-0.1"], "--lr must be positive"),
+    (["--train_size", "0"], "--train_size must be positive"),
+    (["--model", "vgg"], "unknown --model 'vgg'"),
+    (["--dataset", "mnist"], "unknown --dataset 'mnist'"),
+    (["--device", "cuda:7"], "no such CUDA device"),
+    (["--train_size", "301"], "asked for 301 images but the split has 300"),
+    (["--data_dir", "no/such.tar.gz"], "no such archive"),
+])
+def test_bad_input_is_one_line_and_exit_2(flags, message, small_cifar, tmp_path, capsys):
+    rc, out, err = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path / "out", *TINY, *flags)
+    assert rc == 2 and err.startswith("run.py: error:") and message in err and err.count("\n") == 1
+    assert not list((tmp_path).glob("out/*/metrics.csv"))
+
+
+def test_unwritable_output_is_found_before_training(small_cifar, tmp_path, capsys):
+    (tmp_path / "file").write_text("a regular file")
+    rc, _, err = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path / "file" / "out", *TINY)
+    assert rc == 2 and "cannot write to" in err and err.count("\n") == 1
+
+
+def test_the_real_command_line_exits_2_without_a_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "run.py", "--dropout_p", "2", "--output_dir", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_help_shows_every_default(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # one line per flag, so no default is wrapped
+    with pytest.raises(SystemExit):
+        run.main(["--help"])
+    help_text = capsys.readouterr().out
+    for default in ("(default: 0)", "(default: 0.5)", "(default: miniresnet)", "(default: 20)", "(default: 128)",
+                    "(default: 0.01)", "(default: 10)", "(default: 42)", "(default: auto)", "(default: outputs)"):
+        assert default in help_text

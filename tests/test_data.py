@@ -1,0 +1,156 @@
+import os
+import pickle
+import tarfile
+import urllib.error
+
+import numpy as np
+import pytest
+import torchvision.datasets.cifar as tv_cifar
+from PIL import Image
+
+import datasource
+from tools import UserError
+
+CLASSES = ["cat", "dog", "frog"]
+
+
+def write_folder(root, per_class=(4, 2), size=32, seed=0):
+    """An image-folder copy: train/<class>/*.png and test/<class>/*.png, plus hidden clutter."""
+    rng = np.random.default_rng(seed)
+    for split, n in zip(("train", "test"), per_class):
+        for c in CLASSES:
+            folder = root / split / c
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:04d}.png")
+            (folder / ".DS_Store").write_bytes(b"\x00junk")
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    return root
+
+
+def write_tar(folder, path, arcname):
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(folder, arcname=arcname)
+    return path
+
+
+def test_image_folder_loads_in_class_order_and_ignores_hidden_files(tmp_path):
+    data = datasource.load(write_folder(tmp_path / "cifar"))
+    assert data["classes"] == CLASSES
+    assert data["train_x"].shape == (12, 32, 32, 3) and data["train_x"].dtype == np.uint8
+    assert data["test_x"].shape == (6, 32, 32, 3)
+    assert data["train_y"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    first = np.asarray(Image.open(tmp_path / "cifar" / "train" / "cat" / "0000.png"))
+    assert np.array_equal(data["train_x"][0], first)
+
+
+@pytest.mark.parametrize("arcname", [".", "cifar10"])  # without and with a wrapping folder
+def test_tar_gz_gives_the_same_arrays_as_the_folder(tmp_path, arcname):
+    folder = write_folder(tmp_path / "cifar")
+    archive = write_tar(folder, tmp_path / "cifar.tar.gz", arcname)
+    from_folder, from_tar = datasource.load(folder), datasource.load(archive)
+    for key in ("train_x", "train_y", "test_x", "test_y"):
+        assert np.array_equal(from_folder[key], from_tar[key])
+    assert from_tar["classes"] == CLASSES
+
+
+def test_wrapping_folder_is_found(tmp_path):
+    write_folder(tmp_path / "outer" / "cifar10")
+    assert datasource.load(tmp_path / "outer")["classes"] == CLASSES
+
+
+def test_second_load_reads_the_cache_and_a_changed_source_is_decoded_again(tmp_path, monkeypatch):
+    folder = write_folder(tmp_path / "cifar")
+    first = datasource.load(folder)
+    decode = datasource._decode_folder
+    monkeypatch.setattr(datasource, "_decode_folder", lambda root: pytest.fail("decoded again"))
+    assert np.array_equal(datasource.load(folder)["train_x"], first["train_x"])
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / "train" / "cat" / "0000.png")
+    calls = []
+    monkeypatch.setattr(datasource, "_decode_folder", lambda root: calls.append(root) or decode(root))
+    changed = datasource.load(folder)
+    assert len(calls) == 1 and changed["train_x"][0].max() == 0
+
+
+def test_archive_member_outside_the_target_is_refused(tmp_path):
+    folder = write_folder(tmp_path / "cifar")
+    archive = tmp_path / "evil.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname=".")
+        tar.add(folder / "train" / "cat" / "0000.png", arcname="../escaped.png")
+    with pytest.raises(UserError, match="refusing archive"):
+        datasource.load(archive)
+    assert not list(tmp_path.parent.rglob("escaped.png"))
+
+
+def test_truncated_archive_is_a_clear_error(tmp_path):
+    archive = write_tar(write_folder(tmp_path / "cifar"), tmp_path / "cifar.tar.gz", ".")
+    archive.write_bytes(archive.read_bytes()[:2000])
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        datasource.load(archive)
+
+
+def test_bad_folders_name_the_problem(tmp_path):
+    missing_class = write_folder(tmp_path / "a")
+    for f in (missing_class / "test" / "frog").iterdir():
+        f.unlink()
+    (missing_class / "test" / "frog").rmdir()
+    with pytest.raises(UserError, match="test classes"):
+        datasource.load(missing_class)
+    not_image = write_folder(tmp_path / "b")
+    (not_image / "train" / "dog" / "notes.txt").write_text("hello")
+    with pytest.raises(UserError, match="notes.txt is not a readable image"):
+        datasource.load(not_image)
+    wrong_size = write_folder(tmp_path / "c")
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(wrong_size / "train" / "dog" / "0001.png")
+    with pytest.raises(UserError, match="0001.png is 20x20"):
+        datasource.load(wrong_size)
+
+
+# --- torchvision's official release, with its download and md5 check replaced by test doubles ---
+
+def write_official_cifar10(root, per_batch=6, seed=0):
+    """cifar-10-batches-py as the official release lays it out: pickled dicts of uint8 rows."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    images, labels = {}, {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        images[name] = rng.integers(0, 256, (per_batch, 3 * 32 * 32), dtype=np.uint8)
+        labels[name] = rng.integers(0, 10, per_batch).tolist()
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": images[name], "labels": labels[name]}, f)  # str keys, as the py2 pickles load
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer",
+                                     "dog", "frog", "horse", "ship", "truck"]}, f)
+    return images, labels
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Integrity = the file exists (the real md5s fit only the real files); downloads fail as offline."""
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", offline)
+
+
+def test_official_release_loads_through_torchvision(tmp_path, no_network):
+    images, labels = write_official_cifar10(tmp_path)
+    data = datasource.load(tmp_path)
+    assert data["train_x"].shape == (30, 32, 32, 3) and data["test_x"].shape == (6, 32, 32, 3)
+    chw = images["data_batch_1"][0].reshape(3, 32, 32)
+    assert np.array_equal(data["train_x"][0], chw.transpose(1, 2, 0))
+    assert data["train_y"].tolist() == sum((labels[f"data_batch_{i}"] for i in range(1, 6)), [])
+    assert data["test_y"].tolist() == labels["test_batch"]
+    assert data["classes"][0] == "airplane" and len(data["classes"]) == 10
+    assert datasource.source_id(tmp_path) == "torchvision-cifar10"
+
+
+def test_offline_and_missing_is_one_clear_error(tmp_path, no_network):
+    with pytest.raises(UserError) as e:
+        datasource.load(tmp_path)
+    message = str(e.value)
+    assert "could not be downloaded" in message and str(tmp_path) in message and "image-folder" in message
+    assert "\n" not in message
