@@ -7,6 +7,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: files only, no window
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tools import atomic_write, write_json  # noqa: E402
@@ -73,6 +74,7 @@ def _aligned(histories, metric):
 
 def _save(fig, ax, path, title, ylabel):
     ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
