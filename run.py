@@ -163,6 +163,33 @@ def train_batches(x, y, batch_size, generator, augment):
         yield normalise(xb), y[idx]
 
 
+def train_epoch(model, optimizer, loss_fn, batches, autocast, bar):
+    """One pass over the batches; returns (mean loss, accuracy). Raises FloatingPointError on a non-finite loss."""
+    model.train()
+    # The sums stay on the device: reading them makes the host wait, so we read them only at bar refreshes.
+    device = next(model.parameters()).device
+    loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
+    bad_step = torch.full((), -1, device=device)  # the first step whose loss was not finite
+    refresh = max(1, bar.steps // 20) if bar.enabled else bar.steps  # steps between reads
+    for step, (xb, yb) in enumerate(batches, 1):
+        with autocast:
+            logits, loss = model(xb, yb, loss_fn)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach().float() * len(yb)
+        correct += (logits.detach().argmax(1) == yb).sum()
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
+        seen += len(yb)
+        if step % refresh == 0 or step == bar.steps:
+            if bad_step.item() >= 0:
+                bar.close()
+                raise FloatingPointError(f"non-finite training loss at step {bad_step.item()}")
+            bar.update(step, loss_sum.item() / seen, correct.item() / seen)
+    bar.close()
+    return loss_sum.item() / seen, correct.item() / seen
+
+
 def evaluate(model, x, y, autocast):
     """(loss, accuracy) of the single eval-mode pass: dropout off, so comparable across dropout_num."""
     model.eval()
@@ -259,31 +286,15 @@ def train(args):
         lr = args.lr * (0.1 if args.lr_milestone and epoch > args.lr_milestone else 1.0)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        model.train()
-        bar = progressbar.EpochBar(steps, epoch, args.epochs)
-        refresh = max(1, steps // 20) if bar.enabled else steps  # steps between host reads of the metrics
-        # Sums stay on the device: reading them forces a sync, so we do it only at refreshes.
-        loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
-        bad_step = torch.full((), -1, device=device)  # first step with a non-finite loss
-        for step, (xb, yb) in enumerate(train_batches(train_x, train_y, args.batch_size, generator, args.augment), 1):
-            with autocast:
-                logits, loss = model(xb, yb, loss_fn)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach().float() * len(yb)
-            correct += (logits.detach().argmax(1) == yb).sum()
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
-            seen += len(yb)
-            if step % refresh == 0 or step == steps:
-                if bad_step.item() >= 0:
-                    bar.close()
-                    raise FloatingPointError(f"non-finite training loss at epoch {epoch}, step {bad_step.item()}; "
-                                             f"the last good checkpoint is {run_dir / 'last.pt'}")
-                bar.update(step, loss_sum.item() / seen, correct.item() / seen)
-        bar.close()
+        batches = train_batches(train_x, train_y, args.batch_size, generator, args.augment)
+        try:
+            train_loss, train_acc = train_epoch(model, optimizer, loss_fn, batches, autocast,
+                                                progressbar.EpochBar(steps, epoch, args.epochs))
+        except FloatingPointError as e:
+            kept = f"the checkpoint of epoch {epoch - 1} in {run_dir} is intact" if epoch > 1 else "no checkpoint was written"
+            raise FloatingPointError(f"{e} of epoch {epoch}; {kept}") from None
         valid_loss, valid_acc = evaluate(model, test_x, test_y, autocast)
-        history.append({"epoch": epoch, "lr": lr, "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
+        history.append({"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
                         "valid_loss": valid_loss, "valid_acc": valid_acc, "seconds": time.perf_counter() - start})
         progressbar.print_row(history[-1])
         tools.save_checkpoint(run_dir / "last.pt", {

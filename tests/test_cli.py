@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import run
 from conftest import ROOT
@@ -148,3 +149,19 @@ def test_help_shows_every_default(capsys, monkeypatch):
     for default in ("(default: 0)", "(default: 0.5)", "(default: miniresnet)", "(default: 20)", "(default: 128)",
                     "(default: 0.01)", "(default: 10)", "(default: 42)", "(default: auto)", "(default: outputs)"):
         assert default in help_text
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(small_cifar, tmp_path, capsys, monkeypatch):
+    class NanAtCall13(torch.nn.CrossEntropyLoss):  # 9 steps an epoch: call 13 is epoch 2, step 4
+        calls = 0
+
+        def forward(self, logits, target):
+            NanAtCall13.calls += 1
+            return super().forward(logits, target) * (float("nan") if NanAtCall13.calls == 13 else 1.0)
+
+    monkeypatch.setattr(torch.nn, "CrossEntropyLoss", NanAtCall13)
+    rc, _, err = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path, *TINY)
+    assert rc == 1 and "non-finite training loss at step 4 of epoch 2" in err and "epoch 1" in err
+    (run_dir,) = run_dirs(tmp_path, 0)
+    assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 1
+    assert [r["epoch"] for r in json.loads((run_dir / "metrics.json").read_text())] == [1]
