@@ -4,13 +4,18 @@
     python run.py --dropout_num=1    # ordinary dropout
     python run.py --dropout_num=8    # multi-sample dropout, 8 samples
 
+    python run.py --dropout_num 0 1 8 --seed 1 2 3   # a grid, one run after another
+
 Each run lands in outputs/<model>_<dataset>_m<M>_p<p>_s<seed>-<hash>/; after each run the
 finished runs of the same setup are overlaid in outputs/compare/<setup>/.
 """
 import argparse
 import hashlib
+import itertools
 import json
+import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -31,8 +36,9 @@ from tools import UserError
 # The flags that change a run's numbers (with the data's identity and the resolved precision).
 # They name the run directory and decide what may be resumed and what may be compared.
 DEFINING = ["dataset", "data_source", "model", "dropout_num", "dropout_p", "batch_size", "lr", "lr_milestone",
-            "augment", "seed", "data_seed", "train_size", "test_size", "precision"]
-SETUP_EXCLUDES = ["dropout_num", "seed"]  # runs differing only in these are overlaid in one comparison
+            "augment", "seed", "data_seed", "train_size", "test_size", "valid_split", "precision"]
+LATER_FLAGS = {"valid_split": 0}  # defining flags added after the first runs, left out of the hash at this value
+GRID = ["seed", "dropout_p", "dropout_num"]  # flags that take several values; runs differing only in these are compared
 
 MEAN = (0.4914, 0.4822, 0.4465)  # CIFAR-10 training set per-channel mean (official release)
 STD = (0.2470, 0.2435, 0.2616)  # and std; the seed's (0.2023, 0.1994, 0.2010) was not CIFAR-10's std
@@ -44,10 +50,11 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see python run.py --help)")
 
 
-def parse_args(argv):
-    p = Parser(prog="run.py", description="Multi-sample dropout on CIFAR-10.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dropout_num", type=int, default=0, help="dropout samples M: 0 none, 1 plain dropout, M>1 multi-sample")
-    p.add_argument("--dropout_p", type=float, default=0.5, help="dropout probability")
+def build_parser(**kwargs):
+    p = Parser(prog="run.py", description="Multi-sample dropout on CIFAR-10. --seed, --dropout_num and --dropout_p "
+               "take several values and run the grid.", formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+    p.add_argument("--dropout_num", type=int, nargs="+", default=[0], help="dropout samples M: 0 none, 1 plain dropout, M>1 multi-sample")
+    p.add_argument("--dropout_p", type=float, nargs="+", default=[0.5], help="dropout probability")
     p.add_argument("--model", default="miniresnet", help=f"one of {', '.join(MODEL_WIDTHS)}")
     p.add_argument("--dataset", default="cifar10", help="cifar10")
     p.add_argument("--epochs", type=int, default=20, help="epochs to train (more than a finished run continues it)")
@@ -55,10 +62,12 @@ def parse_args(argv):
     p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate")
     p.add_argument("--lr_milestone", type=int, default=10, help="epochs 1..N use lr, later ones lr x 0.1 (0: never)")
     p.add_argument("--augment", action="store_true", help="random crop (4-pixel padding) and horizontal flip")
-    p.add_argument("--seed", type=int, default=42, help="initialisation, shuffling, augmentation and dropout")
-    p.add_argument("--data_seed", type=int, default=0, help="which images --train_size/--test_size pick")
+    p.add_argument("--seed", type=int, nargs="+", default=[42], help="initialisation, shuffling, augmentation and dropout")
+    p.add_argument("--data_seed", type=int, default=0, help="which images --train_size/--test_size/--valid_split pick")
     p.add_argument("--train_size", type=int, default=None, help="train on a random subset of this many images (default: all)")
     p.add_argument("--test_size", type=int, default=None, help="evaluate on a random subset of this many images (default: all)")
+    p.add_argument("--valid_split", type=int, default=0, help="hold out this many training images as the validation "
+                   "set for the curves; the test set is then evaluated once, at the end (0: curves on the test set)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="autocast dtype; auto: bf16 where the device computes it natively, else fp32")
     p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
@@ -66,7 +75,36 @@ def parse_args(argv):
                    "or an image-folder copy: a folder or .tar/.tar.gz with train/<class>/* and test/<class>/*")
     p.add_argument("--output_dir", default="outputs", help="where run directories and comparisons land")
     p.add_argument("--overwrite", action="store_true", help="start the run afresh, deleting its earlier results")
-    return p.parse_args(argv)
+    p.add_argument("--deterministic", action="store_true", help="CUDA: deterministic algorithms, no cudnn autotuning (slower)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR; flags given must match it")
+    p.add_argument("--eval", metavar="RUN_DIR", help="evaluate RUN_DIR's checkpoint on the test set, without training")
+    return p
+
+
+def parse_args(argv):
+    """(all flags with defaults, only the flags the command line gave)."""
+    return build_parser().parse_args(argv), vars(build_parser(argument_default=argparse.SUPPRESS).parse_args(argv))
+
+
+def grid(args):
+    """One namespace per (seed, dropout_p, dropout_num) of the command, seeds outermost."""
+    return [argparse.Namespace(**{**vars(args), **dict(zip(GRID, values))})
+            for values in itertools.product(*(getattr(args, flag) for flag in GRID))]
+
+
+def saved_args(run_dir, explicit):
+    """The flags of the run saved in run_dir, with those the command gave on top (checked against it later)."""
+    path = Path(run_dir) / "last.pt"
+    if not path.is_file():
+        raise UserError(f"{run_dir} holds no checkpoint (last.pt); give a run directory from {Path('outputs')}/")
+    checkpoint = tools.load_checkpoint(path)
+    flags = vars(build_parser().parse_args([]))
+    flags.update((k, v) for k, v in checkpoint["config"].items() if k in flags)
+    for flag, value in explicit.items():
+        if flag in GRID and len(value) > 1:
+            raise UserError(f"--{flag} takes one value with --resume/--eval")
+        flags[flag] = value[0] if flag in GRID else value
+    return argparse.Namespace(**flags), checkpoint
 
 
 def check_args(args):
@@ -78,6 +116,8 @@ def check_args(args):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise UserError(f"--{flag} must be positive, got {value}")
+    if args.valid_split < 0:
+        raise UserError(f"--valid_split must be 0 or more, got {args.valid_split}")
     if args.lr_milestone < 0:
         raise UserError(f"--lr_milestone must be 0 (never) or a positive epoch, got {args.lr_milestone}")
     if args.model not in MODEL_WIDTHS:
@@ -90,13 +130,19 @@ def short_hash(values):
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
 
 
+def defining_flags(config):
+    """The values that define the experiment; a later flag at its default is left out, so older runs keep their names."""
+    values = {k: config.get(k, LATER_FLAGS.get(k)) for k in DEFINING}
+    return {k: v for k, v in values.items() if not (k in LATER_FLAGS and v == LATER_FLAGS[k])}
+
+
 def run_identity(config):
     """(run directory name, setup name) from the defining flags."""
-    defining = {k: config[k] for k in DEFINING}
-    setup = {k: v for k, v in defining.items() if k not in SETUP_EXCLUDES}
+    defining = defining_flags(config)
+    setup = {k: v for k, v in defining.items() if k not in GRID}
     c = config
     run = f"{c['model']}_{c['dataset']}_m{c['dropout_num']}_p{c['dropout_p']}_s{c['seed']}-{short_hash(defining)}"
-    return run, f"{c['model']}_{c['dataset']}_p{c['dropout_p']}-{short_hash(setup)}"
+    return run, f"{c['model']}_{c['dataset']}-{short_hash(setup)}"
 
 
 def check_writable(folder):
@@ -113,27 +159,46 @@ def previous_checkpoint(run_dir, config):
     if not path.exists():
         return None
     checkpoint = tools.load_checkpoint(path)
+    saved, wanted = defining_flags(checkpoint["config"]), defining_flags(config)
     for flag in DEFINING:
-        if checkpoint["config"].get(flag) != config[flag]:
-            raise UserError(f"{path} is another experiment: its --{flag} is {checkpoint['config'].get(flag)!r}, "
-                            f"this command's {config[flag]!r}; use another --output_dir or --overwrite")
+        if saved.get(flag) != wanted.get(flag):
+            raise UserError(f"{path} is another experiment: its --{flag} is {saved.get(flag)!r}, "
+                            f"this command's {wanted.get(flag)!r}; use another --output_dir or --overwrite")
     return checkpoint
 
 
-def pick_subset(x, y, size, rng):
-    """A random subset of `size` images (all if None), in their original order."""
-    order = rng.permutation(len(y))
-    if size is None:
-        return x, y
-    if size > len(y):
-        raise UserError(f"asked for {size} images but the split has {len(y)}; lower --train_size/--test_size")
-    keep = np.sort(order[:size])
-    return x[keep], y[keep]
+def split(data, args):
+    """(train, valid, test) index arrays in the data's order; --data_seed alone picks them.
+
+    The validation images (--valid_split of them, none by default) come out of the training set.
+    """
+    n_train, n_test = len(data["train_y"]), len(data["test_y"])
+    rng = np.random.default_rng(args.data_seed)
+    train_order, test_order = rng.permutation(n_train), rng.permutation(n_test)
+    train_size = n_train - args.valid_split if args.train_size is None else args.train_size
+    test_size = n_test if args.test_size is None else args.test_size
+    if args.valid_split + train_size > n_train or test_size > n_test:
+        raise UserError(f"asked for {args.valid_split} validation + {train_size} training images of {n_train} and "
+                        f"{test_size} test images of {n_test}; lower --train_size/--valid_split/--test_size")
+    valid = train_order[:args.valid_split]
+    train = train_order[args.valid_split:args.valid_split + train_size]
+    return np.sort(train), np.sort(valid), np.sort(test_order[:test_size])
 
 
 def to_device(x, y, device):
     """uint8 NHWC arrays -> uint8 NCHW and int64 tensors on the device (normalised per batch)."""
     return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device), torch.from_numpy(y).to(device)
+
+
+def load_splits(args, device):
+    """{'train', 'valid', 'test'}: (images, labels) on the device, and the class count."""
+    data = datasource.load(args.data_dir, args.dataset)
+    train, valid, test = split(data, args)
+    splits = {"train": to_device(data["train_x"][train], data["train_y"][train], device),
+              "test": to_device(data["test_x"][test], data["test_y"][test], device)}
+    # without a validation split the curves are on the test set, as in the seed
+    splits["valid"] = to_device(data["train_x"][valid], data["train_y"][valid], device) if args.valid_split else splits["test"]
+    return splits, len(data["classes"])
 
 
 def normalise(x):
@@ -181,6 +246,9 @@ def train_epoch(model, optimizer, loss_fn, batches, autocast, bar):
         correct += (logits.detach().argmax(1) == yb).sum()
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
         seen += len(yb)
+        if tools.STOP:
+            bar.close()
+            raise tools.Interrupted(f"stopped by {tools.STOP['signal']} at step {step}")
         if step % refresh == 0 or step == bar.steps:
             if bad_step.item() >= 0:
                 bar.close()
@@ -202,61 +270,72 @@ def evaluate(model, x, y, autocast):
     return loss.item() / len(y), correct.item() / len(y)
 
 
-def compare(output_dir, setup):
-    """Overlay every finished run of this setup in output_dir/compare/<setup>/."""
-    runs = []
-    for config_path in sorted(output_dir.glob("*/config.json")):
-        config = tools.read_json(config_path)
-        metrics = config_path.parent / "metrics.json"
-        if config.get("setup") == setup and metrics.exists():
-            history = tools.read_json(metrics)
-            if len(history) >= config["epochs"]:
-                runs.append({"dir": config_path.parent, "config": config, "history": history})
-    out_dir = output_dir / "compare" / setup
-    out_dir.mkdir(parents=True, exist_ok=True)
-    trainingmonitor.plot_comparison(out_dir, runs)
-    trainingmonitor.write_summary(out_dir, runs)
-    return out_dir, len(runs)
-
-
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
-        return train(parse_args(argv))
+        args, explicit = parse_args(argv)
+        with tools.stop_on_signals():
+            if args.eval:
+                return evaluate_saved_run(*saved_args(args.eval, explicit))
+            if args.resume:
+                resumed, _ = saved_args(args.resume, explicit)
+                return train(resumed, Path(args.resume))
+            runs = grid(args)
+            for run in runs:  # every run of the grid is checked before any trains
+                check_args(run)
+            for run in runs:
+                train(run)
+            return 0
     except UserError as e:
         print(f"run.py: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:
         print(f"run.py: stopped: {e}", file=sys.stderr)
         return 1
+    except tools.Interrupted as e:
+        print(f"run.py: {e}; resume with: python run.py {shlex.join(argv)}", file=sys.stderr)
+        return 128 + signal.Signals[tools.STOP["signal"]].value
 
 
-def train(args):
+def evaluate_saved_run(args, checkpoint):
+    device = tools.pick_device(args.device)
+    splits, num_classes = load_splits(args, device)
+    model = build_model(args.model, num_classes, args.dropout_num, args.dropout_p)
+    model.load_state_dict(checkpoint["model"])
+    model = model.to(device, memory_format=torch.channels_last)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    loss, acc = evaluate(model, *splits["test"], autocast)
+    print(f"{args.eval}: epoch {checkpoint['epoch']}, {len(splits['test'][1])} test images: loss {loss:.4f}, accuracy {acc:.4f}")
+    return 0
+
+
+def train(args, run_dir=None):
+    """Train one run of the grid (or continue it), then redraw its setup's comparison."""
     check_args(args)
     device = tools.pick_device(args.device)
+    tools.configure_determinism(args.deterministic, device)
     config = {**vars(args), "precision": tools.resolve_precision(args.precision, device),
               "data_source": datasource.source_id(args.data_dir, args.dataset)}
     run_name, setup = run_identity(config)
     output_dir = Path(args.output_dir)
-    run_dir = output_dir / run_name
-    check_writable(output_dir)
+    run_dir = run_dir or output_dir / run_name
+    check_writable(run_dir.parent)
     checkpoint = None if args.overwrite else previous_checkpoint(run_dir, config)
     if checkpoint and checkpoint["epoch"] >= args.epochs:
         print(f"{run_dir} already holds this run, finished at epoch {checkpoint['epoch']}: nothing to do "
               f"(--epochs above {checkpoint['epoch']} continues it, --overwrite starts it afresh)")
-        return 0
+        return
 
-    # Data: the whole (sub)set as uint8 tensors on the device; --data_seed alone picks the subset.
-    data = datasource.load(args.data_dir, args.dataset)
-    subset_rng = np.random.default_rng(args.data_seed)
-    train_x, train_y = to_device(*pick_subset(data["train_x"], data["train_y"], args.train_size, subset_rng), device)
-    test_x, test_y = to_device(*pick_subset(data["test_x"], data["test_y"], args.test_size, subset_rng), device)
+    # Data: the whole (sub)sets as uint8 tensors on the device; --data_seed alone picks the images.
+    splits, num_classes = load_splits(args, device)
+    (train_x, train_y), (valid_x, valid_y) = splits["train"], splits["valid"]
     steps = len(train_y) // args.batch_size
     if steps == 0:
         raise UserError(f"--batch_size {args.batch_size} is larger than the {len(train_y)} training images; lower it")
 
     tools.seed_everything(args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)  # shuffling and augmentation
-    model = build_model(args.model, len(data["classes"]), args.dropout_num, args.dropout_p)
+    model = build_model(args.model, num_classes, args.dropout_num, args.dropout_p)
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -275,10 +354,12 @@ def train(args):
     commit, dirty = tools.git_state()
     config.update(run_dir=str(run_dir), setup=setup, device=str(device), threads=torch.get_num_threads(),
                   torch=str(torch.__version__), torchvision=torchvision.__version__, numpy=np.__version__,
-                  git_commit=commit, git_dirty=dirty, train_images=len(train_y), test_images=len(test_y))
+                  git_commit=commit, git_dirty=dirty, train_images=len(train_y), valid_images=len(valid_y),
+                  test_images=len(splits["test"][1]))
     tools.write_json(run_dir / "config.json", config)
-    print(f"{run_dir}: {args.model}, dropout_num={args.dropout_num}, p={args.dropout_p}, {len(train_y)} train / "
-          f"{len(test_y)} test images, {device}, {config['precision']}")
+    print(f"{run_dir}: {args.model}, dropout_num={args.dropout_num}, p={args.dropout_p}, seed={args.seed}, "
+          f"{len(train_y)} train / {len(valid_y)} {'valid' if args.valid_split else 'test'} images, "
+          f"{device}, {config['precision']}")
     progressbar.print_header()
 
     for epoch in range(first_epoch, args.epochs + 1):
@@ -290,10 +371,10 @@ def train(args):
         try:
             train_loss, train_acc = train_epoch(model, optimizer, loss_fn, batches, autocast,
                                                 progressbar.EpochBar(steps, epoch, args.epochs))
-        except FloatingPointError as e:
+        except (FloatingPointError, tools.Interrupted) as e:
             kept = f"the checkpoint of epoch {epoch - 1} in {run_dir} is intact" if epoch > 1 else "no checkpoint was written"
-            raise FloatingPointError(f"{e} of epoch {epoch}; {kept}") from None
-        valid_loss, valid_acc = evaluate(model, test_x, test_y, autocast)
+            raise type(e)(f"{e} of epoch {epoch}; {kept}") from None
+        valid_loss, valid_acc = evaluate(model, valid_x, valid_y, autocast)
         history.append({"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
                         "valid_loss": valid_loss, "valid_acc": valid_acc, "seconds": time.perf_counter() - start})
         progressbar.print_row(history[-1])
@@ -303,9 +384,14 @@ def train(args):
         trainingmonitor.write_metrics(run_dir, history)
         trainingmonitor.plot_run(run_dir, history)
 
-    compare_dir, n = compare(output_dir, setup)
-    print(f"done: {run_dir}; comparison of {n} finished run(s) in {compare_dir}")
-    return 0
+    if args.valid_split:  # the test set, once, after the epochs were chosen on the validation set
+        test_loss, test_acc = evaluate(model, *splits["test"], autocast)
+        tools.write_json(run_dir / "test.json", {"epoch": args.epochs, "test_loss": test_loss, "test_acc": test_acc})
+        print(f"test set, once: loss {test_loss:.4f}, accuracy {test_acc:.4f}")
+    runs = [r for r in trainingmonitor.finished_runs(output_dir) if run_identity(r["config"])[1] == setup]
+    compare_dir = output_dir / "compare" / setup
+    trainingmonitor.write_comparison(compare_dir, runs)
+    print(f"done: {run_dir}; comparison of {len(runs)} finished run(s) in {compare_dir}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Small helpers: user errors, seeding and RNG state, device and precision choice, atomic files."""
+import contextlib
 import json
 import os
 import random
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -12,6 +14,41 @@ import torch
 
 class UserError(Exception):
     """Bad input: run.py prints the message as one line and exits 2."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; the training loop stopped at a step boundary."""
+
+
+STOP = {}  # {'signal': name} once SIGINT or SIGTERM arrived
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGINT/SIGTERM ask the training loop to stop at the next step; a second one stops at once."""
+    def request_stop(signum, frame):
+        if STOP:
+            raise KeyboardInterrupt
+        STOP["signal"] = signal.Signals(signum).name
+
+    STOP.clear()
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def configure_determinism(deterministic, device):
+    """Bit-identical CUDA reruns cost speed: deterministic kernels and no cudnn autotuning.
+
+    On the CPU, runs are bit-identical for the same machine and thread count either way.
+    """
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
 
 
 def seed_everything(seed):

@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tools import atomic_write, write_json  # noqa: E402
+from tools import atomic_write, read_json, write_json  # noqa: E402
 
 FIELDS = ["epoch", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc", "seconds"]
 
@@ -32,49 +32,119 @@ def plot_run(run_dir, history):
         fig, ax = plt.subplots(figsize=(6, 4))
         for split in ("train", "valid"):
             ax.plot(epochs, [row[f"{split}_{metric}"] for row in history], marker=".", label=split)
-        _save(fig, ax, run_dir / f"{metric}.png", f"{run_dir.name}: {metric}", label)
+        _save(fig, ax, run_dir / f"{metric}.png", f"{run_dir.name}: {metric}", "epoch", label)
 
 
-def plot_comparison(out_dir, runs):
-    """The seed post's three figures: one line per dropout_num (mean over seeds, band +-1 std)."""
+def finished_runs(output_dir):
+    """Every run under output_dir that reached the epochs it was asked for: dir, config, history, test."""
+    runs = []
+    for config_path in sorted(Path(output_dir).glob("*/config.json")):
+        run_dir = config_path.parent
+        if (run_dir / "metrics.json").exists():
+            config, history = read_json(config_path), read_json(run_dir / "metrics.json")
+            if len(history) >= config["epochs"]:
+                test = read_json(run_dir / "test.json") if (run_dir / "test.json").exists() else None
+                runs.append({"dir": run_dir, "config": config, "history": history, "test": test})
+    return runs
+
+
+def write_comparison(out_dir, runs):
+    """Curves (mean over seeds, band +-1 std), the M and p ablations when the grid has them, and summary.md."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    groups = _groups(runs)
     for metric, label in (("train_loss", "train loss"), ("valid_loss", "valid loss"), ("valid_acc", "valid accuracy")):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for m, group in _by_dropout_num(runs):
-            epochs, curves = _aligned([r["history"] for r in group], metric)
-            mean = curves.mean(0)
-            ax.plot(epochs, mean, marker=".", label=f"dropout_num={m} ({len(group)} seed{'s' * (len(group) > 1)})")
-            if len(group) > 1:
-                std = curves.std(0, ddof=1)
-                ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
-        _save(fig, ax, out_dir / f"{metric}.png", f"{out_dir.name}: {label}", label)
+        for g in groups:
+            _band(ax, g["epochs"], g["curves"][metric], g["label"])
+        _save(fig, ax, out_dir / f"{metric}.png", f"{out_dir.name}: {label}", "epoch", label)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for g in groups:  # the speed claim is about wall-clock as much as epochs
+        _band(ax, g["curves"]["seconds"].cumsum(1).mean(0), g["curves"]["valid_acc"], g["label"])
+    _save(fig, ax, out_dir / "valid_acc_vs_time.png", f"{out_dir.name}: valid accuracy", "training seconds", "valid accuracy")
+    for key, name in (("dropout_num", "m"), ("dropout_p", "p")):
+        if len({g[key] for g in groups}) > 1:
+            _plot_final_vs(out_dir / f"final_acc_vs_{name}.png", groups, key)
+    atomic_write(out_dir / "summary.md", lambda tmp: Path(tmp).write_text(summary_markdown(groups)))
 
 
-def write_summary(out_dir, runs):
-    """summary.md: final and best valid accuracy and final train loss of every run."""
-    lines = ["| dropout_num | seed | epochs | final valid acc | best valid acc (epoch) | final train loss | run |",
-             "|---:|---:|---:|---:|---:|---:|---|"]
-    for m, group in _by_dropout_num(runs):
-        for r in sorted(group, key=lambda r: r["config"]["seed"]):
-            last, best = r["history"][-1], max(r["history"], key=lambda row: row["valid_acc"])
-            lines.append(f"| {m} | {r['config']['seed']} | {last['epoch']} | {last['valid_acc']:.4f} | "
-                         f"{best['valid_acc']:.4f} ({best['epoch']}) | {last['train_loss']:.4f} | {r['dir'].name} |")
-    atomic_write(out_dir / "summary.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+def summary_markdown(groups):
+    """Per (dropout_num, p): mean +- std over seeds, epochs to the dropout_num=1 target; then every run."""
+    lines = ["| dropout_num | p | seeds | final valid acc | best valid acc | final train loss | final valid loss "
+             "| epochs to target | test acc |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for g in groups:
+        finals = {k: np.array([r["history"][-1][k] for r in g["runs"]]) for k in ("valid_acc", "train_loss", "valid_loss")}
+        best = np.array([max(row["valid_acc"] for row in r["history"]) for r in g["runs"]])
+        test = [r["test"]["test_acc"] for r in g["runs"] if r["test"]]
+        lines.append(f"| {g['dropout_num']} | {g['dropout_p']} | {len(g['runs'])} | {_mean_std(finals['valid_acc'])} | "
+                     f"{_mean_std(best)} | {_mean_std(finals['train_loss'])} | {_mean_std(finals['valid_loss'])} | "
+                     f"{_epochs_to_target(g, groups)} | {_mean_std(np.array(test)) if test else '-'} |")
+    lines += ["", "Target: the best epoch of the mean valid accuracy curve of the dropout_num=1 runs with the same p; "
+              "epochs to target: the first epoch at which a row's mean curve reaches it.", "",
+              "| dropout_num | p | seed | epochs | final valid acc | best valid acc (epoch) | final train loss | run |",
+              "|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for g in groups:
+        for r in g["runs"]:
+            last, best_row = r["history"][-1], max(r["history"], key=lambda row: row["valid_acc"])
+            lines.append(f"| {g['dropout_num']} | {g['dropout_p']} | {r['config']['seed']} | {last['epoch']} | "
+                         f"{last['valid_acc']:.4f} | {best_row['valid_acc']:.4f} ({best_row['epoch']}) | "
+                         f"{last['train_loss']:.4f} | {r['dir'].name} |")
+    return "\n".join(lines) + "\n"
 
 
-def _by_dropout_num(runs):
-    nums = sorted({r["config"]["dropout_num"] for r in runs})
-    return [(m, [r for r in runs if r["config"]["dropout_num"] == m]) for m in nums]
+def _groups(runs):
+    """Runs grouped by (dropout_p, dropout_num), seeds in order, with their curves over the common epochs."""
+    keys = sorted({(r["config"]["dropout_p"], r["config"]["dropout_num"]) for r in runs})
+    several_p = len({p for p, _ in keys}) > 1
+    groups = []
+    for p, m in keys:
+        members = sorted((r for r in runs if (r["config"]["dropout_p"], r["config"]["dropout_num"]) == (p, m)),
+                         key=lambda r: r["config"]["seed"])
+        n = min(len(r["history"]) for r in members)
+        curves = {k: np.array([[row[k] for row in r["history"][:n]] for r in members]) for k in FIELDS}
+        label = f"dropout_num={m}" + (f", p={p}" if several_p else "") + f" ({len(members)} seed{'s' * (len(members) > 1)})"
+        groups.append({"dropout_p": p, "dropout_num": m, "runs": members, "curves": curves,
+                       "epochs": curves["epoch"][0], "label": label})
+    return groups
 
 
-def _aligned(histories, metric):
-    """Epochs common to all runs and a (runs, epochs) array of the metric."""
-    n = min(len(h) for h in histories)
-    return [row["epoch"] for row in histories[0][:n]], np.array([[row[metric] for row in h[:n]] for h in histories])
+def _epochs_to_target(group, groups):
+    reference = [g for g in groups if g["dropout_num"] == 1 and g["dropout_p"] == group["dropout_p"]]
+    if not reference:
+        return "no dropout_num=1 runs"
+    target = reference[0]["curves"]["valid_acc"].mean(0).max()
+    reached = np.flatnonzero(group["curves"]["valid_acc"].mean(0) >= target)
+    return str(int(group["epochs"][reached[0]])) if len(reached) else "not reached"
 
 
-def _save(fig, ax, path, title, ylabel):
-    ax.set(title=title, xlabel="epoch", ylabel=ylabel)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+def _mean_std(values):
+    return f"{values.mean():.4f}" + (f" ± {values.std(ddof=1):.4f}" if len(values) > 1 else "")
+
+
+def _band(ax, x, curves, label):
+    """The mean over seeds as a line and, with several seeds, +-1 std as a band."""
+    mean = curves.mean(0)
+    ax.plot(x, mean, marker=".", label=label)
+    if len(curves) > 1:
+        std = curves.std(0, ddof=1)
+        ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+
+
+def _plot_final_vs(path, groups, key):
+    """Final valid accuracy (mean +- std over seeds) against dropout_num or dropout_p, a line per value of the other."""
+    other = "dropout_p" if key == "dropout_num" else "dropout_num"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for value in sorted({g[other] for g in groups}):
+        line = [g for g in groups if g[other] == value]
+        finals = [np.array([r["history"][-1]["valid_acc"] for r in g["runs"]]) for g in line]
+        ax.errorbar([g[key] for g in line], [f.mean() for f in finals], capsize=3, marker="o", label=f"{other}={value}",
+                    yerr=[f.std(ddof=1) if len(f) > 1 else 0 for f in finals])
+    _save(fig, ax, path, f"{path.parent.name}: final valid accuracy", key, "final valid accuracy")
+
+
+def _save(fig, ax, path, title, xlabel, ylabel):
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if xlabel in ("epoch", "dropout_num"):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -61,9 +61,10 @@ def test_each_run_writes_metrics_config_curves_and_checkpoint(trained):
 
 def test_comparison_overlays_the_three_runs(trained):
     (compare_dir,) = (trained / "compare").iterdir()
-    for name in ("train_loss.png", "valid_loss.png", "valid_acc.png"):
+    for name in ("train_loss.png", "valid_loss.png", "valid_acc.png", "valid_acc_vs_time.png", "final_acc_vs_m.png"):
         assert (compare_dir / name).stat().st_size > 1000
-    table = (compare_dir / "summary.md").read_text().splitlines()
+    assert not (compare_dir / "final_acc_vs_p.png").exists()  # one p only
+    table = (compare_dir / "summary.md").read_text().split("\n\n")[0].splitlines()
     assert [line.split("|")[1].strip() for line in table[2:]] == ["0", "1", "8"]
 
 
@@ -120,7 +121,8 @@ def test_overwrite_starts_afresh(trained, small_cifar, tmp_path, capsys):
     (["--model", "vgg"], "unknown --model 'vgg'"),
     (["--dataset", "mnist"], "unknown --dataset 'mnist'"),
     (["--device", "cuda:7"], "no such CUDA device"),
-    (["--train_size", "301"], "asked for 301 images but the split has 300"),
+    (["--train_size", "301"], "asked for 0 validation + 301 training images of 300"),
+    (["--valid_split", "100", "--train_size", "250"], "asked for 100 validation + 250 training images of 300"),
     (["--data_dir", "no/such.tar.gz"], "no such archive"),
 ])
 def test_bad_input_is_one_line_and_exit_2(flags, message, small_cifar, tmp_path, capsys):
@@ -146,8 +148,8 @@ def test_help_shows_every_default(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         run.main(["--help"])
     help_text = capsys.readouterr().out
-    for default in ("(default: 0)", "(default: 0.5)", "(default: miniresnet)", "(default: 20)", "(default: 128)",
-                    "(default: 0.01)", "(default: 10)", "(default: 42)", "(default: auto)", "(default: outputs)"):
+    for default in ("(default: [0])", "(default: [0.5])", "(default: miniresnet)", "(default: 20)", "(default: 128)",
+                    "(default: 0.01)", "(default: 10)", "(default: [42])", "(default: auto)", "(default: outputs)"):
         assert default in help_text
 
 
