@@ -50,9 +50,9 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see python run.py --help)")
 
 
-def build_parser(**kwargs):
+def build_parser():
     p = Parser(prog="run.py", description="Multi-sample dropout on CIFAR-10. --seed, --dropout_num and --dropout_p "
-               "take several values and run the grid.", formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+               "take several values and run the grid.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dropout_num", type=int, nargs="+", default=[0], help="dropout samples M: 0 none, 1 plain dropout, M>1 multi-sample")
     p.add_argument("--dropout_p", type=float, nargs="+", default=[0.5], help="dropout probability")
     p.add_argument("--model", default="miniresnet", help=f"one of {', '.join(MODEL_WIDTHS)}")
@@ -82,8 +82,13 @@ def build_parser(**kwargs):
 
 
 def parse_args(argv):
-    """(all flags with defaults, only the flags the command line gave)."""
-    return build_parser().parse_args(argv), vars(build_parser(argument_default=argparse.SUPPRESS).parse_args(argv))
+    """(all flags with their defaults, only the flags the command line gave)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    unset = object()  # not a string, so argparse does not convert it
+    parser.set_defaults(**{flag: unset for flag in vars(args)})
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not unset}
+    return args, given
 
 
 def grid(args):
@@ -279,7 +284,8 @@ def main(argv=None):
                 return evaluate_saved_run(*saved_args(args.eval, explicit))
             if args.resume:
                 resumed, _ = saved_args(args.resume, explicit)
-                return train(resumed, Path(args.resume))
+                train(resumed, Path(args.resume))
+                return 0
             runs = grid(args)
             for run in runs:  # every run of the grid is checked before any trains
                 check_args(run)

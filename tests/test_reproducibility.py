@@ -1,0 +1,140 @@
+"""Bit-identical reruns, exact resume after SIGKILL/SIGINT/SIGTERM, grids, --resume, --eval, --valid_split."""
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import run
+import trainingmonitor
+from conftest import ROOT
+from test_cli import cli, rows, run_dirs
+
+FOUR_EPOCHS = ["--epochs", "4", "--batch_size", "32", "--lr_milestone", "2"]
+
+
+@pytest.fixture(scope="module")
+def whole(small_cifar, tmp_path_factory):
+    """The reference: the same run, never interrupted."""
+    out = tmp_path_factory.mktemp("whole")
+    assert run.main(["--data_dir", small_cifar, "--output_dir", out, *FOUR_EPOCHS]) == 0
+    (run_dir,) = run_dirs(out, 0)
+    return run_dir
+
+
+def start_and_stop(args, output_dir, sig):
+    """Start run.py in a subprocess, send `sig` while epoch 2 or later trains, return (returncode, stderr)."""
+    proc = subprocess.Popen([sys.executable, "run.py", *map(str, args)], cwd=ROOT, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not list(Path(output_dir).glob("*/last.pt")):  # the first checkpoint: epoch 1 is done
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    time.sleep(np.random.default_rng().uniform(0.05, 0.4))  # somewhere inside epoch 2 (or 3)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+def test_sigkill_mid_epoch_then_the_same_command_resumes_to_identical_metrics(whole, small_cifar, tmp_path, capsys):
+    args = ["--data_dir", small_cifar, "--output_dir", tmp_path, *FOUR_EPOCHS]
+    returncode, _ = start_and_stop(args, tmp_path, signal.SIGKILL)
+    assert returncode == -9
+    rc, out, err = cli(capsys, *args)
+    assert rc == 0, err
+    k = int(out.split("resumed from epoch ")[1].split()[0])
+    assert 1 <= k < 4
+    assert rows(run_dirs(tmp_path, 0)[0]) == rows(whole)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_and_sigterm_keep_the_checkpoint_and_print_the_resume_command(sig, whole, small_cifar, tmp_path, capsys):
+    args = ["--data_dir", small_cifar, "--output_dir", tmp_path, *FOUR_EPOCHS]
+    returncode, err = start_and_stop(args, tmp_path, sig)
+    assert returncode == 128 + sig.value, err
+    assert f"stopped by {sig.name}" in err and "is intact" in err
+    (run_dir,) = run_dirs(tmp_path, 0)
+    kept = torch.load(run_dir / "last.pt", weights_only=True)["epoch"]
+    assert 1 <= kept < 4 and len(rows(run_dir)) == kept
+    command = err.split("resume with: ")[1].strip()
+    assert command.startswith("python run.py ")
+    if sig == signal.SIGINT:  # the printed command
+        rc, out, _ = cli(capsys, *shlex.split(command)[2:])
+    else:  # or the run directory by hand
+        rc, out, _ = cli(capsys, "--resume", run_dir)
+    assert rc == 0 and f"resumed from epoch {kept}" in out
+    assert rows(run_dir) == rows(whole)
+
+
+def test_resume_refuses_a_flag_that_differs_from_the_run(whole, capsys):
+    rc, _, err = cli(capsys, "--resume", whole, "--dropout_num", 8)
+    assert rc == 2 and "its --dropout_num is 0, this command's 8" in err
+
+
+def test_resume_of_a_folder_without_checkpoint_is_an_error(tmp_path, capsys):
+    rc, _, err = cli(capsys, "--resume", tmp_path)
+    assert rc == 2 and "holds no checkpoint" in err
+
+
+def test_eval_reports_the_saved_model_on_the_test_set(whole, capsys):
+    rc, out, _ = cli(capsys, "--eval", whole)
+    last = trainingmonitor.read_json(whole / "metrics.json")[-1]
+    assert rc == 0 and f"accuracy {last['valid_acc']:.4f}" in out and f"loss {last['valid_loss']:.4f}" in out
+
+
+def test_a_corrupt_checkpoint_is_one_clear_error(whole, tmp_path, capsys, small_cifar):
+    import shutil
+    shutil.copytree(whole, tmp_path / whole.name)
+    (tmp_path / whole.name / "last.pt").write_bytes(b"not a checkpoint")
+    rc, _, err = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path, *FOUR_EPOCHS)
+    assert rc == 2 and "cannot read checkpoint" in err and "--overwrite" in err
+
+
+def test_grid_runs_every_combination_and_a_rerun_skips_them(small_cifar, tmp_path, capsys):
+    args = ["--data_dir", small_cifar, "--output_dir", tmp_path, "--epochs", 1, "--batch_size", 64,
+            "--dropout_num", 0, 1, "--seed", 1, 2]
+    rc, out, _ = cli(capsys, *args)
+    assert rc == 0 and len(list(tmp_path.glob("miniresnet_*"))) == 4
+    rc, out, _ = cli(capsys, *args)
+    assert rc == 0 and out.count("nothing to do") == 4
+    (compare_dir,) = (tmp_path / "compare").iterdir()
+    summary = (compare_dir / "summary.md").read_text()
+    assert summary.count("| 2 | ") >= 2 and "±" in summary  # two seeds per dropout_num, mean +- std
+
+
+def test_valid_split_holds_out_training_images_and_tests_once(small_cifar, tmp_path, capsys):
+    rc, out, _ = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path, "--epochs", 1, "--batch_size", 64,
+                     "--valid_split", 60)
+    assert rc == 0 and "test set, once" in out
+    (run_dir,) = run_dirs(tmp_path, 0)
+    config = trainingmonitor.read_json(run_dir / "config.json")
+    assert (config["train_images"], config["valid_images"], config["test_images"]) == (240, 60, 100)
+    assert 0 <= trainingmonitor.read_json(run_dir / "test.json")["test_acc"] <= 1
+
+
+def fake_run(m, seed, accs, p=0.5):
+    history = [{"epoch": e, "lr": 0.01, "train_loss": 1.0, "train_acc": a, "valid_loss": 2.0 - a, "valid_acc": a,
+                "seconds": 1.0} for e, a in enumerate(accs, 1)]
+    return {"dir": Path(f"m{m}_s{seed}"), "config": {"dropout_num": m, "dropout_p": p, "seed": seed},
+            "history": history, "test": None}
+
+
+def test_summary_statistics_and_epochs_to_target():
+    runs = [fake_run(1, 1, [0.5, 0.6, 0.7]), fake_run(1, 2, [0.5, 0.7, 0.7]),  # mean curve 0.5 0.65 0.7: target 0.7
+            fake_run(8, 1, [0.6, 0.7, 0.8]), fake_run(8, 2, [0.6, 0.8, 0.8]),  # mean 0.6 0.75 0.8: reaches it at 2
+            fake_run(0, 1, [0.1, 0.2, 0.3])]
+    table = trainingmonitor.summary_markdown(trainingmonitor._groups(runs)).split("\n\n")[0].splitlines()[2:]
+    cells = {int(line.split("|")[1]): [c.strip() for c in line.split("|")[1:-1]] for line in table}
+    assert cells[8][2] == "2" and cells[8][3] == "0.8000 ± 0.0000" and cells[8][4] == "0.8000 ± 0.0000"
+    assert cells[1][3] == "0.7000 ± 0.0000" and cells[1][7] == "3"
+    assert cells[8][7] == "2" and cells[0][7] == "not reached"
+    assert cells[0][3] == "0.3000" and cells[0][2] == "1"  # one seed: no spread
+    std = np.std([0.6, 0.7], ddof=1)
+    runs[3]["history"][-1]["valid_acc"] = 0.7
+    table = trainingmonitor.summary_markdown(trainingmonitor._groups(runs))
+    assert f"0.7500 ± {std:.4f}" in table
