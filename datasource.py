@@ -108,7 +108,7 @@ def _decode_archive(path):
     with tempfile.TemporaryDirectory(dir=CACHE_DIR, prefix=".extract-") as tmp:
         try:
             with tarfile.open(path) as tar:
-                tar.extractall(tmp, filter="data")  # refuses absolute paths, '..' and links out
+                tar.extractall(tmp, filter=_refuse_unsafe)
         except tarfile.FilterError as e:
             raise UserError(f"refusing archive {path}: {e}; it would write outside its folder")
         except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
@@ -117,6 +117,13 @@ def _decode_archive(path):
         if root is None:
             raise UserError(f"archive {path} is not in the image-folder layout {LAYOUT}")
         return _decode_folder(root)
+
+
+def _refuse_unsafe(member, dest):
+    """tarfile's 'data' filter (no '..', no links out, no devices), and absolute names refused, not made relative."""
+    if member.name.startswith(("/", "\\")):
+        raise tarfile.AbsolutePathError(member)
+    return tarfile.data_filter(member, dest)
 
 
 def _decode_folder(root):

@@ -103,8 +103,9 @@ def saved_args(run_dir, explicit):
     if not path.is_file():
         raise UserError(f"{run_dir} holds no checkpoint (last.pt); give a run directory from {Path('outputs')}/")
     checkpoint = tools.load_checkpoint(path)
-    flags = vars(build_parser().parse_args([]))
-    flags.update((k, v) for k, v in checkpoint["config"].items() if k in flags)
+    flags, saved = vars(build_parser().parse_args([])), checkpoint["config"]
+    # the experiment, its data and length come from the run; device, output folder, --overwrite from this command
+    flags.update((k, saved[k]) for k in list(flags) if k in saved and (k in DEFINING or k in ("data_dir", "epochs")))
     for flag, value in explicit.items():
         if flag in GRID and len(value) > 1:
             raise UserError(f"--{flag} takes one value with --resume/--eval")
@@ -384,11 +385,15 @@ def train(args, run_dir=None):
         history.append({"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
                         "valid_loss": valid_loss, "valid_acc": valid_acc, "seconds": time.perf_counter() - start})
         progressbar.print_row(history[-1])
-        tools.save_checkpoint(run_dir / "last.pt", {
-            "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "rng": tools.rng_state(generator), "history": history, "config": config})
-        trainingmonitor.write_metrics(run_dir, history)
-        trainingmonitor.plot_run(run_dir, history)
+        try:  # a full disk leaves the previous checkpoint whole (written to a temporary file, then renamed)
+            tools.save_checkpoint(run_dir / "last.pt", {
+                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "rng": tools.rng_state(generator), "history": history, "config": config})
+            trainingmonitor.write_metrics(run_dir, history)
+            trainingmonitor.plot_run(run_dir, history)
+        except OSError as e:
+            raise UserError(f"could not save epoch {epoch} in {run_dir} ({e.strerror or e}); the last checkpoint "
+                            f"there is intact: make room and rerun the command to resume from it") from None
 
     if args.valid_split:  # the test set, once, after the epochs were chosen on the validation set
         test_loss, test_acc = evaluate(model, *splits["test"], autocast)

@@ -1,3 +1,4 @@
+import io
 import os
 import pickle
 import tarfile
@@ -72,12 +73,28 @@ def test_second_load_reads_the_cache_and_a_changed_source_is_decoded_again(tmp_p
     assert len(calls) == 1 and changed["train_x"][0].max() == 0
 
 
-def test_archive_member_outside_the_target_is_refused(tmp_path):
+def unsafe_member(kind, target):
+    """A tar member that would write outside the extraction folder."""
+    if kind == "dotdot":
+        return tarfile.TarInfo("../escaped.png")
+    if kind == "absolute":
+        return tarfile.TarInfo(str(target / "escaped.png"))
+    link = tarfile.TarInfo("train/cat/link.png")
+    link.type, link.linkname = tarfile.SYMTYPE, str(target / "escaped.png")
+    return link
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_archive_member_outside_the_target_is_refused(tmp_path, kind):
     folder = write_folder(tmp_path / "cifar")
-    archive = tmp_path / "evil.tar.gz"
+    archive, outside = tmp_path / "evil.tar.gz", tmp_path / "outside"
+    outside.mkdir()
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(folder, arcname=".")
-        tar.add(folder / "train" / "cat" / "0000.png", arcname="../escaped.png")
+        member = unsafe_member(kind, outside)
+        payload = b"not really a png"
+        member.size = 0 if member.issym() else len(payload)
+        tar.addfile(member, None if member.issym() else io.BytesIO(payload))
     with pytest.raises(UserError, match="refusing archive"):
         datasource.load(archive)
     assert not list(tmp_path.parent.rglob("escaped.png"))
@@ -88,6 +105,13 @@ def test_truncated_archive_is_a_clear_error(tmp_path):
     archive.write_bytes(archive.read_bytes()[:2000])
     with pytest.raises(UserError, match="truncated or corrupt"):
         datasource.load(archive)
+
+
+def test_an_empty_image_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "cifar" / "train").mkdir(parents=True)
+    (tmp_path / "cifar" / "test").mkdir()
+    with pytest.raises(UserError, match="has no class folders"):
+        datasource.load(tmp_path / "cifar")
 
 
 def test_bad_folders_name_the_problem(tmp_path):

@@ -138,3 +138,57 @@ def test_summary_statistics_and_epochs_to_target():
     runs[3]["history"][-1]["valid_acc"] = 0.7
     table = trainingmonitor.summary_markdown(trainingmonitor._groups(runs))
     assert f"0.7500 ± {std:.4f}" in table
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one_and_a_rerun_resumes(whole, small_cifar, tmp_path, capsys,
+                                                                                monkeypatch):
+    real_save, calls = torch.save, []
+
+    def disk_full_on_second_save(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            with open(path, "wb") as f:  # a partial write, then the error a full disk gives
+                f.write(b"partial")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full_on_second_save)
+    args = ["--data_dir", small_cifar, "--output_dir", tmp_path, *FOUR_EPOCHS]
+    rc, _, err = cli(capsys, *args)
+    assert rc == 2 and "No space left on device" in err and "rerun the command to resume" in err
+    (run_dir,) = run_dirs(tmp_path, 0)
+    assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 1
+    assert not list(run_dir.glob(".*.tmp"))  # the partial file is gone
+    monkeypatch.setattr(torch, "save", real_save)
+    rc, out, _ = cli(capsys, *args)
+    assert rc == 0 and "resumed from epoch 1" in out and rows(run_dir) == rows(whole)
+
+
+def test_a_checkpoint_cannot_run_code(whole, tmp_path, capsys, small_cifar):
+    import pickle
+    import shutil
+
+    class RunsCode:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+
+    shutil.copytree(whole, tmp_path / whole.name)
+    (tmp_path / whole.name / "last.pt").write_bytes(pickle.dumps({"epoch": RunsCode()}))
+    rc, _, err = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path, *FOUR_EPOCHS)
+    assert rc == 2 and "cannot read checkpoint" in err
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_five_sigkills_at_random_moments_still_end_with_identical_metrics(whole, small_cifar, tmp_path):
+    """Killed anywhere (start-up, training, evaluation, checkpoint writing), the same command picks up the run."""
+    command = [sys.executable, "run.py", "--data_dir", str(small_cifar), "--output_dir", str(tmp_path), *FOUR_EPOCHS]
+    moments = np.random.default_rng(5).uniform(1.0, 6.0, size=5)  # seconds after the start of each attempt
+    for moment in moments:
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=moment)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            assert proc.wait() == -9
+    assert subprocess.run(command, cwd=ROOT, capture_output=True).returncode == 0
+    assert rows(run_dirs(tmp_path, 0)[0]) == rows(whole)
