@@ -178,3 +178,10 @@ def test_offline_and_missing_is_one_clear_error(tmp_path, no_network):
     message = str(e.value)
     assert "could not be downloaded" in message and str(tmp_path) in message and "image-folder" in message
     assert "\n" not in message
+
+
+def test_offline_through_the_command_line_exits_2_with_one_line(tmp_path, no_network, capsys):
+    import run
+    rc = run.main(["--data_dir", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "could not be downloaded" in err

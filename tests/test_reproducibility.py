@@ -173,7 +173,7 @@ def test_a_checkpoint_cannot_run_code(whole, tmp_path, capsys, small_cifar):
             return (Path.touch, (tmp_path / "pwned",))
 
     shutil.copytree(whole, tmp_path / whole.name)
-    (tmp_path / whole.name / "last.pt").write_bytes(pickle.dumps({"epoch": RunsCode()}))
+    (tmp_path / whole.name / "last.pt").write_bytes(pickle.dumps({"epoch": RunsCode()}, protocol=2))
     rc, _, err = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path, *FOUR_EPOCHS)
     assert rc == 2 and "cannot read checkpoint" in err
     assert not (tmp_path / "pwned").exists()
