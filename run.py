@@ -264,6 +264,10 @@ def train_epoch(model, optimizer, loss_fn, batches, autocast, bar):
     return loss_sum.item() / seen, correct.item() / seen
 
 
+def bf16_autocast(device, precision):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def evaluate(model, x, y, autocast):
     """(loss, accuracy) of the single eval-mode pass: dropout off, so comparable across dropout_num."""
     model.eval()
@@ -310,8 +314,7 @@ def evaluate_saved_run(args, checkpoint):
     model = build_model(args.model, num_classes, args.dropout_num, args.dropout_p)
     model.load_state_dict(checkpoint["model"])
     model = model.to(device, memory_format=torch.channels_last)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    loss, acc = evaluate(model, *splits["test"], autocast)
+    loss, acc = evaluate(model, *splits["test"], bf16_autocast(device, tools.resolve_precision(args.precision, device)))
     print(f"{args.eval}: epoch {checkpoint['epoch']}, {len(splits['test'][1])} test images: loss {loss:.4f}, accuracy {acc:.4f}")
     return 0
 
@@ -324,9 +327,9 @@ def train(args, run_dir=None):
     config = {**vars(args), "precision": tools.resolve_precision(args.precision, device),
               "data_source": datasource.source_id(args.data_dir, args.dataset)}
     run_name, setup = run_identity(config)
-    output_dir = Path(args.output_dir)
-    run_dir = run_dir or output_dir / run_name
-    check_writable(run_dir.parent)
+    run_dir = run_dir or Path(args.output_dir) / run_name
+    output_dir = run_dir.parent  # where the comparison goes: beside the run, also for --resume
+    check_writable(output_dir)
     checkpoint = None if args.overwrite else previous_checkpoint(run_dir, config)
     if checkpoint and checkpoint["epoch"] >= args.epochs:
         print(f"{run_dir} already holds this run, finished at epoch {checkpoint['epoch']}: nothing to do "
@@ -346,7 +349,7 @@ def train(args, run_dir=None):
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     loss_fn = torch.nn.CrossEntropyLoss()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config["precision"] == "bf16")
+    autocast = bf16_autocast(device, config["precision"])
 
     if args.overwrite and run_dir.exists():
         shutil.rmtree(run_dir)

@@ -167,3 +167,12 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(small_cif
     (run_dir,) = run_dirs(tmp_path, 0)
     assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 1
     assert [r["epoch"] for r in json.loads((run_dir / "metrics.json").read_text())] == [1]
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_afresh(trained, small_cifar, tmp_path, capsys):
+    (finished,) = run_dirs(trained, 0)
+    shutil.copytree(finished, tmp_path / finished.name)
+    (tmp_path / finished.name / "last.pt").unlink()  # config.json and curves, but no checkpoint
+    rc, out, _ = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path, "--dropout_num", 0, *TINY)
+    assert rc == 0 and "resumed" not in out
+    assert rows(tmp_path / finished.name) == rows(finished)
