@@ -30,7 +30,11 @@ def source_id(data_dir, dataset="cifar10"):
             raise UserError(f"--data_dir {data_dir}: no such archive; give an existing .tar/.tar.gz or a folder")
         return "archive-" + _file_sha256(path)[:12]
     root = _split_root(path) if path.is_dir() else None
-    return f"folder-{_folder_key(root)[:12]}" if root else f"torchvision-{dataset}"
+    if root:
+        return f"folder-{_folder_key(root)[:12]}"
+    if path.is_dir() and any((d / "train").is_dir() for d in [path, *_visible(path)] if d.is_dir()):
+        raise UserError(f"--data_dir {data_dir} has train/ but no test/ beside it; expected {LAYOUT}")
+    return f"torchvision-{dataset}"  # torchvision's root: the official release is downloaded into it
 
 
 def load(data_dir, dataset="cifar10"):
@@ -86,10 +90,10 @@ def _visible(folder):
 
 
 def _folder_key(root):
-    """Hash of every file's path, size and mtime: a changed source is decoded again."""
+    """Hash of every visible file's path, size and mtime: a changed source is decoded again."""
     h = hashlib.sha256()
     for f in sorted(root.rglob("*")):
-        if f.is_file():
+        if f.is_file() and not any(part.startswith(".") for part in f.relative_to(root).parts):
             st = f.stat()
             h.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
@@ -104,6 +108,9 @@ def _file_sha256(path):
 
 
 def _decode_archive(path):
+    if not hasattr(tarfile, "data_filter"):
+        raise UserError("safe archive extraction needs Python 3.10.12+, 3.11.4+ or 3.12+; extract the archive "
+                        "yourself and pass --data_dir the folder")
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE_DIR, prefix=".extract-") as tmp:
         try:
@@ -134,8 +141,9 @@ def _decode_folder(root):
     if test_classes != classes:
         raise UserError(f"{root}: test classes {test_classes} differ from train classes {classes}; every class needs both")
     (train_x, train_y), (test_x, test_y) = (_decode_split(root / split, classes) for split in ("train", "test"))
-    if train_x.shape[1:] != test_x.shape[1:]:
-        raise UserError(f"{root}: test images are {test_x.shape[1:3]}, train images {train_x.shape[1:3]}; sizes must match")
+    for split, x in (("train", train_x), ("test", test_x)):
+        if x.shape[1:3] != (32, 32):
+            raise UserError(f"{root / split} holds {x.shape[2]}x{x.shape[1]} images; the CIFAR networks take 32x32")
     return {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y, "classes": classes}
 
 

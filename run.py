@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import itertools
 import json
+import math
 import shlex
 import shutil
 import signal
@@ -122,6 +123,8 @@ def check_args(args):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise UserError(f"--{flag} must be positive, got {value}")
+    if not math.isfinite(args.lr):
+        raise UserError(f"--lr must be a finite number, got {args.lr}")
     if args.valid_split < 0:
         raise UserError(f"--valid_split must be 0 or more, got {args.valid_split}")
     if args.lr_milestone < 0:
@@ -264,7 +267,8 @@ def train_epoch(model, optimizer, loss_fn, batches, autocast, bar):
     return loss_sum.item() / seen, correct.item() / seen
 
 
-def bf16_autocast(device, precision):
+def autocast_for(device, precision):
+    """bf16 autocast for --precision bf16, a no-op context for fp32."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
@@ -287,15 +291,13 @@ def main(argv=None):
         with tools.stop_on_signals():
             if args.eval:
                 return evaluate_saved_run(*saved_args(args.eval, explicit))
-            if args.resume:
-                resumed, _ = saved_args(args.resume, explicit)
-                train(resumed, Path(args.resume))
-                return 0
-            runs = grid(args)
+            runs = [saved_args(args.resume, explicit)[0]] if args.resume else grid(args)
             for run in runs:  # every run of the grid is checked before any trains
                 check_args(run)
             for run in runs:
-                train(run)
+                if tools.STOP:
+                    raise tools.Interrupted(f"stopped by {tools.STOP['signal']} between two runs of the grid")
+                train(run, Path(args.resume) if args.resume else None)
             return 0
     except UserError as e:
         print(f"run.py: error: {e}", file=sys.stderr)
@@ -303,25 +305,29 @@ def main(argv=None):
     except FloatingPointError as e:
         print(f"run.py: stopped: {e}", file=sys.stderr)
         return 1
-    except tools.Interrupted as e:
-        print(f"run.py: {e}; resume with: python run.py {shlex.join(argv)}", file=sys.stderr)
-        return 128 + signal.Signals[tools.STOP["signal"]].value
+    except (tools.Interrupted, KeyboardInterrupt) as e:  # KeyboardInterrupt: a second Ctrl-C, at once
+        resume = shlex.join(a for a in argv if a != "--overwrite")  # rerunning must not start afresh
+        print(f"run.py: {e or 'stopped at once'}; resume with: python run.py {resume}", file=sys.stderr)
+        return 128 + signal.Signals[tools.STOP.get("signal", "SIGINT")].value
 
 
 def evaluate_saved_run(args, checkpoint):
+    source, saved = datasource.source_id(args.data_dir, args.dataset), checkpoint["config"]["data_source"]
+    if source != saved:
+        raise UserError(f"--data_dir {args.data_dir} is {source}, but {args.eval} was trained on {saved}; "
+                        f"pass --data_dir with that data")
     device = tools.pick_device(args.device)
     splits, num_classes = load_splits(args, device)
     model = build_model(args.model, num_classes, args.dropout_num, args.dropout_p)
     model.load_state_dict(checkpoint["model"])
     model = model.to(device, memory_format=torch.channels_last)
-    loss, acc = evaluate(model, *splits["test"], bf16_autocast(device, tools.resolve_precision(args.precision, device)))
+    loss, acc = evaluate(model, *splits["test"], autocast_for(device, tools.resolve_precision(args.precision, device)))
     print(f"{args.eval}: epoch {checkpoint['epoch']}, {len(splits['test'][1])} test images: loss {loss:.4f}, accuracy {acc:.4f}")
     return 0
 
 
 def train(args, run_dir=None):
     """Train one run of the grid (or continue it), then redraw its setup's comparison."""
-    check_args(args)
     device = tools.pick_device(args.device)
     tools.configure_determinism(args.deterministic, device)
     config = {**vars(args), "precision": tools.resolve_precision(args.precision, device),
@@ -334,7 +340,7 @@ def train(args, run_dir=None):
     if checkpoint and checkpoint["epoch"] >= args.epochs:
         print(f"{run_dir} already holds this run, finished at epoch {checkpoint['epoch']}: nothing to do "
               f"(--epochs above {checkpoint['epoch']} continues it, --overwrite starts it afresh)")
-        return
+        return compare_setup(output_dir, setup, run_dir)
 
     # Data: the whole (sub)sets as uint8 tensors on the device; --data_seed alone picks the images.
     splits, num_classes = load_splits(args, device)
@@ -349,7 +355,7 @@ def train(args, run_dir=None):
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     loss_fn = torch.nn.CrossEntropyLoss()
-    autocast = bf16_autocast(device, config["precision"])
+    autocast = autocast_for(device, config["precision"])
 
     if args.overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
@@ -373,6 +379,8 @@ def train(args, run_dir=None):
     progressbar.print_header()
 
     for epoch in range(first_epoch, args.epochs + 1):
+        if tools.STOP:  # a stop requested during evaluation or start-up
+            raise tools.Interrupted(f"stopped by {tools.STOP['signal']} before epoch {epoch}; {kept_note(run_dir, epoch)}")
         start = time.perf_counter()
         lr = args.lr * (0.1 if args.lr_milestone and epoch > args.lr_milestone else 1.0)
         for group in optimizer.param_groups:
@@ -382,26 +390,39 @@ def train(args, run_dir=None):
             train_loss, train_acc = train_epoch(model, optimizer, loss_fn, batches, autocast,
                                                 progressbar.EpochBar(steps, epoch, args.epochs))
         except (FloatingPointError, tools.Interrupted) as e:
-            kept = f"the checkpoint of epoch {epoch - 1} in {run_dir} is intact" if epoch > 1 else "no checkpoint was written"
-            raise type(e)(f"{e} of epoch {epoch}; {kept}") from None
+            raise type(e)(f"{e} of epoch {epoch}; {kept_note(run_dir, epoch)}") from None
         valid_loss, valid_acc = evaluate(model, valid_x, valid_y, autocast)
         history.append({"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
                         "valid_loss": valid_loss, "valid_acc": valid_acc, "seconds": time.perf_counter() - start})
         progressbar.print_row(history[-1])
-        try:  # a full disk leaves the previous checkpoint whole (written to a temporary file, then renamed)
-            tools.save_checkpoint(run_dir / "last.pt", {
-                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "rng": tools.rng_state(generator), "history": history, "config": config})
-            trainingmonitor.write_metrics(run_dir, history)
-            trainingmonitor.plot_run(run_dir, history)
-        except OSError as e:
-            raise UserError(f"could not save epoch {epoch} in {run_dir} ({e.strerror or e}); the last checkpoint "
-                            f"there is intact: make room and rerun the command to resume from it") from None
+        test = evaluate(model, *splits["test"], autocast) if args.valid_split and epoch == args.epochs else None
+        save_epoch(run_dir, history, test, {
+            "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "rng": tools.rng_state(generator), "history": history, "config": config})
+    compare_setup(output_dir, setup, run_dir)
 
-    if args.valid_split:  # the test set, once, after the epochs were chosen on the validation set
-        test_loss, test_acc = evaluate(model, *splits["test"], autocast)
-        tools.write_json(run_dir / "test.json", {"epoch": args.epochs, "test_loss": test_loss, "test_acc": test_acc})
-        print(f"test set, once: loss {test_loss:.4f}, accuracy {test_acc:.4f}")
+
+def kept_note(run_dir, epoch):
+    """What a stop during `epoch` leaves behind."""
+    return f"the checkpoint of epoch {epoch - 1} in {run_dir} is intact" if epoch > 1 else "no checkpoint was written"
+
+
+def save_epoch(run_dir, history, test, checkpoint):
+    """Metrics, curves and test result first, the checkpoint last: a run whose checkpoint says
+    'finished' has all its files. A full disk leaves the previous checkpoint whole (temp file + rename)."""
+    try:
+        trainingmonitor.write_metrics(run_dir, history)
+        trainingmonitor.plot_run(run_dir, history)
+        if test:  # the test set, once, after the epochs were chosen on the validation set
+            tools.write_json(run_dir / "test.json", {"epoch": history[-1]["epoch"], "test_loss": test[0], "test_acc": test[1]})
+            print(f"test set, once: loss {test[0]:.4f}, accuracy {test[1]:.4f}")
+        tools.save_checkpoint(run_dir / "last.pt", checkpoint)
+    except OSError as e:
+        raise UserError(f"could not save epoch {history[-1]['epoch']} in {run_dir} ({e.strerror or e}); the last "
+                        f"checkpoint there is intact: make room and rerun the command to resume from it") from None
+
+
+def compare_setup(output_dir, setup, run_dir):
     runs = [r for r in trainingmonitor.finished_runs(output_dir) if run_identity(r["config"])[1] == setup]
     compare_dir = output_dir / "compare" / setup
     trainingmonitor.write_comparison(compare_dir, runs)

@@ -57,7 +57,7 @@ def seed_everything(seed):
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def rng_state(*generators):
+def rng_state(generator):
     """Every RNG a run draws from, as tensors and lists so torch.load(weights_only=True) reads it."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
@@ -65,11 +65,12 @@ def rng_state(*generators):
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "generators": [g.get_state() for g in generators],
+        "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None,
+        "generator": generator.get_state(),  # shuffling and augmentation
     }
 
 
-def set_rng_state(state, *generators):
+def set_rng_state(state, generator):
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, gauss = state["numpy"]
@@ -77,8 +78,9 @@ def set_rng_state(state, *generators):
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    for g, s in zip(generators, state["generators"]):
-        g.set_state(s)
+    if state["mps"] is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])
+    generator.set_state(state["generator"])
 
 
 def _to_lists(x):
@@ -131,6 +133,8 @@ def atomic_write(path, write):
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:  # on disk before the rename, so a power cut cannot leave an empty file
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -4,13 +4,13 @@ import io
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+
+from tools import atomic_write, read_json, write_json
 
 matplotlib.use("Agg")  # headless: files only, no window
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
-import numpy as np  # noqa: E402
-
-from tools import atomic_write, read_json, write_json  # noqa: E402
 
 FIELDS = ["epoch", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc", "seconds"]
 
@@ -60,7 +60,8 @@ def write_comparison(out_dir, runs):
     fig, ax = plt.subplots(figsize=(6, 4))
     for g in groups:  # the speed claim is about wall-clock as much as epochs
         _band(ax, g["curves"]["seconds"].cumsum(1).mean(0), g["curves"]["valid_acc"], g["label"])
-    _save(fig, ax, out_dir / "valid_acc_vs_time.png", f"{out_dir.name}: valid accuracy", "training seconds", "valid accuracy")
+    _save(fig, ax, out_dir / "valid_acc_vs_time.png", f"{out_dir.name}: valid accuracy",
+          "seconds (training and evaluation)", "valid accuracy")
     for key, name in (("dropout_num", "m"), ("dropout_p", "p")):
         if len({g[key] for g in groups}) > 1:
             _plot_final_vs(out_dir / f"final_acc_vs_{name}.png", groups, key)
@@ -68,26 +69,29 @@ def write_comparison(out_dir, runs):
 
 
 def summary_markdown(groups):
-    """Per (dropout_num, p): mean +- std over seeds, epochs to the dropout_num=1 target; then every run."""
-    lines = ["| dropout_num | p | seeds | final valid acc | best valid acc | final train loss | final valid loss "
-             "| epochs to target | test acc |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    """Per (dropout_num, p): mean +- std over seeds at the last epoch all of them reached, and epochs to the
+    dropout_num=1 target; then every run on its own line."""
+    lines = ["| dropout_num | p | seeds | epochs | final valid acc | best valid acc | final train loss | final valid loss "
+             "| epochs to target | test acc |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for g in groups:
-        finals = {k: np.array([r["history"][-1][k] for r in g["runs"]]) for k in ("valid_acc", "train_loss", "valid_loss")}
-        best = np.array([max(row["valid_acc"] for row in r["history"]) for r in g["runs"]])
+        c = g["curves"]
         test = [r["test"]["test_acc"] for r in g["runs"] if r["test"]]
-        lines.append(f"| {g['dropout_num']} | {g['dropout_p']} | {len(g['runs'])} | {_mean_std(finals['valid_acc'])} | "
-                     f"{_mean_std(best)} | {_mean_std(finals['train_loss'])} | {_mean_std(finals['valid_loss'])} | "
-                     f"{_epochs_to_target(g, groups)} | {_mean_std(np.array(test)) if test else '-'} |")
-    lines += ["", "Target: the best epoch of the mean valid accuracy curve of the dropout_num=1 runs with the same p; "
-              "epochs to target: the first epoch at which a row's mean curve reaches it.", "",
-              "| dropout_num | p | seed | epochs | final valid acc | best valid acc (epoch) | final train loss | run |",
-              "|---:|---:|---:|---:|---:|---:|---:|---|"]
+        lines.append(f"| {g['dropout_num']} | {g['dropout_p']} | {len(g['runs'])} | {g['epochs'][-1]} | "
+                     f"{_mean_std(c['valid_acc'][:, -1])} | {_mean_std(c['valid_acc'].max(1))} | "
+                     f"{_mean_std(c['train_loss'][:, -1])} | {_mean_std(c['valid_loss'][:, -1])} | "
+                     f"{_epochs_to_target(g['epochs'], c['valid_acc'].mean(0), _target(g, groups))} | "
+                     f"{_mean_std(np.array(test)) if test else '-'} |")
+    lines += ["", "Target: the best point of the mean valid accuracy curve of the dropout_num=1 runs with the same p; "
+              "epochs to target: the first epoch at which the mean curve (per seed: the run's curve) reaches it.", "",
+              "| dropout_num | p | seed | epochs | final valid acc | best valid acc (epoch) | final train loss "
+              "| final valid loss | epochs to target | run |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for g in groups:
-        for r in g["runs"]:
-            last, best_row = r["history"][-1], max(r["history"], key=lambda row: row["valid_acc"])
+        for r, curve in zip(g["runs"], g["curves"]["valid_acc"]):
+            last, best = r["history"][len(curve) - 1], r["history"][int(curve.argmax())]
             lines.append(f"| {g['dropout_num']} | {g['dropout_p']} | {r['config']['seed']} | {last['epoch']} | "
-                         f"{last['valid_acc']:.4f} | {best_row['valid_acc']:.4f} ({best_row['epoch']}) | "
-                         f"{last['train_loss']:.4f} | {r['dir'].name} |")
+                         f"{last['valid_acc']:.4f} | {best['valid_acc']:.4f} ({best['epoch']}) | "
+                         f"{last['train_loss']:.4f} | {last['valid_loss']:.4f} | "
+                         f"{_epochs_to_target(g['epochs'], curve, _target(g, groups))} | {r['dir'].name} |")
     return "\n".join(lines) + "\n"
 
 
@@ -107,13 +111,17 @@ def _groups(runs):
     return groups
 
 
-def _epochs_to_target(group, groups):
+def _target(group, groups):
+    """The best point of the mean curve of the dropout_num=1 runs with this group's p, or None."""
     reference = [g for g in groups if g["dropout_num"] == 1 and g["dropout_p"] == group["dropout_p"]]
-    if not reference:
+    return reference[0]["curves"]["valid_acc"].mean(0).max() if reference else None
+
+
+def _epochs_to_target(epochs, curve, target):
+    if target is None:
         return "no dropout_num=1 runs"
-    target = reference[0]["curves"]["valid_acc"].mean(0).max()
-    reached = np.flatnonzero(group["curves"]["valid_acc"].mean(0) >= target)
-    return str(int(group["epochs"][reached[0]])) if len(reached) else "not reached"
+    reached = np.flatnonzero(curve >= target)
+    return str(int(epochs[reached[0]])) if len(reached) else "not reached"
 
 
 def _mean_std(values):
@@ -135,7 +143,7 @@ def _plot_final_vs(path, groups, key):
     fig, ax = plt.subplots(figsize=(6, 4))
     for value in sorted({g[other] for g in groups}):
         line = [g for g in groups if g[other] == value]
-        finals = [np.array([r["history"][-1]["valid_acc"] for r in g["runs"]]) for g in line]
+        finals = [g["curves"]["valid_acc"][:, -1] for g in line]  # at the last epoch all seeds reached
         ax.errorbar([g[key] for g in line], [f.mean() for f in finals], capsize=3, marker="o", label=f"{other}={value}",
                     yerr=[f.std(ddof=1) if len(f) > 1 else 0 for f in finals])
     _save(fig, ax, path, f"{path.parent.name}: final valid accuracy", key, "final valid accuracy")

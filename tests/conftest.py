@@ -1,4 +1,5 @@
 """Shared fixtures: a small real CIFAR-10 subset cut from the shared archive, and a private cache."""
+import csv
 import os
 import sys
 import tarfile
@@ -42,3 +43,21 @@ def small_cifar(tmp_path_factory):
                     dst.addfile(member, src.extractfile(member))
     assert len(counts) == 20 and sum(counts.values()) == 400
     return out
+
+
+def cli(capsys, *args):
+    """run.main in-process: (exit status, stdout, stderr)."""
+    import run
+    rc = run.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def rows(run_dir, drop=("seconds",)):
+    """metrics.csv as dicts of strings, without the (machine-dependent) seconds column."""
+    with open(run_dir / "metrics.csv") as f:
+        return [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(f)]
+
+
+def run_dirs(output_dir, dropout_num):
+    return sorted(Path(output_dir).glob(f"miniresnet_cifar10_m{dropout_num}_*"))

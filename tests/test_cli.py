@@ -1,5 +1,4 @@
 """The command line end to end, on a small real CIFAR-10 subset (in-process calls of run.main)."""
-import csv
 import json
 import shutil
 import subprocess
@@ -9,34 +8,19 @@ import pytest
 import torch
 
 import run
-from conftest import ROOT
+import tools
+from conftest import ROOT, cli, rows, run_dirs
 
 # 400 real images (300 train, 100 test), batch 32: about a second an epoch
 TINY = ["--batch_size", "32", "--lr_milestone", "1", "--epochs", "2"]
-
-
-def cli(capsys, *args):
-    rc = run.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def rows(run_dir, drop=("seconds",)):
-    with open(run_dir / "metrics.csv") as f:
-        return [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(f)]
-
-
-def run_dirs(output_dir, dropout_num):
-    return sorted(output_dir.glob(f"miniresnet_cifar10_m{dropout_num}_*"))
 
 
 @pytest.fixture(scope="module")
 def trained(small_cifar, tmp_path_factory):
     """dropout_num 0, 1 and 8 trained for two epochs into one output folder."""
     out = tmp_path_factory.mktemp("outputs")
-    with pytest.MonkeyPatch.context():
-        for m in (0, 1, 8):
-            assert run.main(["--data_dir", str(small_cifar), "--output_dir", str(out), "--dropout_num", str(m), *TINY]) == 0
+    for m in (0, 1, 8):
+        assert run.main(["--data_dir", str(small_cifar), "--output_dir", str(out), "--dropout_num", str(m), *TINY]) == 0
     return out
 
 
@@ -51,7 +35,7 @@ def test_each_run_writes_metrics_config_curves_and_checkpoint(trained):
         for r in metrics:
             assert 0 <= r["train_acc"] <= 1 and 0 <= r["valid_acc"] <= 1 and r["valid_loss"] > 0
         config = json.loads((run_dir / "config.json").read_text())
-        assert config["dropout_num"] == m and config["device"] == "cpu" and config["precision"] in ("fp32", "bf16")
+        assert config["dropout_num"] == m and config["device"] == str(tools.pick_device("auto")) and config["precision"] in ("fp32", "bf16")
         assert config["train_images"] == 300 and config["test_images"] == 100
         for key in ("torch", "torchvision", "numpy", "threads", "git_commit", "git_dirty", "data_source"):
             assert key in config
@@ -104,8 +88,9 @@ def test_overwrite_starts_afresh(trained, small_cifar, tmp_path, capsys):
     (finished,) = run_dirs(trained, 0)
     shutil.copytree(finished, tmp_path / finished.name)
     (tmp_path / finished.name / "stale.txt").write_text("from before")
-    rc, out, _ = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path, "--dropout_num", 0, *TINY, "--overwrite")
+    rc, out, err = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path, "--dropout_num", 0, *TINY, "--overwrite")
     assert rc == 0 and "resumed" not in out and "nothing to do" not in out
+    assert "train_loss  train_acc" in out and "\r" not in out + err  # no TTY: table lines, no bar redraws
     assert not (tmp_path / finished.name / "stale.txt").exists()
     assert rows(tmp_path / finished.name) == rows(finished)
 
@@ -117,6 +102,10 @@ def test_overwrite_starts_afresh(trained, small_cifar, tmp_path, capsys):
     (["--epochs", "0"], "--epochs must be positive"),
     (["--batch_size", "0"], "--batch_size must be positive"),
     (["--lr", "-0.1"], "--lr must be positive"),
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--test_size", "0"], "--test_size must be positive"),
+    (["--test_size", "101"], "and 101 test images of 100"),
+    (["--device", "mps"], "MPS is not available here"),
     (["--train_size", "0"], "--train_size must be positive"),
     (["--model", "vgg"], "unknown --model 'vgg'"),
     (["--dataset", "mnist"], "unknown --dataset 'mnist'"),

@@ -1,5 +1,7 @@
 """Bit-identical reruns, exact resume after SIGKILL/SIGINT/SIGTERM, grids, --resume, --eval, --valid_split."""
+import pickle
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,8 +14,7 @@ import torch
 
 import run
 import trainingmonitor
-from conftest import ROOT
-from test_cli import cli, rows, run_dirs
+from conftest import ROOT, cli, rows, run_dirs
 
 FOUR_EPOCHS = ["--epochs", "4", "--batch_size", "32", "--lr_milestone", "2"]
 
@@ -35,7 +36,7 @@ def start_and_stop(args, output_dir, sig):
     while not list(Path(output_dir).glob("*/last.pt")):  # the first checkpoint: epoch 1 is done
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
         time.sleep(0.02)
-    time.sleep(np.random.default_rng().uniform(0.05, 0.4))  # somewhere inside epoch 2 (or 3)
+    time.sleep(np.random.default_rng(sig).uniform(0.05, 0.3))  # somewhere inside epoch 2 (or 3)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
     return proc.returncode, err
@@ -87,24 +88,28 @@ def test_eval_reports_the_saved_model_on_the_test_set(whole, capsys):
     assert rc == 0 and f"accuracy {last['valid_acc']:.4f}" in out and f"loss {last['valid_loss']:.4f}" in out
 
 
-def test_a_corrupt_checkpoint_is_one_clear_error(whole, tmp_path, capsys, small_cifar):
-    import shutil
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_corrupt_checkpoint_is_one_clear_error(damage, whole, tmp_path, capsys, small_cifar):
     shutil.copytree(whole, tmp_path / whole.name)
-    (tmp_path / whole.name / "last.pt").write_bytes(b"not a checkpoint")
+    checkpoint = tmp_path / whole.name / "last.pt"
+    checkpoint.write_bytes(b"not a checkpoint" if damage == "garbage" else checkpoint.read_bytes()[:100_000])
     rc, _, err = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path, *FOUR_EPOCHS)
-    assert rc == 2 and "cannot read checkpoint" in err and "--overwrite" in err
+    assert rc == 2 and "cannot read checkpoint" in err and "--overwrite" in err and err.count("\n") == 1
 
 
-def test_grid_runs_every_combination_and_a_rerun_skips_them(small_cifar, tmp_path, capsys):
-    args = ["--data_dir", small_cifar, "--output_dir", tmp_path, "--epochs", 1, "--batch_size", 64,
-            "--dropout_num", 0, 1, "--seed", 1, 2]
-    rc, out, _ = cli(capsys, *args)
+def test_grid_runs_every_combination_then_skips_finished_and_resumes_unfinished(small_cifar, tmp_path, capsys):
+    grid = ["--data_dir", small_cifar, "--output_dir", tmp_path, "--batch_size", 64, "--dropout_num", 0, 1, "--seed", 1, 2]
+    rc, out, _ = cli(capsys, *grid, "--epochs", 1)
     assert rc == 0 and len(list(tmp_path.glob("miniresnet_*"))) == 4
-    rc, out, _ = cli(capsys, *args)
-    assert rc == 0 and out.count("nothing to do") == 4
+    rc, out, _ = cli(capsys, *grid, "--epochs", 1)
+    assert rc == 0 and out.count("nothing to do") == 4 and "resumed" not in out
+    rc, out, _ = cli(capsys, *grid, "--epochs", 2)
+    assert rc == 0 and out.count("resumed from epoch 1") == 4
     (compare_dir,) = (tmp_path / "compare").iterdir()
-    summary = (compare_dir / "summary.md").read_text()
-    assert summary.count("| 2 | ") >= 2 and "±" in summary  # two seeds per dropout_num, mean +- std
+    table = (compare_dir / "summary.md").read_text().split("\n\n")[0].splitlines()[2:]
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in table]
+    assert [(c[0], c[2], c[3]) for c in cells] == [("0", "2", "2"), ("1", "2", "2")]  # M, seeds, epochs
+    assert all("±" in c[4] for c in cells)  # mean +- std over the two seeds
 
 
 def test_valid_split_holds_out_training_images_and_tests_once(small_cifar, tmp_path, capsys):
@@ -130,10 +135,10 @@ def test_summary_statistics_and_epochs_to_target():
             fake_run(0, 1, [0.1, 0.2, 0.3])]
     table = trainingmonitor.summary_markdown(trainingmonitor._groups(runs)).split("\n\n")[0].splitlines()[2:]
     cells = {int(line.split("|")[1]): [c.strip() for c in line.split("|")[1:-1]] for line in table}
-    assert cells[8][2] == "2" and cells[8][3] == "0.8000 ± 0.0000" and cells[8][4] == "0.8000 ± 0.0000"
-    assert cells[1][3] == "0.7000 ± 0.0000" and cells[1][7] == "3"
-    assert cells[8][7] == "2" and cells[0][7] == "not reached"
-    assert cells[0][3] == "0.3000" and cells[0][2] == "1"  # one seed: no spread
+    assert cells[8][2] == "2" and cells[8][3] == "3" and cells[8][4] == "0.8000 ± 0.0000" and cells[8][5] == "0.8000 ± 0.0000"
+    assert cells[1][4] == "0.7000 ± 0.0000" and cells[1][8] == "3"
+    assert cells[8][8] == "2" and cells[0][8] == "not reached"
+    assert cells[0][4] == "0.3000" and cells[0][2] == "1"  # one seed: no spread
     std = np.std([0.6, 0.7], ddof=1)
     runs[3]["history"][-1]["valid_acc"] = 0.7
     table = trainingmonitor.summary_markdown(trainingmonitor._groups(runs))
@@ -165,9 +170,6 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_a_rerun_resumes(wh
 
 
 def test_a_checkpoint_cannot_run_code(whole, tmp_path, capsys, small_cifar):
-    import pickle
-    import shutil
-
     class RunsCode:
         def __reduce__(self):
             return (Path.touch, (tmp_path / "pwned",))
@@ -179,16 +181,26 @@ def test_a_checkpoint_cannot_run_code(whole, tmp_path, capsys, small_cifar):
     assert not (tmp_path / "pwned").exists()
 
 
-def test_five_sigkills_at_random_moments_still_end_with_identical_metrics(whole, small_cifar, tmp_path):
+def saved_epochs(output_dir):
+    metrics = list(Path(output_dir).glob("*/metrics.json"))
+    return len(trainingmonitor.read_json(metrics[0])) if metrics else 0
+
+
+def test_five_sigkills_at_random_moments_still_end_with_identical_metrics(small_cifar, tmp_path, capsys):
     """Killed anywhere (start-up, training, evaluation, checkpoint writing), the same command picks up the run."""
-    command = [sys.executable, "run.py", "--data_dir", str(small_cifar), "--output_dir", str(tmp_path), *FOUR_EPOCHS]
-    moments = np.random.default_rng(5).uniform(1.0, 6.0, size=5)  # seconds after the start of each attempt
-    for moment in moments:
+    six = ["--data_dir", small_cifar, "--epochs", 6, "--batch_size", 32, "--lr_milestone", 3]
+    assert cli(capsys, *six, "--output_dir", tmp_path / "whole")[0] == 0
+    command = [sys.executable, "run.py", *map(str, six), "--output_dir", str(tmp_path / "killed")]
+    rng = np.random.default_rng(5)
+    for attempt in range(5):
         proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            proc.wait(timeout=moment)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            assert proc.wait() == -9
-    assert subprocess.run(command, cwd=ROOT, capture_output=True).returncode == 0
-    assert rows(run_dirs(tmp_path, 0)[0]) == rows(whole)
+        deadline = time.monotonic() + 300
+        while saved_epochs(tmp_path / "killed") < attempt:  # each kill after one more saved epoch than the last
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.3) if attempt else rng.uniform(0.5, 3.0))  # the first: during start-up, maybe
+        proc.kill()
+        assert proc.wait() == -9, "the run ended before it was killed"
+    rc, out, _ = cli(capsys, *command[2:])
+    assert rc == 0 and "resumed from epoch" in out
+    assert rows(run_dirs(tmp_path / "killed", 0)[0]) == rows(run_dirs(tmp_path / "whole", 0)[0])
