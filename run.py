@@ -307,7 +307,7 @@ def main(argv=None):
         return 1
     except (tools.Interrupted, KeyboardInterrupt) as e:  # KeyboardInterrupt: a second Ctrl-C, at once
         resume = shlex.join(a for a in argv if a != "--overwrite")  # rerunning must not start afresh
-        print(f"run.py: {e or 'stopped at once'}; resume with: python run.py {resume}", file=sys.stderr)
+        print(f"run.py: {str(e) or 'stopped at once'}; resume with: python run.py {resume}", file=sys.stderr)
         return 128 + signal.Signals[tools.STOP.get("signal", "SIGINT")].value
 
 
