@@ -4,6 +4,9 @@ Multi-sample dropout (Inoue 2019, arXiv 1905.09788): draw M dropout masks over t
 same features, run every masked copy through the same (shared-weight) head, and
 average the M losses. The convolutions before the dropout run once, so the extra
 cost is M small head passes, which we batch into one call.
+
+R-Drop (Liang et al. 2021) adds a consistency term between the dropout samples; here it is
+R-Drop on the multi-sample head: one backbone pass, the samples differ only in the head.
 """
 import torch
 import torch.nn.functional as F
@@ -15,11 +18,12 @@ class MultiSampleDropout(nn.Module):
 
     num_samples=0: no dropout, the head once. num_samples=1: ordinary dropout.
     In eval mode dropout is off, so every num_samples gives exactly head(features).
+    rdrop_alpha > 0 (needs num_samples >= 2) adds R-Drop's term: (alpha / 2) x rdrop_consistency.
     """
 
-    def __init__(self, head, num_samples, p):
+    def __init__(self, head, num_samples, p, rdrop_alpha=0.0):
         super().__init__()
-        self.head, self.num_samples, self.p = head, num_samples, p
+        self.head, self.num_samples, self.p, self.rdrop_alpha = head, num_samples, p, rdrop_alpha
 
     def forward(self, features, target=None, loss_fn=None):
         if not self.training or self.num_samples == 0:
@@ -33,7 +37,25 @@ class MultiSampleDropout(nn.Module):
         logits = outputs.view(m, batch, *outputs.shape[1:]).mean(0)
         # Every copy has the same B targets, so a mean-reduced loss over the M*B rows is
         # exactly the mean of the M per-sample losses (not the loss of the mean logits).
-        return logits, _loss(loss_fn, outputs, None if target is None else target.repeat(m))
+        loss = _loss(loss_fn, outputs, None if target is None else target.repeat(m))
+        if loss is not None and self.rdrop_alpha:
+            loss = loss + self.rdrop_alpha / 2 * rdrop_consistency(outputs.view(m, batch, -1))
+        return logits, loss
+
+
+def rdrop_consistency(logits):
+    """R-Drop's term for M samples of logits (M, B, C): the mean over pairs i < j of
+    (KL(p_i || p_j) + KL(p_j || p_i)) / 2, summed over classes and averaged over the batch.
+
+    KL(p_i || p_j) + KL(p_j || p_i) = sum_c (p_i - p_j)(log p_i - log p_j); summing it over all
+    ordered pairs (i, j) counts every pair i < j twice, and the diagonal is zero.
+    """
+    m = logits.shape[0]
+    log_p = F.log_softmax(logits.float(), dim=-1)
+    p = log_p.exp()
+    ordered_pairs = ((p[:, None] - p[None, :]) * (log_p[:, None] - log_p[None, :])).sum((0, 1, 3))  # (B,)
+    # halve for the pairs i < j, divide by their number m(m-1)/2, halve for the symmetric mean
+    return ordered_pairs.mean() / (2 * m * (m - 1))
 
 
 def _loss(loss_fn, logits, target):
@@ -61,7 +83,7 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     """CIFAR ResNet: 3x3 stem, four stages of two BasicBlocks (strides 1,2,2,2), 4x4 avg pool, dropout head."""
 
-    def __init__(self, widths, num_classes, dropout_num, dropout_p):
+    def __init__(self, widths, num_classes, dropout_num, dropout_p, rdrop_alpha=0.0):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
         blocks, cin = [], widths[0]
@@ -69,7 +91,7 @@ class ResNet(nn.Module):
             blocks += [BasicBlock(cin, width, stride), BasicBlock(width, width, 1)]
             cin = width
         self.blocks = nn.Sequential(*blocks)
-        self.classifier = MultiSampleDropout(nn.Linear(cin, num_classes), dropout_num, dropout_p)
+        self.classifier = MultiSampleDropout(nn.Linear(cin, num_classes), dropout_num, dropout_p, rdrop_alpha)
 
     def forward(self, x, target=None, loss_fn=None):
         features = F.avg_pool2d(self.blocks(self.stem(x)), 4).flatten(1)  # (B, widths[-1])
@@ -82,5 +104,5 @@ MODEL_WIDTHS = {
 }
 
 
-def build_model(name, num_classes, dropout_num, dropout_p):
-    return ResNet(MODEL_WIDTHS[name], num_classes, dropout_num, dropout_p)
+def build_model(name, num_classes, dropout_num, dropout_p, rdrop_alpha=0.0):
+    return ResNet(MODEL_WIDTHS[name], num_classes, dropout_num, dropout_p, rdrop_alpha)

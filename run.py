@@ -37,9 +37,9 @@ from tools import UserError
 # The flags that change a run's numbers (with the data's identity and the resolved precision).
 # They name the run directory and decide what may be resumed and what may be compared.
 DEFINING = ["dataset", "data_source", "model", "dropout_num", "dropout_p", "batch_size", "lr", "lr_milestone",
-            "augment", "seed", "data_seed", "train_size", "test_size", "valid_split", "precision"]
-LATER_FLAGS = {"valid_split": 0}  # defining flags added after the first runs, left out of the hash at this value
-GRID = ["seed", "dropout_p", "dropout_num"]  # flags that take several values; runs differing only in these are compared
+            "augment", "seed", "data_seed", "train_size", "test_size", "valid_split", "precision", "rdrop_alpha"]
+LATER_FLAGS = {"valid_split": 0, "rdrop_alpha": 0.0}  # defining flags added after the first runs, left out of the hash at this value
+GRID = ["seed", "dropout_p", "dropout_num", "rdrop_alpha"]  # flags that take several values; runs differing only in these are compared
 
 MEAN = (0.4914, 0.4822, 0.4465)  # CIFAR-10 training set per-channel mean (official release)
 STD = (0.2470, 0.2435, 0.2616)  # and std; the seed's (0.2023, 0.1994, 0.2010) was not CIFAR-10's std
@@ -56,6 +56,8 @@ def build_parser():
                "take several values and run the grid.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dropout_num", type=int, nargs="+", default=[0], help="dropout samples M: 0 none, 1 plain dropout, M>1 multi-sample")
     p.add_argument("--dropout_p", type=float, nargs="+", default=[0.5], help="dropout probability")
+    p.add_argument("--rdrop_alpha", type=float, nargs="+", default=[0.0], help="R-Drop: add (alpha/2) x the mean "
+                   "symmetric KL between the dropout samples' predictions (needs --dropout_num 2 or more; 0: off)")
     p.add_argument("--model", default="miniresnet", help=f"one of {', '.join(MODEL_WIDTHS)}")
     p.add_argument("--dataset", default="cifar10", help="cifar10")
     p.add_argument("--epochs", type=int, default=20, help="epochs to train (more than a finished run continues it)")
@@ -93,7 +95,7 @@ def parse_args(argv):
 
 
 def grid(args):
-    """One namespace per (seed, dropout_p, dropout_num) of the command, seeds outermost."""
+    """One namespace per (seed, dropout_p, dropout_num, rdrop_alpha) of the command, seeds outermost."""
     return [argparse.Namespace(**{**vars(args), **dict(zip(GRID, values))})
             for values in itertools.product(*(getattr(args, flag) for flag in GRID))]
 
@@ -104,7 +106,8 @@ def saved_args(run_dir, explicit):
     if not path.is_file():
         raise UserError(f"{run_dir} holds no checkpoint (last.pt); give a run directory from {Path('outputs')}/")
     checkpoint = tools.load_checkpoint(path)
-    flags, saved = vars(build_parser().parse_args([])), checkpoint["config"]
+    flags = {k: v[0] if k in GRID else v for k, v in vars(build_parser().parse_args([])).items()}
+    saved = checkpoint["config"]
     # the experiment, its data and length come from the run; device, output folder, --overwrite from this command
     flags.update((k, saved[k]) for k in list(flags) if k in saved and (k in DEFINING or k in ("data_dir", "epochs")))
     for flag, value in explicit.items():
@@ -125,6 +128,10 @@ def check_args(args):
             raise UserError(f"--{flag} must be positive, got {value}")
     if not math.isfinite(args.lr):
         raise UserError(f"--lr must be a finite number, got {args.lr}")
+    if not (0 <= args.rdrop_alpha < math.inf):
+        raise UserError(f"--rdrop_alpha must be 0 (off) or a positive number, got {args.rdrop_alpha}")
+    if args.rdrop_alpha and args.dropout_num < 2:
+        raise UserError(f"--rdrop_alpha compares dropout samples, so it needs --dropout_num 2 or more, got {args.dropout_num}")
     if args.valid_split < 0:
         raise UserError(f"--valid_split must be 0 or more, got {args.valid_split}")
     if args.lr_milestone < 0:
@@ -150,7 +157,8 @@ def run_identity(config):
     defining = defining_flags(config)
     setup = {k: v for k, v in defining.items() if k not in GRID}
     c = config
-    run = f"{c['model']}_{c['dataset']}_m{c['dropout_num']}_p{c['dropout_p']}_s{c['seed']}-{short_hash(defining)}"
+    rdrop = f"_r{c['rdrop_alpha']}" if c.get("rdrop_alpha") else ""
+    run = f"{c['model']}_{c['dataset']}_m{c['dropout_num']}_p{c['dropout_p']}{rdrop}_s{c['seed']}-{short_hash(defining)}"
     return run, f"{c['model']}_{c['dataset']}-{short_hash(setup)}"
 
 
@@ -318,7 +326,7 @@ def evaluate_saved_run(args, checkpoint):
                         f"pass --data_dir with that data")
     device = tools.pick_device(args.device)
     splits, num_classes = load_splits(args, device)
-    model = build_model(args.model, num_classes, args.dropout_num, args.dropout_p)
+    model = build_model(args.model, num_classes, args.dropout_num, args.dropout_p, args.rdrop_alpha)
     model.load_state_dict(checkpoint["model"])
     model = model.to(device, memory_format=torch.channels_last)
     loss, acc = evaluate(model, *splits["test"], autocast_for(device, tools.resolve_precision(args.precision, device)))
@@ -351,7 +359,7 @@ def train(args, run_dir=None):
 
     tools.seed_everything(args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)  # shuffling and augmentation
-    model = build_model(args.model, num_classes, args.dropout_num, args.dropout_p)
+    model = build_model(args.model, num_classes, args.dropout_num, args.dropout_p, args.rdrop_alpha)
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -373,7 +381,8 @@ def train(args, run_dir=None):
                   git_commit=commit, git_dirty=dirty, train_images=len(train_y), valid_images=len(valid_y),
                   test_images=len(splits["test"][1]))
     tools.write_json(run_dir / "config.json", config)
-    print(f"{run_dir}: {args.model}, dropout_num={args.dropout_num}, p={args.dropout_p}, seed={args.seed}, "
+    print(f"{run_dir}: {args.model}, dropout_num={args.dropout_num}, p={args.dropout_p}, "
+          f"{f'rdrop_alpha={args.rdrop_alpha}, ' if args.rdrop_alpha else ''}seed={args.seed}, "
           f"{len(train_y)} train / {len(valid_y)} {'valid' if args.valid_split else 'test'} images, "
           f"{device}, {config['precision']}")
     progressbar.print_header()

@@ -69,51 +69,56 @@ def write_comparison(out_dir, runs):
 
 
 def summary_markdown(groups):
-    """Per (dropout_num, p): mean +- std over seeds at the last epoch all of them reached, and epochs to the
+    """Per (dropout_num, p, R-Drop alpha): mean +- std over seeds at the last epoch all of them reached, and epochs to the
     dropout_num=1 target; then every run on its own line."""
-    lines = ["| dropout_num | p | seeds | epochs | final valid acc | best valid acc | final train loss | final valid loss "
-             "| epochs to target | test acc |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| dropout_num | p | R-Drop α | seeds | epochs | final valid acc | best valid acc | final train loss | final valid loss "
+             "| epochs to target | test acc |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for g in groups:
         c = g["curves"]
         test = [r["test"]["test_acc"] for r in g["runs"] if r["test"]]
-        lines.append(f"| {g['dropout_num']} | {g['dropout_p']} | {len(g['runs'])} | {g['epochs'][-1]} | "
+        lines.append(f"| {g['dropout_num']} | {g['dropout_p']} | {g['rdrop_alpha']} | {len(g['runs'])} | {g['epochs'][-1]} | "
                      f"{_mean_std(c['valid_acc'][:, -1])} | {_mean_std(c['valid_acc'].max(1))} | "
                      f"{_mean_std(c['train_loss'][:, -1])} | {_mean_std(c['valid_loss'][:, -1])} | "
                      f"{_epochs_to_target(g['epochs'], c['valid_acc'].mean(0), _target(g, groups))} | "
                      f"{_mean_std(np.array(test)) if test else '-'} |")
     lines += ["", "Target: the best point of the mean valid accuracy curve of the dropout_num=1 runs with the same p; "
               "epochs to target: the first epoch at which the mean curve (per seed: the run's curve) reaches it.", "",
-              "| dropout_num | p | seed | epochs | final valid acc | best valid acc (epoch) | final train loss "
-              "| final valid loss | epochs to target | run |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "| dropout_num | p | R-Drop α | seed | epochs | final valid acc | best valid acc (epoch) | final train loss "
+              "| final valid loss | epochs to target | run |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for g in groups:
         for r, curve in zip(g["runs"], g["curves"]["valid_acc"]):
             last, best = r["history"][len(curve) - 1], r["history"][int(curve.argmax())]
-            lines.append(f"| {g['dropout_num']} | {g['dropout_p']} | {r['config']['seed']} | {last['epoch']} | "
+            lines.append(f"| {g['dropout_num']} | {g['dropout_p']} | {g['rdrop_alpha']} | {r['config']['seed']} | {last['epoch']} | "
                          f"{last['valid_acc']:.4f} | {best['valid_acc']:.4f} ({best['epoch']}) | "
                          f"{last['train_loss']:.4f} | {last['valid_loss']:.4f} | "
                          f"{_epochs_to_target(g['epochs'], curve, _target(g, groups))} | {r['dir'].name} |")
     return "\n".join(lines) + "\n"
 
 
+def _group_key(run):
+    c = run["config"]
+    return c["dropout_p"], c["dropout_num"], c.get("rdrop_alpha", 0.0)  # runs from before R-Drop had none
+
+
 def _groups(runs):
-    """Runs grouped by (dropout_p, dropout_num), seeds in order, with their curves over the common epochs."""
-    keys = sorted({(r["config"]["dropout_p"], r["config"]["dropout_num"]) for r in runs})
-    several_p = len({p for p, _ in keys}) > 1
+    """Runs grouped by (dropout_p, dropout_num, rdrop_alpha), seeds in order, with their curves over the common epochs."""
+    keys = sorted({_group_key(r) for r in runs})
+    several_p = len({p for p, _, _ in keys}) > 1
     groups = []
-    for p, m in keys:
-        members = sorted((r for r in runs if (r["config"]["dropout_p"], r["config"]["dropout_num"]) == (p, m)),
-                         key=lambda r: r["config"]["seed"])
+    for p, m, alpha in keys:
+        members = sorted((r for r in runs if _group_key(r) == (p, m, alpha)), key=lambda r: r["config"]["seed"])
         n = min(len(r["history"]) for r in members)
         curves = {k: np.array([[row[k] for row in r["history"][:n]] for r in members]) for k in FIELDS}
-        label = f"dropout_num={m}" + (f", p={p}" if several_p else "") + f" ({len(members)} seed{'s' * (len(members) > 1)})"
-        groups.append({"dropout_p": p, "dropout_num": m, "runs": members, "curves": curves,
+        label = (f"dropout_num={m}" + (f", p={p}" if several_p else "") + (f", R-Drop α={alpha}" if alpha else "")
+                 + f" ({len(members)} seed{'s' * (len(members) > 1)})")
+        groups.append({"dropout_p": p, "dropout_num": m, "rdrop_alpha": alpha, "runs": members, "curves": curves,
                        "epochs": curves["epoch"][0], "label": label})
     return groups
 
 
 def _target(group, groups):
     """The best point of the mean curve of the dropout_num=1 runs with this group's p, or None."""
-    reference = [g for g in groups if g["dropout_num"] == 1 and g["dropout_p"] == group["dropout_p"]]
+    reference = [g for g in groups if g["dropout_num"] == 1 and g["dropout_p"] == group["dropout_p"] and not g["rdrop_alpha"]]
     return reference[0]["curves"]["valid_acc"].mean(0).max() if reference else None
 
 
@@ -138,13 +143,15 @@ def _band(ax, x, curves, label):
 
 
 def _plot_final_vs(path, groups, key):
-    """Final valid accuracy (mean +- std over seeds) against dropout_num or dropout_p, a line per value of the other."""
+    """Final valid accuracy (mean +- std over seeds) against dropout_num or dropout_p, a line per value of the
+    other (and per R-Drop alpha)."""
     other = "dropout_p" if key == "dropout_num" else "dropout_num"
     fig, ax = plt.subplots(figsize=(6, 4))
-    for value in sorted({g[other] for g in groups}):
-        line = [g for g in groups if g[other] == value]
+    for value, alpha in sorted({(g[other], g["rdrop_alpha"]) for g in groups}):
+        line = [g for g in groups if (g[other], g["rdrop_alpha"]) == (value, alpha)]
         finals = [g["curves"]["valid_acc"][:, -1] for g in line]  # at the last epoch all seeds reached
-        ax.errorbar([g[key] for g in line], [f.mean() for f in finals], capsize=3, marker="o", label=f"{other}={value}",
+        ax.errorbar([g[key] for g in line], [f.mean() for f in finals], capsize=3, marker="o",
+                    label=f"{other}={value}" + (f", R-Drop α={alpha}" if alpha else ""),
                     yerr=[f.std(ddof=1) if len(f) > 1 else 0 for f in finals])
     _save(fig, ax, path, f"{path.parent.name}: final valid accuracy", key, "final valid accuracy")
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn as tnn
 
-from nn import MultiSampleDropout, build_model
+from nn import MultiSampleDropout, build_model, rdrop_consistency
 
 B, D, C = 64, 16, 10
 
@@ -24,9 +24,9 @@ class RecordingHead(tnn.Module):
         return self.output
 
 
-def make(dropout_num, p=0.5, head=None, train=True):
+def make(dropout_num, p=0.5, head=None, train=True, rdrop_alpha=0.0):
     torch.manual_seed(0)
-    msd = MultiSampleDropout(RecordingHead(head), dropout_num, p)
+    msd = MultiSampleDropout(RecordingHead(head), dropout_num, p, rdrop_alpha)
     return msd.train(train)
 
 
@@ -107,6 +107,62 @@ def test_gradient_is_that_of_the_mean_of_the_sample_losses(batch):
     by_hand = torch.stack([F.cross_entropy(linear(x), target) for x in dropped]).mean()
     expected = torch.autograd.grad(by_hand, linear.weight)[0]
     assert torch.allclose(linear.weight.grad, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_rdrop_alpha_zero_is_exactly_the_multi_sample_loss(batch):
+    features, target = batch
+    plain = make(8)(features, target, tnn.CrossEntropyLoss())[1]
+    assert torch.equal(make(8, rdrop_alpha=0.0)(features, target, tnn.CrossEntropyLoss())[1], plain)
+
+
+def symmetric_kl_by_hand(logits):
+    """Mean over pairs i < j of (KL(p_i||p_j) + KL(p_j||p_i)) / 2, each KL summed over classes, averaged over rows."""
+    log_p = F.log_softmax(logits.double(), -1)
+    pairs = [(F.kl_div(log_p[j], log_p[i], log_target=True, reduction="batchmean")
+              + F.kl_div(log_p[i], log_p[j], log_target=True, reduction="batchmean")) / 2
+             for i, j in itertools.combinations(range(len(logits)), 2)]
+    return torch.stack(pairs).mean()
+
+
+@pytest.mark.parametrize("m", [2, 3, 8])
+def test_rdrop_term_equals_a_hand_computation(m):
+    logits = torch.randn(m, 5, C, generator=torch.Generator().manual_seed(m))
+    assert torch.allclose(rdrop_consistency(logits).double(), symmetric_kl_by_hand(logits), rtol=1e-5)
+    # two samples by hand, from the definition of KL
+    p, q = F.softmax(logits[0], -1), F.softmax(logits[1], -1)
+    kl = lambda a, b: (a * (a / b).log()).sum(-1).mean()
+    assert torch.allclose(rdrop_consistency(logits[:2]), (kl(p, q) + kl(q, p)) / 2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 4.0])
+def test_rdrop_loss_is_the_multi_sample_loss_plus_half_alpha_times_the_term(alpha, batch):
+    features, target = batch
+    msd = make(4, rdrop_alpha=alpha)
+    _, loss = msd(features, target, tnn.CrossEntropyLoss())
+    samples = msd.head.output.view(4, B, C)
+    task = torch.stack([F.cross_entropy(s, target) for s in samples]).mean()
+    term = symmetric_kl_by_hand(samples)
+    assert term > 1e-3  # p = 0.5: the samples disagree
+    assert torch.allclose(loss.double(), task.double() + alpha / 2 * term, rtol=1e-5)
+
+
+def test_rdrop_term_vanishes_without_dropout_probability(batch):
+    features, target = batch
+    msd = make(4, p=0.0, rdrop_alpha=1.0)
+    _, loss = msd(features, target, tnn.CrossEntropyLoss())
+    assert rdrop_consistency(msd.head.output.view(4, B, C)) == 0
+    assert torch.allclose(loss, F.cross_entropy(msd.head.head(features), target), rtol=1e-6)
+
+
+def test_rdrop_gradient_reaches_the_head(batch):
+    features, target = batch
+    grads = []
+    for alpha in (0.0, 1.0):
+        msd = make(4, rdrop_alpha=alpha)
+        msd(features, target, tnn.CrossEntropyLoss())[1].backward()
+        grads.append(msd.head.head.weight.grad)
+    # same masks (same seed), so the difference is the gradient of the R-Drop term alone
+    assert (grads[1] - grads[0]).abs().max() > 1e-4
 
 
 def test_parameter_counts():
