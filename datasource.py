@@ -1,4 +1,4 @@
-"""Loading CIFAR-10 as uint8 arrays: torchvision's official release, or an image-folder copy.
+"""Loading CIFAR-10, CIFAR-100 or SVHN as uint8 arrays: torchvision's official release, or an image-folder copy.
 
 --data_dir is either torchvision's root (the default `data/`: the official release is
 downloaded there when missing) or a folder / .tar / .tar.gz in the image-folder layout
@@ -21,6 +21,19 @@ CACHE_DIR = Path(__file__).resolve().parent / "data" / "cache"
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 LAYOUT = "train/<class>/*.png|jpg and test/<class>/*"
 
+# Per-channel mean and std of each official training set, as fractions of 255. We could not recompute
+# CIFAR-100's and SVHN's here (no copy offline), so these are the values public code uses for them.
+STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),  # the 50,000 official training images
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),  # as in weiaicunzai/pytorch-cifar100
+    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),  # the 73,257 'train' images, as commonly quoted
+}
+OFFICIAL = {  # (name, what to put in --data_dir by hand when offline)
+    "cifar10": ("CIFAR-10", "the official cifar-10-python.tar.gz"),
+    "cifar100": ("CIFAR-100", "the official cifar-100-python.tar.gz"),
+    "svhn": ("SVHN", "the official train_32x32.mat and test_32x32.mat"),
+}
+
 
 def source_id(data_dir, dataset="cifar10"):
     """A short name for the data a run reads; part of the run's identity."""
@@ -42,7 +55,7 @@ def load(data_dir, dataset="cifar10"):
     path = Path(data_dir)
     source = source_id(path, dataset)
     if source.startswith("torchvision"):
-        return _load_torchvision(path)
+        return _load_torchvision(path, dataset)
     cache = CACHE_DIR / f"{source}.npz"
     if cache.exists():
         with np.load(cache) as f:
@@ -54,23 +67,40 @@ def load(data_dir, dataset="cifar10"):
     return data
 
 
+def quadratic():
+    """Seed 001's regression: its ten noisy samples of y = x^2 at x = 1..10 for training, and y = x^2 itself
+    on 1001 points of [0, 10] for validation. (N, 1) float32 arrays."""
+    x = np.arange(1, 11, dtype=np.float32)[:, None]
+    y = np.array([0.52, 8.54, 6.94, 20.76, 32.17, 30.65, 40.46, 80.12, 75.12, 98.83], np.float32)[:, None]
+    grid = np.linspace(0, 10, 1001, dtype=np.float32)[:, None]
+    return {"train_x": x, "train_y": y, "test_x": grid, "test_y": grid ** 2}
+
+
 def _write_npz(path, arrays):
     with open(path, "wb") as f:  # a file object, or np.savez appends .npz to the name
         np.savez(f, **arrays)
 
 
-def _load_torchvision(root):
-    from torchvision.datasets import CIFAR10
-
+def _load_torchvision(root, dataset):
+    name, files = OFFICIAL[dataset]
     try:
-        splits = [CIFAR10(root, train=train, download=True) for train in (True, False)]
+        (train_x, train_y), (test_x, test_y), classes = _official_splits(root, dataset)
     except (OSError, RuntimeError) as e:  # URLError is an OSError
-        raise UserError(
-            f"CIFAR-10 is not in {root}/ and could not be downloaded ({e}): put the official "
-            f"cifar-10-python.tar.gz in {root}/, or pass --data_dir an image-folder copy ({LAYOUT}, folder or .tar.gz)")
-    (train, test) = splits
-    return {"train_x": train.data, "train_y": np.asarray(train.targets, np.int64),
-            "test_x": test.data, "test_y": np.asarray(test.targets, np.int64), "classes": list(train.classes)}
+        raise UserError(f"{name} is not in {root}/ and could not be downloaded ({e}): put {files} in {root}/, "
+                        f"or pass --data_dir an image-folder copy ({LAYOUT}, folder or .tar.gz)")
+    return {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y, "classes": classes}
+
+
+def _official_splits(root, dataset):
+    """(train, test) as (N,32,32,3) uint8 and int64 arrays, and the class names, through torchvision."""
+    from torchvision import datasets
+
+    if dataset == "svhn":  # .mat files, NCHW, digits 0-9 (torchvision maps the file's label 10 to 0)
+        splits = [datasets.SVHN(root, split=split, download=True) for split in ("train", "test")]
+        return *[(s.data.transpose(0, 2, 3, 1), s.labels.astype(np.int64)) for s in splits], [str(d) for d in range(10)]
+    official = datasets.CIFAR10 if dataset == "cifar10" else datasets.CIFAR100
+    splits = [official(root, train=train, download=True) for train in (True, False)]
+    return *[(s.data, np.asarray(s.targets, np.int64)) for s in splits], list(splits[0].classes)
 
 
 def _split_root(path):

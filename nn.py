@@ -37,7 +37,8 @@ class MultiSampleDropout(nn.Module):
         logits = outputs.view(m, batch, *outputs.shape[1:]).mean(0)
         # Every copy has the same B targets, so a mean-reduced loss over the M*B rows is
         # exactly the mean of the M per-sample losses (not the loss of the mean logits).
-        loss = _loss(loss_fn, outputs, None if target is None else target.repeat(m))
+        targets = None if target is None else target.repeat(m, *[1] * (target.dim() - 1))  # (M*B, ...)
+        loss = _loss(loss_fn, outputs, targets)
         if loss is not None and self.rdrop_alpha:
             loss = loss + self.rdrop_alpha / 2 * rdrop_consistency(outputs.view(m, batch, -1))
         return logits, loss
@@ -93,9 +94,30 @@ class ResNet(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.classifier = MultiSampleDropout(nn.Linear(cin, num_classes), dropout_num, dropout_p, rdrop_alpha)
 
+    def features(self, x):
+        return F.avg_pool2d(self.blocks(self.stem(x)), 4).flatten(1)  # (B, widths[-1])
+
     def forward(self, x, target=None, loss_fn=None):
-        features = F.avg_pool2d(self.blocks(self.stem(x)), 4).flatten(1)  # (B, widths[-1])
-        return self.classifier(features, target, loss_fn)
+        return self.classifier(self.features(x), target, loss_fn)
+
+
+class DropoutMLP(nn.Module):
+    """Seed 001's regression network, 1-3-5-10-5-1 with sigmoids and a final ReLU.
+
+    Dropout A sits after the 5-unit layer, dropout B after the 10-unit layer. dropout_num=0: neither;
+    1: both, as in the post; M >= 2: A as in the post, and B becomes multi-sample dropout whose head is
+    every layer after it.
+    """
+
+    def __init__(self, dropout_num, dropout_p):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(1, 3), nn.Sigmoid(), nn.Linear(3, 5), nn.Sigmoid(),
+                                  nn.Dropout(dropout_p) if dropout_num else nn.Identity(), nn.Linear(5, 10), nn.Sigmoid())
+        head = nn.Sequential(nn.Linear(10, 5), nn.Sigmoid(), nn.Linear(5, 1), nn.ReLU())
+        self.head = MultiSampleDropout(head, dropout_num, dropout_p)
+
+    def forward(self, x, target=None, loss_fn=None):
+        return self.head(self.body(x), target, loss_fn)
 
 
 MODEL_WIDTHS = {
@@ -104,5 +126,7 @@ MODEL_WIDTHS = {
 }
 
 
-def build_model(name, num_classes, dropout_num, dropout_p, rdrop_alpha=0.0):
-    return ResNet(MODEL_WIDTHS[name], num_classes, dropout_num, dropout_p, rdrop_alpha)
+def build_model(name, num_outputs, dropout_num, dropout_p, rdrop_alpha=0.0):
+    if name == "mlp":  # the regression demo: one input, one output
+        return DropoutMLP(dropout_num, dropout_p)
+    return ResNet(MODEL_WIDTHS[name], num_outputs, dropout_num, dropout_p, rdrop_alpha)

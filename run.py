@@ -41,9 +41,27 @@ DEFINING = ["dataset", "data_source", "model", "dropout_num", "dropout_p", "batc
 LATER_FLAGS = {"valid_split": 0, "rdrop_alpha": 0.0}  # defining flags added after the first runs, left out of the hash at this value
 GRID = ["seed", "dropout_p", "dropout_num", "rdrop_alpha"]  # flags that take several values; runs differing only in these are compared
 
-MEAN = (0.4914, 0.4822, 0.4465)  # CIFAR-10 training set per-channel mean (official release)
-STD = (0.2470, 0.2435, 0.2616)  # and std; the seed's (0.2023, 0.1994, 0.2010) was not CIFAR-10's std
+IMAGE_SETS = ["cifar10", "cifar100", "svhn"]
+# Defaults that depend on --dataset: the image sets follow the multi-sample dropout post (seed 000);
+# quadratic, the dropout regression post (seed 001): one example per step, 3000 epochs.
+DEFAULTS = {"images": {"model": "miniresnet", "dropout_p": [0.5], "lr": 0.01, "lr_milestone": 10, "epochs": 20,
+                       "batch_size": 128},
+            "quadratic": {"model": "mlp", "dropout_p": [0.4], "lr": 0.005, "lr_milestone": 0, "epochs": 3000,
+                          "batch_size": 1}}
+LOG_EVERY = {"quadratic": 100}  # epochs per table row, metrics row and checkpoint (default 1)
 EVAL_BATCH = 1000  # images per evaluation step; no gradients, so larger than training's
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None: those flags default per data set and say so in their help."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def per_dataset(flag):
+    value = lambda kind: ", ".join(map(str, DEFAULTS[kind][flag])) if flag in GRID else DEFAULTS[kind][flag]
+    return f"(default: {value('images')} for the images, {value('quadratic')} for quadratic)"
 
 
 class Parser(argparse.ArgumentParser):
@@ -52,18 +70,21 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser():
-    p = Parser(prog="run.py", description="Multi-sample dropout on CIFAR-10. --seed, --dropout_num and --dropout_p "
-               "take several values and run the grid.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="run.py", description="Multi-sample dropout on CIFAR-10, CIFAR-100, SVHN or seed 001's "
+               "regression. --seed, --dropout_num, --dropout_p and --rdrop_alpha take several values and run the grid.", formatter_class=HelpFormatter)
     p.add_argument("--dropout_num", type=int, nargs="+", default=[0], help="dropout samples M: 0 none, 1 plain dropout, M>1 multi-sample")
-    p.add_argument("--dropout_p", type=float, nargs="+", default=[0.5], help="dropout probability")
+    p.add_argument("--dropout_p", type=float, nargs="+", help=f"dropout probability {per_dataset('dropout_p')}")
     p.add_argument("--rdrop_alpha", type=float, nargs="+", default=[0.0], help="R-Drop: add (alpha/2) x the mean "
                    "symmetric KL between the dropout samples' predictions (needs --dropout_num 2 or more; 0: off)")
-    p.add_argument("--model", default="miniresnet", help=f"one of {', '.join(MODEL_WIDTHS)}")
-    p.add_argument("--dataset", default="cifar10", help="cifar10")
-    p.add_argument("--epochs", type=int, default=20, help="epochs to train (more than a finished run continues it)")
-    p.add_argument("--batch_size", type=int, default=128, help="training batch; the last incomplete batch is dropped")
-    p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate")
-    p.add_argument("--lr_milestone", type=int, default=10, help="epochs 1..N use lr, later ones lr x 0.1 (0: never)")
+    p.add_argument("--model", help=f"{', '.join(MODEL_WIDTHS)} for the images; mlp (the post's network) for quadratic "
+                   f"{per_dataset('model')}")
+    p.add_argument("--dataset", default="cifar10", help=f"{', '.join(IMAGE_SETS)}, or quadratic: the dropout "
+                   "regression demo of seed 001 (y = x^2 from ten noisy points)")
+    p.add_argument("--epochs", type=int, help=f"epochs to train; more than a finished run continues it {per_dataset('epochs')}")
+    p.add_argument("--batch_size", type=int, help=f"training batch; the last incomplete batch is dropped {per_dataset('batch_size')}")
+    p.add_argument("--lr", type=float, help=f"Adam learning rate {per_dataset('lr')}")
+    p.add_argument("--lr_milestone", type=int, help="epochs 1..N use lr, later ones lr x 0.1; 0: never; quadratic "
+                   f"sets the lr per block of 100 epochs {per_dataset('lr_milestone')}")
     p.add_argument("--augment", action="store_true", help="random crop (4-pixel padding) and horizontal flip")
     p.add_argument("--seed", type=int, nargs="+", default=[42], help="initialisation, shuffling, augmentation and dropout")
     p.add_argument("--data_seed", type=int, default=0, help="which images --train_size/--test_size/--valid_split pick")
@@ -74,10 +95,12 @@ def build_parser():
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="autocast dtype; auto: bf16 where the device computes it natively, else fp32")
     p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--data_dir", default="data", help="torchvision's CIFAR-10 root (downloaded if missing), "
+    p.add_argument("--data_dir", default="data", help="torchvision's root for --dataset (downloaded if missing), "
                    "or an image-folder copy: a folder or .tar/.tar.gz with train/<class>/* and test/<class>/*")
     p.add_argument("--output_dir", default="outputs", help="where run directories and comparisons land")
     p.add_argument("--overwrite", action="store_true", help="start the run afresh, deleting its earlier results")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (a slow first epoch, then faster "
+                   "steps on a GPU; numbers may differ in the last bits, so not for bit-identical resumes)")
     p.add_argument("--deterministic", action="store_true", help="CUDA: deterministic algorithms, no cudnn autotuning (slower)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR; flags given must match it")
     p.add_argument("--eval", metavar="RUN_DIR", help="evaluate RUN_DIR's checkpoint on the test set, without training")
@@ -94,8 +117,15 @@ def parse_args(argv):
     return args, given
 
 
+def with_dataset_defaults(args):
+    """The flags left unset, filled in from --dataset's defaults."""
+    defaults = DEFAULTS["quadratic" if args.dataset == "quadratic" else "images"]
+    return argparse.Namespace(**{k: defaults[k] if v is None and k in defaults else v for k, v in vars(args).items()})
+
+
 def grid(args):
     """One namespace per (seed, dropout_p, dropout_num, rdrop_alpha) of the command, seeds outermost."""
+    args = with_dataset_defaults(args)
     return [argparse.Namespace(**{**vars(args), **dict(zip(GRID, values))})
             for values in itertools.product(*(getattr(args, flag) for flag in GRID))]
 
@@ -106,7 +136,7 @@ def saved_args(run_dir, explicit):
     if not path.is_file():
         raise UserError(f"{run_dir} holds no checkpoint (last.pt); give a run directory from {Path('outputs')}/")
     checkpoint = tools.load_checkpoint(path)
-    flags = {k: v[0] if k in GRID else v for k, v in vars(build_parser().parse_args([])).items()}
+    flags = {k: v[0] if k in GRID and v else v for k, v in vars(build_parser().parse_args([])).items()}
     saved = checkpoint["config"]
     # the experiment, its data and length come from the run; device, output folder, --overwrite from this command
     flags.update((k, saved[k]) for k in list(flags) if k in saved and (k in DEFINING or k in ("data_dir", "epochs")))
@@ -114,7 +144,7 @@ def saved_args(run_dir, explicit):
         if flag in GRID and len(value) > 1:
             raise UserError(f"--{flag} takes one value with --resume/--eval")
         flags[flag] = value[0] if flag in GRID else value
-    return argparse.Namespace(**flags), checkpoint
+    return with_dataset_defaults(argparse.Namespace(**flags)), checkpoint
 
 
 def check_args(args):
@@ -122,6 +152,8 @@ def check_args(args):
         raise UserError(f"--dropout_num must be 0 or more, got {args.dropout_num}")
     if not 0 <= args.dropout_p < 1:
         raise UserError(f"--dropout_p must be in [0, 1), got {args.dropout_p}")
+    if args.dataset not in IMAGE_SETS + ["quadratic"]:
+        raise UserError(f"unknown --dataset {args.dataset!r}: use one of {', '.join(IMAGE_SETS)} or quadratic")
     for flag in ("epochs", "batch_size", "lr", "train_size", "test_size"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
@@ -136,10 +168,19 @@ def check_args(args):
         raise UserError(f"--valid_split must be 0 or more, got {args.valid_split}")
     if args.lr_milestone < 0:
         raise UserError(f"--lr_milestone must be 0 (never) or a positive epoch, got {args.lr_milestone}")
-    if args.model not in MODEL_WIDTHS:
+    if args.dataset == "quadratic":
+        check_quadratic_args(args)
+    elif args.model not in MODEL_WIDTHS:
         raise UserError(f"unknown --model {args.model!r}: use one of {', '.join(MODEL_WIDTHS)}")
-    if args.dataset != "cifar10":
-        raise UserError(f"unknown --dataset {args.dataset!r}: use cifar10")
+
+
+def check_quadratic_args(args):
+    """The regression demo has ten fixed points and one network: the image-only flags are errors, not ignored."""
+    if args.model != "mlp":
+        raise UserError(f"--dataset quadratic trains the post's network, --model mlp, not {args.model!r}")
+    for flag, off in (("train_size", None), ("test_size", None), ("valid_split", 0), ("augment", False), ("rdrop_alpha", 0)):
+        if getattr(args, flag) != off:
+            raise UserError(f"--{flag} is for the image data sets; drop it with --dataset quadratic")
 
 
 def short_hash(values):
@@ -203,12 +244,17 @@ def split(data, args):
 
 
 def to_device(x, y, device):
-    """uint8 NHWC arrays -> uint8 NCHW and int64 tensors on the device (normalised per batch)."""
-    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device), torch.from_numpy(y).to(device)
+    """uint8 NHWC images -> uint8 NCHW on the device (normalised per batch); other arrays as they are."""
+    x = torch.from_numpy(x)
+    return (x.permute(0, 3, 1, 2).contiguous() if x.dim() == 4 else x).to(device), torch.from_numpy(y).to(device)
 
 
 def load_splits(args, device):
-    """{'train', 'valid', 'test'}: (images, labels) on the device, and the class count."""
+    """{'train', 'valid', 'test'}: (inputs, targets) on the device, and the number of outputs."""
+    if args.dataset == "quadratic":  # the post's ten points; validation and test: y = x^2 on a grid
+        data = datasource.quadratic()
+        train, grid_points = to_device(data["train_x"], data["train_y"], device), to_device(data["test_x"], data["test_y"], device)
+        return {"train": train, "valid": grid_points, "test": grid_points}, 1
     data = datasource.load(args.data_dir, args.dataset)
     train, valid, test = split(data, args)
     splits = {"train": to_device(data["train_x"][train], data["train_y"][train], device),
@@ -218,10 +264,12 @@ def load_splits(args, device):
     return splits, len(data["classes"])
 
 
-def normalise(x):
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1) * 255
-    return ((x.float() - mean) / std).contiguous(memory_format=torch.channels_last)
+def input_transform(dataset, device):
+    """uint8 images -> normalised float32, channels_last; the regression's x values go in as they are."""
+    if dataset == "quadratic":
+        return lambda x: x
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) * 255 for v in datasource.STATS[dataset])
+    return lambda x: ((x.float() - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
 def random_crop_flip(x, generator, pad=4):
@@ -236,18 +284,20 @@ def random_crop_flip(x, generator, pad=4):
     return torch.where(flip[:, None, None, None], crops.flip(3), crops)
 
 
-def train_batches(x, y, batch_size, generator, augment):
-    """Shuffled full batches (the last incomplete one is dropped), normalised on the device."""
+def train_batches(x, y, batch_size, generator, augment, prepare):
+    """Shuffled full batches (the last incomplete one is dropped), prepared (normalised) on the device."""
     order = torch.randperm(len(y), generator=generator, device=x.device)
     for i in range(len(y) // batch_size):
         idx = order[i * batch_size:(i + 1) * batch_size]
         xb = random_crop_flip(x[idx], generator) if augment else x[idx]
-        yield normalise(xb), y[idx]
+        yield prepare(xb), y[idx]
 
 
 def train_epoch(model, optimizer, loss_fn, batches, autocast, bar):
-    """One pass over the batches; returns (mean loss, accuracy). Raises FloatingPointError on a non-finite loss."""
+    """One pass over the batches; returns (mean loss, accuracy or None for a regression).
+    Raises FloatingPointError on a non-finite loss."""
     model.train()
+    classify = isinstance(loss_fn, torch.nn.CrossEntropyLoss)
     # The sums stay on the device: reading them makes the host wait, so we read them only at bar refreshes.
     device = next(model.parameters()).device
     loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
@@ -260,7 +310,8 @@ def train_epoch(model, optimizer, loss_fn, batches, autocast, bar):
         loss.backward()
         optimizer.step()
         loss_sum += loss.detach().float() * len(yb)
-        correct += (logits.detach().argmax(1) == yb).sum()
+        if classify:
+            correct += (logits.detach().argmax(1) == yb).sum()
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
         seen += len(yb)
         if tools.STOP:
@@ -270,9 +321,9 @@ def train_epoch(model, optimizer, loss_fn, batches, autocast, bar):
             if bad_step.item() >= 0:
                 bar.close()
                 raise FloatingPointError(f"non-finite training loss at step {bad_step.item()}")
-            bar.update(step, loss_sum.item() / seen, correct.item() / seen)
+            bar.update(step, loss_sum.item() / seen, correct.item() / seen if classify else None)
     bar.close()
-    return loss_sum.item() / seen, correct.item() / seen
+    return loss_sum.item() / seen, correct.item() / seen if classify else None
 
 
 def autocast_for(device, precision):
@@ -280,16 +331,20 @@ def autocast_for(device, precision):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def evaluate(model, x, y, autocast):
-    """(loss, accuracy) of the single eval-mode pass: dropout off, so comparable across dropout_num."""
+def evaluate(model, x, y, autocast, prepare, loss_fn):
+    """(loss, accuracy or None for a regression) of the single eval-mode pass: dropout off, so comparable
+    across dropout_num."""
     model.eval()
+    classify = isinstance(loss_fn, torch.nn.CrossEntropyLoss)
+    summed_loss = F.cross_entropy if classify else F.mse_loss
     loss, correct = torch.zeros((), device=x.device), torch.zeros((), device=x.device)
     with torch.inference_mode(), autocast:
         for i in range(0, len(y), EVAL_BATCH):
-            logits, _ = model(normalise(x[i:i + EVAL_BATCH]))
-            loss += F.cross_entropy(logits.float(), y[i:i + EVAL_BATCH], reduction="sum")
-            correct += (logits.argmax(1) == y[i:i + EVAL_BATCH]).sum()
-    return loss.item() / len(y), correct.item() / len(y)
+            logits, _ = model(prepare(x[i:i + EVAL_BATCH]))
+            loss += summed_loss(logits.float(), y[i:i + EVAL_BATCH], reduction="sum")
+            if classify:
+                correct += (logits.argmax(1) == y[i:i + EVAL_BATCH]).sum()
+    return loss.item() / len(y), correct.item() / len(y) if classify else None
 
 
 def main(argv=None):
@@ -320,7 +375,7 @@ def main(argv=None):
 
 
 def evaluate_saved_run(args, checkpoint):
-    source, saved = datasource.source_id(args.data_dir, args.dataset), checkpoint["config"]["data_source"]
+    source, saved = data_source(args), checkpoint["config"]["data_source"]
     if source != saved:
         raise UserError(f"--data_dir {args.data_dir} is {source}, but {args.eval} was trained on {saved}; "
                         f"pass --data_dir with that data")
@@ -329,8 +384,11 @@ def evaluate_saved_run(args, checkpoint):
     model = build_model(args.model, num_classes, args.dropout_num, args.dropout_p, args.rdrop_alpha)
     model.load_state_dict(checkpoint["model"])
     model = model.to(device, memory_format=torch.channels_last)
-    loss, acc = evaluate(model, *splits["test"], autocast_for(device, tools.resolve_precision(args.precision, device)))
-    print(f"{args.eval}: epoch {checkpoint['epoch']}, {len(splits['test'][1])} test images: loss {loss:.4f}, accuracy {acc:.4f}")
+    loss_fn = torch.nn.CrossEntropyLoss() if args.dataset in IMAGE_SETS else torch.nn.MSELoss()
+    autocast = autocast_for(device, tools.resolve_precision(args.precision, device))
+    loss, acc = evaluate(model, *splits["test"], autocast, input_transform(args.dataset, device), loss_fn)
+    accuracy = "" if acc is None else f", accuracy {acc:.4f}"
+    print(f"{args.eval}: epoch {checkpoint['epoch']}, {len(splits['test'][1])} test examples: loss {loss:.4f}{accuracy}")
     return 0
 
 
@@ -338,8 +396,7 @@ def train(args, run_dir=None):
     """Train one run of the grid (or continue it), then redraw its setup's comparison."""
     device = tools.pick_device(args.device)
     tools.configure_determinism(args.deterministic, device)
-    config = {**vars(args), "precision": tools.resolve_precision(args.precision, device),
-              "data_source": datasource.source_id(args.data_dir, args.dataset)}
+    config = {**vars(args), "precision": resolve_precision(args, device), "data_source": data_source(args)}
     run_name, setup = run_identity(config)
     run_dir = run_dir or Path(args.output_dir) / run_name
     output_dir = run_dir.parent  # where the comparison goes: beside the run, also for --resume
@@ -351,19 +408,22 @@ def train(args, run_dir=None):
         return compare_setup(output_dir, setup, run_dir)
 
     # Data: the whole (sub)sets as uint8 tensors on the device; --data_seed alone picks the images.
-    splits, num_classes = load_splits(args, device)
+    splits, num_outputs = load_splits(args, device)
     (train_x, train_y), (valid_x, valid_y) = splits["train"], splits["valid"]
     steps = len(train_y) // args.batch_size
     if steps == 0:
-        raise UserError(f"--batch_size {args.batch_size} is larger than the {len(train_y)} training images; lower it")
+        raise UserError(f"--batch_size {args.batch_size} is larger than the {len(train_y)} training examples; lower it")
 
     tools.seed_everything(args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)  # shuffling and augmentation
-    model = build_model(args.model, num_classes, args.dropout_num, args.dropout_p, args.rdrop_alpha)
+    model = build_model(args.model, num_outputs, args.dropout_num, args.dropout_p, args.rdrop_alpha)
     model = model.to(device, memory_format=torch.channels_last)
+    forward = torch.compile(model) if args.compile else model  # shares model's weights; model is what we save
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    loss_fn = torch.nn.CrossEntropyLoss()
+    loss_fn = torch.nn.CrossEntropyLoss() if args.dataset in IMAGE_SETS else torch.nn.MSELoss()
     autocast = autocast_for(device, config["precision"])
+    prepare = input_transform(args.dataset, device)
+    every = LOG_EVERY.get(args.dataset, 1)
 
     if args.overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
@@ -383,32 +443,58 @@ def train(args, run_dir=None):
     tools.write_json(run_dir / "config.json", config)
     print(f"{run_dir}: {args.model}, dropout_num={args.dropout_num}, p={args.dropout_p}, "
           f"{f'rdrop_alpha={args.rdrop_alpha}, ' if args.rdrop_alpha else ''}seed={args.seed}, "
-          f"{len(train_y)} train / {len(valid_y)} {'valid' if args.valid_split else 'test'} images, "
+          f"{len(train_y)} train / {len(valid_y)} {'valid' if args.valid_split else 'test'} examples, "
           f"{device}, {config['precision']}")
-    progressbar.print_header()
+    progressbar.print_header(classify=args.dataset in IMAGE_SETS)
 
-    for epoch in range(first_epoch, args.epochs + 1):
+    # A row (metrics, checkpoint) per `every` epochs: one per epoch for images, per 100 for quadratic.
+    for epoch in range(first_epoch, args.epochs + 1, every):
+        last = min(epoch + every - 1, args.epochs)  # this row covers epochs epoch..last
+        span = f"epoch {epoch}" if last == epoch else f"epochs {epoch}-{last}"
         if tools.STOP:  # a stop requested during evaluation or start-up
-            raise tools.Interrupted(f"stopped by {tools.STOP['signal']} before epoch {epoch}; {kept_note(run_dir, epoch)}")
+            raise tools.Interrupted(f"stopped by {tools.STOP['signal']} before {span}; {kept_note(run_dir, epoch)}")
         start = time.perf_counter()
         lr = args.lr * (0.1 if args.lr_milestone and epoch > args.lr_milestone else 1.0)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batches = train_batches(train_x, train_y, args.batch_size, generator, args.augment)
+        batches = itertools.chain.from_iterable(train_batches(train_x, train_y, args.batch_size, generator,
+                                                              args.augment, prepare) for _ in range(epoch, last + 1))
         try:
-            train_loss, train_acc = train_epoch(model, optimizer, loss_fn, batches, autocast,
-                                                progressbar.EpochBar(steps, epoch, args.epochs))
+            train_loss, train_acc = train_epoch(forward, optimizer, loss_fn, batches, autocast,
+                                                progressbar.EpochBar(steps * (last - epoch + 1), last, args.epochs))
         except (FloatingPointError, tools.Interrupted) as e:
-            raise type(e)(f"{e} of epoch {epoch}; {kept_note(run_dir, epoch)}") from None
-        valid_loss, valid_acc = evaluate(model, valid_x, valid_y, autocast)
-        history.append({"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
-                        "valid_loss": valid_loss, "valid_acc": valid_acc, "seconds": time.perf_counter() - start})
+            raise type(e)(f"{e} of {span}; {kept_note(run_dir, epoch)}") from None
+        valid_loss, valid_acc = evaluate(forward, valid_x, valid_y, autocast, prepare, loss_fn)
+        row = {"epoch": last, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
+               "valid_loss": valid_loss, "valid_acc": valid_acc, "seconds": time.perf_counter() - start}
+        history.append({k: v for k, v in row.items() if v is not None})  # a regression has no accuracy
         progressbar.print_row(history[-1])
-        test = evaluate(model, *splits["test"], autocast) if args.valid_split and epoch == args.epochs else None
-        save_epoch(run_dir, history, test, {
-            "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        test = evaluate(forward, *splits["test"], autocast, prepare, loss_fn) if args.valid_split and last == args.epochs else None
+        prediction = None if args.dataset in IMAGE_SETS else regression_prediction(forward, splits)
+        save_epoch(run_dir, history, test, prediction, {
+            "epoch": last, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "rng": tools.rng_state(generator), "history": history, "config": config})
     compare_setup(output_dir, setup, run_dir)
+
+
+def resolve_precision(args, device):
+    """The regression's targets reach 100, too coarse for bf16's 8 bits of mantissa: auto means fp32 there."""
+    return "fp32" if args.dataset == "quadratic" and args.precision == "auto" else tools.resolve_precision(args.precision, device)
+
+
+def data_source(args):
+    return "builtin-quadratic" if args.dataset == "quadratic" else datasource.source_id(args.data_dir, args.dataset)
+
+
+def regression_prediction(model, splits):
+    """The post's figure as data: its training points, and the eval-mode (dropout off) prediction on the grid."""
+    model.eval()
+    (x, y), (grid_x, grid_y) = splits["train"], splits["test"]
+    with torch.inference_mode():
+        prediction = model(grid_x)[0]
+    as_list = lambda t: t.flatten().tolist()
+    return {"train_x": as_list(x), "train_y": as_list(y), "x": as_list(grid_x), "target": as_list(grid_y),
+            "prediction": as_list(prediction)}
 
 
 def kept_note(run_dir, epoch):
@@ -416,12 +502,15 @@ def kept_note(run_dir, epoch):
     return f"the checkpoint of epoch {epoch - 1} in {run_dir} is intact" if epoch > 1 else "no checkpoint was written"
 
 
-def save_epoch(run_dir, history, test, checkpoint):
-    """Metrics, curves and test result first, the checkpoint last: a run whose checkpoint says
-    'finished' has all its files. A full disk leaves the previous checkpoint whole (temp file + rename)."""
+def save_epoch(run_dir, history, test, prediction, checkpoint):
+    """Metrics, curves, test result and the regression's prediction first, the checkpoint last: a run whose
+    checkpoint says 'finished' has all its files. A full disk leaves the previous checkpoint whole (temp file + rename)."""
     try:
         trainingmonitor.write_metrics(run_dir, history)
         trainingmonitor.plot_run(run_dir, history)
+        if prediction:
+            tools.write_json(run_dir / "prediction.json", prediction)
+            trainingmonitor.plot_prediction(run_dir, prediction)
         if test:  # the test set, once, after the epochs were chosen on the validation set
             tools.write_json(run_dir / "test.json", {"epoch": history[-1]["epoch"], "test_loss": test[0], "test_acc": test[1]})
             print(f"test set, once: loss {test[0]:.4f}, accuracy {test[1]:.4f}")

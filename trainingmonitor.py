@@ -16,9 +16,9 @@ FIELDS = ["epoch", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc", "
 
 
 def write_metrics(run_dir, history):
-    """metrics.csv and metrics.json, one row per epoch, floats at full (repr) precision."""
+    """metrics.csv and metrics.json, one row per epoch (or block of epochs), floats at full (repr) precision."""
     out = io.StringIO()
-    writer = csv.DictWriter(out, FIELDS, lineterminator="\n")
+    writer = csv.DictWriter(out, [f for f in FIELDS if f in history[0]], lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
     atomic_write(run_dir / "metrics.csv", lambda tmp: Path(tmp).write_text(out.getvalue()))
@@ -26,13 +26,27 @@ def write_metrics(run_dir, history):
 
 
 def plot_run(run_dir, history):
-    """loss.png and acc.png: train against valid over epochs."""
+    """loss.png and (for a classifier) acc.png: train against valid over epochs."""
     epochs = [row["epoch"] for row in history]
-    for metric, label in (("loss", "cross-entropy loss"), ("acc", "accuracy")):
+    classify = "valid_acc" in history[0]
+    for metric, label in (("loss", "cross-entropy loss" if classify else "mean squared error"), ("acc", "accuracy"))[:1 + classify]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for split in ("train", "valid"):
             ax.plot(epochs, [row[f"{split}_{metric}"] for row in history], marker=".", label=split)
         _save(fig, ax, run_dir / f"{metric}.png", f"{run_dir.name}: {metric}", "epoch", label)
+
+
+def plot_prediction(run_dir, prediction):
+    """prediction.png, seed 001's figure: the training points, y = x^2 and the eval-mode prediction."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    _draw_regression_data(ax, prediction)
+    ax.plot(prediction["x"], prediction["prediction"], label="prediction (dropout off)")
+    _save(fig, ax, run_dir / "prediction.png", f"{run_dir.name}: prediction", "x", "y")
+
+
+def _draw_regression_data(ax, prediction):
+    ax.scatter(prediction["train_x"], prediction["train_y"], color="red", zorder=3, label="training points")
+    ax.plot(prediction["x"], prediction["target"], color="orange", ls="--", label="y = x²")
 
 
 def finished_runs(output_dir):
@@ -42,9 +56,10 @@ def finished_runs(output_dir):
         run_dir = config_path.parent
         if (run_dir / "metrics.json").exists():
             config, history = read_json(config_path), read_json(run_dir / "metrics.json")
-            if len(history) >= config["epochs"]:
-                test = read_json(run_dir / "test.json") if (run_dir / "test.json").exists() else None
-                runs.append({"dir": run_dir, "config": config, "history": history, "test": test})
+            if history and history[-1]["epoch"] >= config["epochs"]:
+                test, prediction = (read_json(run_dir / f) if (run_dir / f).exists() else None
+                                    for f in ("test.json", "prediction.json"))
+                runs.append({"dir": run_dir, "config": config, "history": history, "test": test, "prediction": prediction})
     return runs
 
 
@@ -52,6 +67,8 @@ def write_comparison(out_dir, runs):
     """Curves (mean over seeds, band +-1 std), the M and p ablations when the grid has them, and summary.md."""
     out_dir.mkdir(parents=True, exist_ok=True)
     groups = _groups(runs)
+    if groups and "valid_acc" not in groups[0]["curves"]:
+        return _write_regression_comparison(out_dir, groups)
     for metric, label in (("train_loss", "train loss"), ("valid_loss", "valid loss"), ("valid_acc", "valid accuracy")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for g in groups:
@@ -66,6 +83,30 @@ def write_comparison(out_dir, runs):
         if len({g[key] for g in groups}) > 1:
             _plot_final_vs(out_dir / f"final_acc_vs_{name}.png", groups, key)
     atomic_write(out_dir / "summary.md", lambda tmp: Path(tmp).write_text(summary_markdown(groups)))
+
+
+def _write_regression_comparison(out_dir, groups):
+    """Loss curves, the predictions of every run overlaid, and a loss table."""
+    for metric, label in (("train_loss", "train MSE"), ("valid_loss", "valid MSE against y = x²")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for g in groups:
+            _band(ax, g["epochs"], g["curves"][metric], g["label"])
+        ax.set_yscale("log")
+        _save(fig, ax, out_dir / f"{metric}.png", f"{out_dir.name}: {label}", "epoch", label)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    _draw_regression_data(ax, groups[0]["runs"][0]["prediction"])
+    for g in groups:
+        for r in g["runs"]:
+            ax.plot(r["prediction"]["x"], r["prediction"]["prediction"], alpha=0.8,
+                    label=f"dropout_num={g['dropout_num']}, seed {r['config']['seed']}")
+    _save(fig, ax, out_dir / "predictions.png", f"{out_dir.name}: predictions (dropout off)", "x", "y")
+    lines = ["| dropout_num | p | seeds | epochs | final train MSE | final valid MSE | best valid MSE |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for g in groups:
+        c = g["curves"]
+        lines.append(f"| {g['dropout_num']} | {g['dropout_p']} | {len(g['runs'])} | {g['epochs'][-1]} | "
+                     f"{_mean_std(c['train_loss'][:, -1])} | {_mean_std(c['valid_loss'][:, -1])} | {_mean_std(c['valid_loss'].min(1))} |")
+    atomic_write(out_dir / "summary.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
 
 
 def summary_markdown(groups):
@@ -108,7 +149,8 @@ def _groups(runs):
     for p, m, alpha in keys:
         members = sorted((r for r in runs if _group_key(r) == (p, m, alpha)), key=lambda r: r["config"]["seed"])
         n = min(len(r["history"]) for r in members)
-        curves = {k: np.array([[row[k] for row in r["history"][:n]] for r in members]) for k in FIELDS}
+        curves = {k: np.array([[row[k] for row in r["history"][:n]] for r in members])
+                  for k in FIELDS if all(k in r["history"][0] for r in members)}
         label = (f"dropout_num={m}" + (f", p={p}" if several_p else "") + (f", R-Drop α={alpha}" if alpha else "")
                  + f" ({len(members)} seed{'s' * (len(members) > 1)})")
         groups.append({"dropout_p": p, "dropout_num": m, "rdrop_alpha": alpha, "runs": members, "curves": curves,

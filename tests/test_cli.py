@@ -137,8 +137,11 @@ def test_help_shows_every_default(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         run.main(["--help"])
     help_text = capsys.readouterr().out
-    for default in ("(default: [0])", "(default: [0.5])", "(default: miniresnet)", "(default: 20)", "(default: 128)",
-                    "(default: 0.01)", "(default: 10)", "(default: [42])", "(default: auto)", "(default: outputs)"):
+    for default in ("(default: [0])", "(default: 0.5 for the images, 0.4 for quadratic)",
+                    "(default: miniresnet for the images, mlp for quadratic)", "(default: 20 for the images, 3000 for quadratic)",
+                    "(default: 128 for the images, 1 for quadratic)", "(default: 0.01 for the images, 0.005 for quadratic)",
+                    "(default: 10 for the images, 0 for quadratic)", "(default: [42])", "(default: auto)",
+                    "(default: outputs)", "(default: [0.0])"):
         assert default in help_text
 
 

@@ -6,7 +6,10 @@ import urllib.error
 
 import numpy as np
 import pytest
+import scipy.io
+import torch
 import torchvision.datasets.cifar as tv_cifar
+import torchvision.datasets.svhn as tv_svhn
 from PIL import Image
 
 import datasource
@@ -150,14 +153,48 @@ def write_official_cifar10(root, per_batch=6, seed=0):
     return images, labels
 
 
+def write_official_cifar100(root, per_split=(8, 4), seed=0):
+    """cifar-100-python as the official release lays it out: 'train' and 'test' pickles with fine labels."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    images, labels = {}, {}
+    for name, n in zip(("train", "test"), per_split):
+        images[name] = rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8)
+        labels[name] = rng.integers(0, 100, n).tolist()
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": images[name], "fine_labels": labels[name], "coarse_labels": [0] * n}, f)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"class{i:02d}" for i in range(100)]}, f)
+    return images, labels
+
+
+def write_official_svhn(root, per_split=(7, 3), seed=0):
+    """train_32x32.mat and test_32x32.mat as the official release lays them out: X (32,32,3,N), y (N,1) in 1..10."""
+    rng = np.random.default_rng(seed)
+    images, labels = {}, {}
+    for name, n in zip(("train", "test"), per_split):
+        images[name] = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+        labels[name] = np.array([10, *rng.integers(1, 11, n - 1)])[:, None]  # 10 is the digit 0
+        scipy.io.savemat(root / f"{name}_32x32.mat", {"X": images[name], "y": labels[name]})
+    return images, labels
+
+
+def offline(*args, **kwargs):
+    raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+
 @pytest.fixture
 def no_network(monkeypatch):
     """Integrity = the file exists (the real md5s fit only the real files); downloads fail as offline."""
     monkeypatch.setattr(tv_cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
-
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
     monkeypatch.setattr(tv_cifar, "download_and_extract_archive", offline)
+    monkeypatch.setattr(tv_svhn, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+
+    def download_url(url, root, filename, md5):  # torchvision's skips a file that is already there
+        if not os.path.isfile(os.path.join(root, filename)):
+            offline()
+    monkeypatch.setattr(tv_svhn, "download_url", download_url)
 
 
 def test_official_release_loads_through_torchvision(tmp_path, no_network):
@@ -185,3 +222,50 @@ def test_offline_through_the_command_line_exits_2_with_one_line(tmp_path, no_net
     rc = run.main(["--data_dir", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "could not be downloaded" in err
+
+
+def test_official_cifar100_loads_through_torchvision(tmp_path, no_network):
+    images, labels = write_official_cifar100(tmp_path)
+    data = datasource.load(tmp_path, "cifar100")
+    assert data["train_x"].shape == (8, 32, 32, 3) and data["test_x"].shape == (4, 32, 32, 3)
+    assert np.array_equal(data["test_x"][1], images["test"][1].reshape(3, 32, 32).transpose(1, 2, 0))
+    assert data["train_y"].tolist() == labels["train"] and data["test_y"].tolist() == labels["test"]
+    assert len(data["classes"]) == 100 and data["classes"][7] == "class07"
+    assert datasource.source_id(tmp_path, "cifar100") == "torchvision-cifar100"
+
+
+def test_official_svhn_loads_through_torchvision(tmp_path, no_network):
+    images, labels = write_official_svhn(tmp_path)
+    data = datasource.load(tmp_path, "svhn")
+    assert data["train_x"].shape == (7, 32, 32, 3) and data["test_x"].shape == (3, 32, 32, 3)
+    assert data["train_x"].dtype == np.uint8 and data["train_y"].dtype == np.int64
+    assert np.array_equal(data["train_x"][2], images["train"][:, :, :, 2])  # HWC, as the .mat holds it
+    assert data["train_y"].tolist() == [0, *(labels["train"][1:, 0] % 10)]  # label 10 -> digit 0
+    assert data["classes"] == [str(d) for d in range(10)]
+
+
+@pytest.mark.parametrize("dataset,name,files", [
+    ("cifar10", "CIFAR-10", "cifar-10-python.tar.gz"),
+    ("cifar100", "CIFAR-100", "cifar-100-python.tar.gz"),
+    ("svhn", "SVHN", "train_32x32.mat and test_32x32.mat"),
+])
+def test_each_dataset_offline_and_missing_is_one_clear_error(tmp_path, no_network, capsys, dataset, name, files):
+    import run
+    rc = run.main(["--dataset", dataset, "--data_dir", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and f"{name} is not in" in err and files in err and "image-folder" in err
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "svhn"])
+def test_each_dataset_trains_from_an_image_folder_with_its_own_normalisation(tmp_path, capsys, dataset):
+    import run
+    folder = write_folder(tmp_path / "images", per_class=(8, 2))
+    rc = run.main(["--dataset", dataset, "--data_dir", str(folder), "--output_dir", str(tmp_path / "out"),
+                   "--batch_size", "8", "--epochs", "1"])
+    assert rc == 0, capsys.readouterr().err
+    (run_dir,) = (tmp_path / "out").glob(f"miniresnet_{dataset}_m0_*")
+    assert (run_dir / "last.pt").exists()
+    mean, std = datasource.STATS[dataset]
+    pixel = torch.full((1, 3, 1, 1), 200, dtype=torch.uint8)
+    expected = torch.tensor([(200 / 255 - m) / s for m, s in zip(mean, std)])
+    assert torch.allclose(run.input_transform(dataset, torch.device("cpu"))(pixel).flatten(), expected, rtol=1e-5)

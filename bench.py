@@ -1,0 +1,293 @@
+"""Training speed and memory, measured side by side in one run (a benchmark, not a test).
+
+    python bench.py                      # miniresnet, batch 128, on the default device
+    python bench.py --model resnet18 --device cuda
+
+Prints, and writes to --out (bench.md, overhead.png):
+  1. images/s of the seed-style pipeline (per-image PIL/ToTensor/Normalize in DataLoader workers,
+     NCHW fp32, a Python loop over the dropout samples) against this project's (uint8 data on the
+     device, batched normalise, channels_last, one head call for all samples), in fp32 and at the
+     default precision;
+  2. the multi-sample overhead: step time for dropout_num 0..32, relative to 0;
+  3. peak memory of a seed-recipe-sized run (50,000 + 10,000 images) per dropout_num.
+The images are random uint8: speed does not depend on what the pictures show. Timings are the
+median over --repeats blocks of --steps steps, the pipelines taking turns, after --warmup steps each.
+"""
+import argparse
+import itertools
+import multiprocessing
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision import transforms
+
+import run
+import tools
+import trainingmonitor  # noqa: F401  (selects matplotlib's Agg backend before pyplot is imported)
+from nn import build_model
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+OVERHEAD_M = [0, 1, 2, 4, 8, 16, 32]  # dropout_num values of the overhead table
+SEED_RECIPE = (50_000, 10_000)  # CIFAR-10's train and test images, for the memory figure
+# Dense peak TFLOP/s from NVIDIA's datasheets (SXM parts): bf16 tensor cores, and TF32, which cuDNN
+# uses for fp32 convolutions by default.
+PEAK_TFLOPS = {"H100": {"bf16": 989.4, "fp32": 494.7}, "H200": {"bf16": 989.4, "fp32": 494.7},
+               "A100": {"bf16": 312.0, "fp32": 156.0}}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="miniresnet", help="miniresnet or resnet18")
+    p.add_argument("--batch_size", type=int, default=128, help="training batch")
+    p.add_argument("--dropout_num", type=int, default=8, help="dropout samples of the pipeline comparison")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="the 'default' rows' precision")
+    p.add_argument("--augment", action="store_true", help="random crop and flip in both pipelines")
+    p.add_argument("--compile", action="store_true", help="torch.compile the project's model")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per block")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps before the first block")
+    p.add_argument("--repeats", type=int, default=5, help="timed blocks per pipeline; the median is reported")
+    p.add_argument("--memory_steps", type=int, default=10, help="training steps of each peak-memory run (0: skip)")
+    p.add_argument("--out", default="outputs/bench", help="folder for bench.md and overhead.png")
+    return p.parse_args(argv)
+
+
+class SeedStyleImages(torch.utils.data.Dataset):
+    """What torchvision.datasets.CIFAR10 does per item: a uint8 HWC array -> a PIL image -> the transform."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+class SeedStyleNet(nn.Module):
+    """The seed's forward: the backbone once, then a Python loop with a head call per dropout sample."""
+
+    def __init__(self, resnet):
+        super().__init__()
+        self.resnet = resnet
+
+    def forward(self, x, target, loss_fn):
+        features, msd = self.resnet.features(x), self.resnet.classifier
+        if msd.num_samples == 0:
+            logits = msd.head(features)
+            return logits, loss_fn(logits, target)
+        outputs = [msd.head(F.dropout(features, msd.p, training=True)) for _ in range(msd.num_samples)]
+        return sum(outputs) / len(outputs), sum(loss_fn(o, target) for o in outputs) / len(outputs)
+
+
+def synthetic_images(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n, dtype=np.int64)
+
+
+def seed_style_pipeline(args, device, dropout_num):
+    """A function that trains n steps the seed's way and waits for the device."""
+    torch.manual_seed(0)
+    model = SeedStyleNet(build_model(args.model, 10, dropout_num, 0.5)).to(device)
+    optimizer, loss_fn = torch.optim.Adam(model.parameters(), lr=1e-3), nn.CrossEntropyLoss()
+    augment = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if args.augment else []
+    transform = transforms.Compose(augment + [transforms.ToTensor(), transforms.Normalize(run.MEAN, run.STD)])
+    loader = torch.utils.data.DataLoader(
+        SeedStyleImages(*synthetic_images(args.batch_size * (args.steps + args.warmup)), transform),
+        batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=os.cpu_count(),
+        pin_memory=device.type == "cuda", persistent_workers=True)
+    batches = itertools.chain.from_iterable(itertools.repeat(loader))  # epoch after epoch, workers kept
+
+    def train_steps(n):
+        model.train()
+        for xb, yb in itertools.islice(batches, n):
+            logits, loss = model(xb.to(device), yb.to(device), loss_fn)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            loss.item()  # the seed's progress bar reads the loss every step
+    return train_steps
+
+
+class NoBar:
+    """run.train_epoch's progress bar, silent: it then reads the device once, at the last step."""
+
+    def __init__(self, steps):
+        self.steps, self.enabled = steps, False
+
+    def update(self, *args):
+        pass
+
+    def close(self):
+        pass
+
+
+def project_pipeline(args, device, dropout_num, precision, images=None):
+    """A function that trains n steps with run.py's own loop (run.train_epoch) and waits for the device."""
+    torch.manual_seed(0)
+    model = build_model(args.model, 10, dropout_num, 0.5).to(device, memory_format=torch.channels_last)
+    optimizer, loss_fn = torch.optim.Adam(model.parameters(), lr=1e-3), nn.CrossEntropyLoss()
+    x, y = run.to_device(*(images or synthetic_images(args.batch_size * (args.steps + args.warmup))), device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    forward = torch.compile(model) if args.compile else model
+    autocast = run.autocast_for(device, precision)
+
+    def train_steps(n):
+        batches = itertools.islice(run.train_batches(x, y, args.batch_size, generator, args.augment), n)
+        run.train_epoch(forward, optimizer, loss_fn, batches, autocast, NoBar(n))
+    train_steps.model, train_steps.autocast = forward, autocast
+    return train_steps
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds_per_step(pipelines, args, device):
+    """{name: median seconds per step}; the pipelines take turns, so a slow spell of the machine hits all."""
+    for train_steps in pipelines.values():
+        train_steps(args.warmup)
+    times = {name: [] for name in pipelines}
+    for _ in range(args.repeats):
+        for name, train_steps in pipelines.items():
+            sync(device)
+            start = time.perf_counter()
+            train_steps(args.steps)
+            sync(device)
+            times[name].append((time.perf_counter() - start) / args.steps)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def flops_per_image(args, device, precision):
+    """Forward + backward FLOPs of one training step of the project's model, per image."""
+    model = build_model(args.model, 10, args.dropout_num, 0.5).to(device, memory_format=torch.channels_last)
+    x = torch.randn(args.batch_size, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.zeros(args.batch_size, dtype=torch.long, device=device)
+    with FlopCounterMode(display=False) as counter, run.autocast_for(device, precision):
+        model(x, y, nn.CrossEntropyLoss())[1].backward()
+    return counter.get_total_flops() / args.batch_size
+
+
+def peak_tflops(device, precision):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak[precision] for key, peak in PEAK_TFLOPS.items() if key in name), None)
+
+
+def peak_memory(args, dropout_num, results):
+    """(Run in a fresh process.) Peak memory of a seed-recipe-sized run: 50,000 training images on the
+    device, --memory_steps training steps, then evaluation of 10,000 test images."""
+    device = tools.pick_device(args.device)
+    n_train, n_test = SEED_RECIPE
+    train_steps = project_pipeline(args, device, dropout_num, "fp32", synthetic_images(n_train))
+    train_steps(args.memory_steps)
+    run.evaluate(train_steps.model, *run.to_device(*synthetic_images(n_test, seed=1), device), train_steps.autocast)
+    if device.type == "cuda":
+        results.put(torch.cuda.max_memory_allocated(device))
+    else:  # the process's peak resident set; ru_maxrss is in KiB on Linux, bytes on macOS
+        results.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024))
+
+
+def peak_memory_in_fresh_process(args, dropout_num):
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    process = context.Process(target=peak_memory, args=(args, dropout_num, results))
+    process.start()
+    peak = results.get()
+    process.join()
+    return peak
+
+
+def markdown_table(header, rows):
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+                     + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def plot_overhead(path, ratios, title):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(list(ratios), list(ratios.values()), marker="o")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("symlog", base=2, linthresh=1)
+    ax.set_xticks(list(ratios), [str(m) for m in ratios])
+    ax.set(title=title, xlabel="dropout_num (M)", ylabel="step time / step time at M=0")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    device = tools.pick_device(args.device)
+    precision = tools.resolve_precision(args.precision, device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda" else
+               f"{device.type}, {torch.get_num_threads()} threads") + f", torch {torch.__version__}"
+    print(f"{args.model}, batch {args.batch_size}, {machine}; median of {args.repeats} x {args.steps} steps")
+    report = [f"`python bench.py {' '.join(sys.argv[1:] if argv is None else argv)}`: {args.model}, "
+              f"batch {args.batch_size}, {machine}; median of {args.repeats} blocks of {args.steps} steps.", ""]
+
+    # 1. the pipelines, side by side
+    m = args.dropout_num
+    pipelines = {f"seed-style (DataLoader, NCHW, fp32, loop over samples), M={m}": seed_style_pipeline(args, device, m),
+                 f"project, fp32, M={m}": project_pipeline(args, device, m, "fp32")}
+    if precision != "fp32":
+        pipelines[f"project, {precision} (default), M={m}"] = project_pipeline(args, device, m, precision)
+    step = seconds_per_step(pipelines, args, device)
+    seed_ips = args.batch_size / next(iter(step.values()))
+    flops = {p: flops_per_image(args, device, p) for p in {"fp32", precision}}
+    rows = []
+    for name, seconds in step.items():
+        ips, p = args.batch_size / seconds, precision if "default" in name else "fp32"
+        peak = peak_tflops(device, p)
+        tflops = flops[p] * ips / 1e12
+        rows.append([name, f"{1e3 * seconds:.1f}", f"{ips:,.0f}", f"{ips / seed_ips:.2f}x", f"{tflops:.3f}",
+                     f"{tflops / peak:.1%}" if peak else "-"])
+    if precision == "fp32":
+        rows[-1][0] += " (fp32 is also the default here)"
+    table = markdown_table(["pipeline", "ms/step", "images/s", "vs seed-style", "TFLOP/s", "of peak"], rows)
+    report += ["### Pipelines", "", table, "",
+               "Training FLOPs per image (forward + backward, counted by torch's FlopCounterMode): "
+               + ", ".join(f"{p} {f / 1e9:.3f} GFLOP" for p, f in flops.items()) + ".", ""]
+    print(table)
+
+    # 2. the multi-sample overhead
+    step = seconds_per_step({mm: project_pipeline(args, device, mm, precision) for mm in OVERHEAD_M}, args, device)
+    ratios = {mm: s / step[0] for mm, s in step.items()}
+    table = markdown_table(["dropout_num", "ms/step", "vs dropout_num=0"],
+                           [[str(mm), f"{1e3 * step[mm]:.2f}", f"{r:.3f}"] for mm, r in ratios.items()])
+    report += [f"### Multi-sample overhead (project pipeline, {precision})", "", table, ""]
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_overhead(out / "overhead.png", ratios, f"{args.model}, batch {args.batch_size}, {device.type}, {precision}")
+
+    # 3. peak memory, each dropout_num in its own process
+    if args.memory_steps:
+        peaks = {mm: peak_memory_in_fresh_process(args, mm) for mm in (0, 8, 32)}
+        table = markdown_table(["dropout_num", "peak memory (MiB)", "vs dropout_num=0"],
+                               [[str(mm), f"{b / 2**20:,.0f}", f"{b / peaks[0]:.3f}"] for mm, b in peaks.items()])
+        kind = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak resident set of the process"
+        report += [f"### Peak memory ({kind}; 50,000 training images on the device, {args.memory_steps} steps, "
+                   "then evaluation of 10,000)", "", table, ""]
+        print(table)
+    (out / "bench.md").write_text("\n".join(report))
+    print(f"written: {out / 'bench.md'}, {out / 'overhead.png'}")
+
+
+if __name__ == "__main__":
+    main()
