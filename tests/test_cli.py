@@ -113,11 +113,30 @@ def test_overwrite_starts_afresh(trained, small_cifar, tmp_path, capsys):
     (["--train_size", "301"], "asked for 0 validation + 301 training images of 300"),
     (["--valid_split", "100", "--train_size", "250"], "asked for 100 validation + 250 training images of 300"),
     (["--data_dir", "no/such.tar.gz"], "no such archive"),
+    (["--rdrop_alpha", "1"], "--rdrop_alpha compares dropout samples, so it needs --dropout_num 2 or more, got 0"),
+    (["--rdrop_alpha", "0", "1", "--dropout_num", "1", "2"], "needs --dropout_num 2 or more, got 1"),
+    (["--rdrop_alpha", "-1", "--dropout_num", "2"], "--rdrop_alpha must be 0 (off) or a positive number"),
+    (["--rdrop_alpha", "inf", "--dropout_num", "2"], "--rdrop_alpha must be 0 (off) or a positive number"),
 ])
 def test_bad_input_is_one_line_and_exit_2(flags, message, small_cifar, tmp_path, capsys):
     rc, out, err = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path / "out", *TINY, *flags)
     assert rc == 2 and err.startswith("run.py: error:") and message in err and err.count("\n") == 1
     assert not list((tmp_path).glob("out/*/metrics.csv"))
+
+
+def test_rdrop_runs_sit_beside_the_others_labelled(trained, small_cifar, tmp_path, capsys):
+    (plain,) = run_dirs(trained, 8)
+    shutil.copytree(plain, tmp_path / plain.name)
+    rc, out, err = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path, "--dropout_num", 8, "--rdrop_alpha", 0, 1, *TINY)
+    assert rc == 0, err
+    assert "nothing to do" in out  # alpha 0 is the plain run, which keeps its name
+    (rdrop,) = [d for d in run_dirs(tmp_path, 8) if d != tmp_path / plain.name]
+    assert rdrop.name.startswith("miniresnet_cifar10_m8_p0.5_r1.0_s42-")
+    assert json.loads((rdrop / "config.json").read_text())["rdrop_alpha"] == 1.0
+    assert rows(rdrop) != rows(tmp_path / plain.name)
+    (compare_dir,) = (tmp_path / "compare").iterdir()
+    table = (compare_dir / "summary.md").read_text().split("\n\n")[0].splitlines()
+    assert [[cell.strip() for cell in line.split("|")[1:4]] for line in table[2:]] == [["8", "0.5", "0.0"], ["8", "0.5", "1.0"]]
 
 
 def test_unwritable_output_is_found_before_training(small_cifar, tmp_path, capsys):
