@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
+import datasource
 import run
 import tools
 import trainingmonitor  # noqa: F401  (selects matplotlib's Agg backend before pyplot is imported)
@@ -55,9 +56,9 @@ def parse_args(argv):
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="the 'default' rows' precision")
     p.add_argument("--augment", action="store_true", help="random crop and flip in both pipelines")
     p.add_argument("--compile", action="store_true", help="torch.compile the project's model")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per block")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps before the first block")
-    p.add_argument("--repeats", type=int, default=5, help="timed blocks per pipeline; the median is reported")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per block (on a GPU, use more: 100)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before the first block")
+    p.add_argument("--repeats", type=int, default=3, help="timed blocks per pipeline; the median is reported")
     p.add_argument("--memory_steps", type=int, default=10, help="training steps of each peak-memory run (0: skip)")
     p.add_argument("--out", default="outputs/bench", help="folder for bench.md and overhead.png")
     return p.parse_args(argv)
@@ -103,7 +104,7 @@ def seed_style_pipeline(args, device, dropout_num):
     model = SeedStyleNet(build_model(args.model, 10, dropout_num, 0.5)).to(device)
     optimizer, loss_fn = torch.optim.Adam(model.parameters(), lr=1e-3), nn.CrossEntropyLoss()
     augment = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if args.augment else []
-    transform = transforms.Compose(augment + [transforms.ToTensor(), transforms.Normalize(run.MEAN, run.STD)])
+    transform = transforms.Compose(augment + [transforms.ToTensor(), transforms.Normalize(*datasource.STATS["cifar10"])])
     loader = torch.utils.data.DataLoader(
         SeedStyleImages(*synthetic_images(args.batch_size * (args.steps + args.warmup)), transform),
         batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=os.cpu_count(),
@@ -142,12 +143,12 @@ def project_pipeline(args, device, dropout_num, precision, images=None):
     x, y = run.to_device(*(images or synthetic_images(args.batch_size * (args.steps + args.warmup))), device)
     generator = torch.Generator(device=device).manual_seed(0)
     forward = torch.compile(model) if args.compile else model
-    autocast = run.autocast_for(device, precision)
+    autocast, prepare = run.autocast_for(device, precision), run.input_transform("cifar10", device)
 
     def train_steps(n):
-        batches = itertools.islice(run.train_batches(x, y, args.batch_size, generator, args.augment), n)
+        batches = itertools.islice(run.train_batches(x, y, args.batch_size, generator, args.augment, prepare), n)
         run.train_epoch(forward, optimizer, loss_fn, batches, autocast, NoBar(n))
-    train_steps.model, train_steps.autocast = forward, autocast
+    train_steps.evaluate = lambda x, y: run.evaluate(forward, x, y, autocast, prepare, loss_fn)
     return train_steps
 
 
@@ -188,32 +189,33 @@ def peak_tflops(device, precision):
     return next((peak[precision] for key, peak in PEAK_TFLOPS.items() if key in name), None)
 
 
-def peak_memory(args, dropout_num, results):
+def peak_memory(args, dropout_num, connection):
     """(Run in a fresh process.) Peak memory of a seed-recipe-sized run: 50,000 training images on the
     device, --memory_steps training steps, then evaluation of 10,000 test images."""
     device = tools.pick_device(args.device)
     n_train, n_test = SEED_RECIPE
-    train_steps = project_pipeline(args, device, dropout_num, "fp32", synthetic_images(n_train))
+    precision = tools.resolve_precision(args.precision, device)
+    train_steps = project_pipeline(args, device, dropout_num, precision, synthetic_images(n_train))
     train_steps(args.memory_steps)
-    run.evaluate(train_steps.model, *run.to_device(*synthetic_images(n_test, seed=1), device), train_steps.autocast)
+    train_steps.evaluate(*run.to_device(*synthetic_images(n_test, seed=1), device))
     if device.type == "cuda":
-        results.put(torch.cuda.max_memory_allocated(device))
+        connection.send(torch.cuda.max_memory_allocated(device))
     else:  # the process's peak resident set; ru_maxrss is in KiB on Linux, bytes on macOS
-        results.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024))
+        connection.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024))
 
 
 def peak_memory_in_fresh_process(args, dropout_num):
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    process = context.Process(target=peak_memory, args=(args, dropout_num, results))
+    context = multiprocessing.get_context("spawn")  # a fresh process: peak resident memory only grows
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=peak_memory, args=(args, dropout_num, sender))
     process.start()
-    peak = results.get()
+    peak = receiver.recv()
     process.join()
     return peak
 
 
 def markdown_table(header, rows):
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+    return "\n".join(["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
                      + ["| " + " | ".join(row) + " |" for row in rows])
 
 
