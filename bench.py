@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -34,9 +35,9 @@ from torchvision import transforms
 import datasource
 import run
 import tools
-import trainingmonitor  # noqa: F401  (selects matplotlib's Agg backend before pyplot is imported)
 from nn import build_model
 
+matplotlib.use("Agg")  # files only, no window
 import matplotlib.pyplot as plt  # noqa: E402
 
 OVERHEAD_M = [0, 1, 2, 4, 8, 16, 32]  # dropout_num values of the overhead table

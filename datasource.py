@@ -6,7 +6,6 @@ train/<class>/*.png|jpg and test/<class>/*, optionally inside one wrapping folde
 Image folders are decoded once and cached as uint8 arrays under the repo's data/cache/.
 """
 import hashlib
-import shutil
 import tarfile
 import tempfile
 import zlib

@@ -8,7 +8,6 @@ cost is M small head passes, which we batch into one call.
 R-Drop (Liang et al. 2021) adds a consistency term between the dropout samples; here it is
 R-Drop on the multi-sample head: one backbone pass, the samples differ only in the head.
 """
-import torch
 import torch.nn.functional as F
 from torch import nn
 

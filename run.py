@@ -384,7 +384,7 @@ def evaluate_saved_run(args, checkpoint):
     model = build_model(args.model, num_classes, args.dropout_num, args.dropout_p, args.rdrop_alpha)
     model.load_state_dict(checkpoint["model"])
     model = model.to(device, memory_format=torch.channels_last)
-    loss_fn = torch.nn.CrossEntropyLoss() if args.dataset in IMAGE_SETS else torch.nn.MSELoss()
+    loss_fn = loss_for(args.dataset)
     autocast = autocast_for(device, tools.resolve_precision(args.precision, device))
     loss, acc = evaluate(model, *splits["test"], autocast, input_transform(args.dataset, device), loss_fn)
     accuracy = "" if acc is None else f", accuracy {acc:.4f}"
@@ -420,7 +420,7 @@ def train(args, run_dir=None):
     model = model.to(device, memory_format=torch.channels_last)
     forward = torch.compile(model) if args.compile else model  # shares model's weights; model is what we save
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    loss_fn = torch.nn.CrossEntropyLoss() if args.dataset in IMAGE_SETS else torch.nn.MSELoss()
+    loss_fn = loss_for(args.dataset)
     autocast = autocast_for(device, config["precision"])
     prepare = input_transform(args.dataset, device)
     every = LOG_EVERY.get(args.dataset, 1)
@@ -475,6 +475,10 @@ def train(args, run_dir=None):
             "epoch": last, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "rng": tools.rng_state(generator), "history": history, "config": config})
     compare_setup(output_dir, setup, run_dir)
+
+
+def loss_for(dataset):
+    return torch.nn.CrossEntropyLoss() if dataset in IMAGE_SETS else torch.nn.MSELoss()
 
 
 def resolve_precision(args, device):
