@@ -1,4 +1,4 @@
-"""The networks: a CIFAR ResNet whose classifier is a multi-sample dropout head.
+"""The networks: a CIFAR ResNet and seed 001's regression MLP, each ending in a multi-sample dropout head.
 
 Multi-sample dropout (Inoue 2019, arXiv 1905.09788): draw M dropout masks over the
 same features, run every masked copy through the same (shared-weight) head, and
