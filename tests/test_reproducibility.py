@@ -108,8 +108,8 @@ def test_grid_runs_every_combination_then_skips_finished_and_resumes_unfinished(
     (compare_dir,) = (tmp_path / "compare").iterdir()
     table = (compare_dir / "summary.md").read_text().split("\n\n")[0].splitlines()[2:]
     cells = [[c.strip() for c in line.split("|")[1:-1]] for line in table]
-    assert [(c[0], c[2], c[3]) for c in cells] == [("0", "2", "2"), ("1", "2", "2")]  # M, seeds, epochs
-    assert all("±" in c[4] for c in cells)  # mean +- std over the two seeds
+    assert [(c[0], c[2], c[3], c[4]) for c in cells] == [("0", "0.0", "2", "2"), ("1", "0.0", "2", "2")]  # M, α, seeds, epochs
+    assert all("±" in c[5] for c in cells)  # mean +- std over the two seeds
 
 
 def test_valid_split_holds_out_training_images_and_tests_once(small_cifar, tmp_path, capsys):
@@ -135,10 +135,10 @@ def test_summary_statistics_and_epochs_to_target():
             fake_run(0, 1, [0.1, 0.2, 0.3])]
     table = trainingmonitor.summary_markdown(trainingmonitor._groups(runs)).split("\n\n")[0].splitlines()[2:]
     cells = {int(line.split("|")[1]): [c.strip() for c in line.split("|")[1:-1]] for line in table}
-    assert cells[8][2] == "2" and cells[8][3] == "3" and cells[8][4] == "0.8000 ± 0.0000" and cells[8][5] == "0.8000 ± 0.0000"
-    assert cells[1][4] == "0.7000 ± 0.0000" and cells[1][8] == "3"
-    assert cells[8][8] == "2" and cells[0][8] == "not reached"
-    assert cells[0][4] == "0.3000" and cells[0][2] == "1"  # one seed: no spread
+    assert cells[8][3] == "2" and cells[8][4] == "3" and cells[8][5] == "0.8000 ± 0.0000" and cells[8][6] == "0.8000 ± 0.0000"
+    assert cells[1][5] == "0.7000 ± 0.0000" and cells[1][9] == "3"
+    assert cells[8][9] == "2" and cells[0][9] == "not reached"
+    assert cells[0][5] == "0.3000" and cells[0][3] == "1"  # one seed: no spread
     std = np.std([0.6, 0.7], ddof=1)
     runs[3]["history"][-1]["valid_acc"] = 0.7
     table = trainingmonitor.summary_markdown(trainingmonitor._groups(runs))
