@@ -11,7 +11,8 @@ Prints, and writes to --out (bench.md, overhead.png):
   2. the multi-sample overhead: step time for dropout_num 0..32, relative to 0;
   3. peak memory of a seed-recipe-sized run (50,000 + 10,000 images) per dropout_num.
 The images are random uint8: speed does not depend on what the pictures show. Timings are the
-median over --repeats blocks of --steps steps, the pipelines taking turns, after --warmup steps each.
+median over --repeats blocks of --steps steps, the pipelines taking turns, after --warmup steps each;
+ratios are the median over rounds of the ratio within a round.
 """
 import argparse
 import itertools
@@ -57,9 +58,9 @@ def parse_args(argv):
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="the 'default' rows' precision")
     p.add_argument("--augment", action="store_true", help="random crop and flip in both pipelines")
     p.add_argument("--compile", action="store_true", help="torch.compile the project's model")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per block (on a GPU, use more: 100)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per block (on a GPU, use more: 100)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before the first block")
-    p.add_argument("--repeats", type=int, default=3, help="timed blocks per pipeline; the median is reported")
+    p.add_argument("--repeats", type=int, default=7, help="timed blocks per pipeline; the median is reported")
     p.add_argument("--memory_steps", type=int, default=10, help="training steps of each peak-memory run (0: skip)")
     p.add_argument("--out", default="outputs/bench", help="folder for bench.md and overhead.png")
     return p.parse_args(argv)
@@ -159,7 +160,8 @@ def sync(device):
 
 
 def seconds_per_step(pipelines, args, device):
-    """{name: median seconds per step}; the pipelines take turns, so a slow spell of the machine hits all."""
+    """{name: [seconds per step of each block]}; the pipelines take turns, block after block, so a slow
+    spell of the machine hits all of them in the same round."""
     for train_steps in pipelines.values():
         train_steps(args.warmup)
     times = {name: [] for name in pipelines}
@@ -170,7 +172,12 @@ def seconds_per_step(pipelines, args, device):
             train_steps(args.steps)
             sync(device)
             times[name].append((time.perf_counter() - start) / args.steps)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def median_ratios(times, reference):
+    """{name: median over rounds of (its time / the reference's time in the same round)}."""
+    return {name: statistics.median(t / r for t, r in zip(ts, times[reference])) for name, ts in times.items()}
 
 
 def flops_per_image(args, device, precision):
@@ -190,29 +197,48 @@ def peak_tflops(device, precision):
     return next((peak[precision] for key, peak in PEAK_TFLOPS.items() if key in name), None)
 
 
+def reset_peak_memory(device):
+    """Start the peak over; the process's peak resident set can be reset on Linux only."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif sys.platform.startswith("linux"):
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, see `man 5 proc`
+
+
+def peak_memory_since_reset(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    if sys.platform.startswith("linux"):
+        return 1024 * int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # macOS: bytes, and the whole process's peak
+
+
 def peak_memory(args, dropout_num, connection):
     """(Run in a fresh process.) Peak memory of a seed-recipe-sized run: 50,000 training images on the
-    device, --memory_steps training steps, then evaluation of 10,000 test images."""
+    device, --memory_steps training steps, then evaluation of 10,000 test images. Sends the peak while
+    training (data on the device included) and the peak of the whole process."""
     device = tools.pick_device(args.device)
     n_train, n_test = SEED_RECIPE
     precision = tools.resolve_precision(args.precision, device)
     train_steps = project_pipeline(args, device, dropout_num, precision, synthetic_images(n_train))
+    test = run.to_device(*synthetic_images(n_test, seed=1), device)
+    reset_peak_memory(device)
     train_steps(args.memory_steps)
-    train_steps.evaluate(*run.to_device(*synthetic_images(n_test, seed=1), device))
-    if device.type == "cuda":
-        connection.send(torch.cuda.max_memory_allocated(device))
-    else:  # the process's peak resident set; ru_maxrss is in KiB on Linux, bytes on macOS
-        connection.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024))
+    training = peak_memory_since_reset(device)
+    train_steps.evaluate(*test)
+    whole = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else  # ru_maxrss: KiB on Linux
+             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024))
+    connection.send((training, whole))
 
 
 def peak_memory_in_fresh_process(args, dropout_num):
-    context = multiprocessing.get_context("spawn")  # a fresh process: peak resident memory only grows
+    context = multiprocessing.get_context("spawn")  # a fresh process: nothing left over from the others
     receiver, sender = context.Pipe(duplex=False)
     process = context.Process(target=peak_memory, args=(args, dropout_num, sender))
     process.start()
-    peak = receiver.recv()
+    peaks = receiver.recv()
     process.join()
-    return peak
+    return peaks
 
 
 def markdown_table(header, rows):
@@ -250,16 +276,16 @@ def main(argv=None):
                  f"project, fp32, M={m}": project_pipeline(args, device, m, "fp32")}
     if precision != "fp32":
         pipelines[f"project, {precision} (default), M={m}"] = project_pipeline(args, device, m, precision)
-    step = seconds_per_step(pipelines, args, device)
-    seed_ips = args.batch_size / next(iter(step.values()))
+    times = seconds_per_step(pipelines, args, device)
+    speedup = {name: 1 / r for name, r in median_ratios(times, next(iter(times))).items()}
     flops = {p: flops_per_image(args, device, p) for p in {"fp32", precision}}
     rows = []
-    for name, seconds in step.items():
-        ips, p = args.batch_size / seconds, precision if "default" in name else "fp32"
+    for name, ts in times.items():
+        ips, p = args.batch_size / statistics.median(ts), precision if "default" in name else "fp32"
         peak = peak_tflops(device, p)
         tflops = flops[p] * ips / 1e12
-        rows.append([name, f"{1e3 * seconds:.1f}", f"{ips:,.0f}", f"{ips / seed_ips:.2f}x", f"{tflops:.3f}",
-                     f"{tflops / peak:.1%}" if peak else "-"])
+        rows.append([name, f"{1e3 * statistics.median(ts):.1f}", f"{ips:,.0f}", f"{speedup[name]:.2f}x",
+                     f"{tflops:.3f}", f"{tflops / peak:.1%}" if peak else "-"])
     if precision == "fp32":
         rows[-1][0] += " (fp32 is also the default here)"
     table = markdown_table(["pipeline", "ms/step", "images/s", "vs seed-style", "TFLOP/s", "of peak"], rows)
@@ -269,10 +295,10 @@ def main(argv=None):
     print(table)
 
     # 2. the multi-sample overhead
-    step = seconds_per_step({mm: project_pipeline(args, device, mm, precision) for mm in OVERHEAD_M}, args, device)
-    ratios = {mm: s / step[0] for mm, s in step.items()}
+    times = seconds_per_step({mm: project_pipeline(args, device, mm, precision) for mm in OVERHEAD_M}, args, device)
+    ratios = median_ratios(times, 0)
     table = markdown_table(["dropout_num", "ms/step", "vs dropout_num=0"],
-                           [[str(mm), f"{1e3 * step[mm]:.2f}", f"{r:.3f}"] for mm, r in ratios.items()])
+                           [[str(mm), f"{1e3 * statistics.median(times[mm]):.2f}", f"{r:.3f}"] for mm, r in ratios.items()])
     report += [f"### Multi-sample overhead (project pipeline, {precision})", "", table, ""]
     print(table)
     out = Path(args.out)
@@ -282,11 +308,13 @@ def main(argv=None):
     # 3. peak memory, each dropout_num in its own process
     if args.memory_steps:
         peaks = {mm: peak_memory_in_fresh_process(args, mm) for mm in (0, 8, 32)}
-        table = markdown_table(["dropout_num", "peak memory (MiB)", "vs dropout_num=0"],
-                               [[str(mm), f"{b / 2**20:,.0f}", f"{b / peaks[0]:.3f}"] for mm, b in peaks.items()])
+        table = markdown_table(["dropout_num", "peak while training (MiB)", "vs dropout_num=0", "peak of the run (MiB)"],
+                               [[str(mm), f"{t / 2**20:,.0f}", f"{t / peaks[0][0]:.3f}", f"{w / 2**20:,.0f}"]
+                                for mm, (t, w) in peaks.items()])
         kind = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak resident set of the process"
         report += [f"### Peak memory ({kind}; 50,000 training images on the device, {args.memory_steps} steps, "
-                   "then evaluation of 10,000)", "", table, ""]
+                   "then evaluation of 10,000; 'while training' counts from after the data is on the device, "
+                   "the data included; 'of the run' includes making the data and evaluating)", "", table, ""]
         print(table)
     (out / "bench.md").write_text("\n".join(report))
     print(f"written: {out / 'bench.md'}, {out / 'overhead.png'}")

@@ -20,12 +20,12 @@ import signal
 import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 
 import datasource
 import progressbar
@@ -49,6 +49,7 @@ DEFAULTS = {"images": {"model": "miniresnet", "dropout_p": [0.5], "lr": 0.01, "l
             "quadratic": {"model": "mlp", "dropout_p": [0.4], "lr": 0.005, "lr_milestone": 0, "epochs": 3000,
                           "batch_size": 1}}
 LOG_EVERY = {"quadratic": 100}  # epochs per table row, metrics row and checkpoint (default 1)
+REDRAW_S = 10  # seconds between redraws of a run's figures (~0.3 s each); the last row always redraws
 EVAL_BATCH = 1000  # images per evaluation step; no gradients, so larger than training's
 
 
@@ -419,7 +420,7 @@ def train(args, run_dir=None):
     model = build_model(args.model, num_outputs, args.dropout_num, args.dropout_p, args.rdrop_alpha)
     model = model.to(device, memory_format=torch.channels_last)
     forward = torch.compile(model) if args.compile else model  # shares model's weights; model is what we save
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, foreach=True)  # one op for all tensors; same bits
     loss_fn = loss_for(args.dataset)
     autocast = autocast_for(device, config["precision"])
     prepare = input_transform(args.dataset, device)
@@ -437,7 +438,7 @@ def train(args, run_dir=None):
         print(f"resumed from epoch {checkpoint['epoch']}")
     commit, dirty = tools.git_state()
     config.update(run_dir=str(run_dir), setup=setup, device=str(device), threads=torch.get_num_threads(),
-                  torch=str(torch.__version__), torchvision=torchvision.__version__, numpy=np.__version__,
+                  torch=str(torch.__version__), torchvision=version("torchvision"), numpy=np.__version__,
                   git_commit=commit, git_dirty=dirty, train_images=len(train_y), valid_images=len(valid_y),
                   test_images=len(splits["test"][1]))
     tools.write_json(run_dir / "config.json", config)
@@ -448,6 +449,7 @@ def train(args, run_dir=None):
     progressbar.print_header(classify=args.dataset in IMAGE_SETS)
 
     # A row (metrics, checkpoint) per `every` epochs: one per epoch for images, per 100 for quadratic.
+    drawn_at = -math.inf  # when the figures were last drawn: the first row draws them
     for epoch in range(first_epoch, args.epochs + 1, every):
         last = min(epoch + every - 1, args.epochs)  # this row covers epochs epoch..last
         span = f"epoch {epoch}" if last == epoch else f"epochs {epoch}-{last}"
@@ -471,7 +473,9 @@ def train(args, run_dir=None):
         progressbar.print_row(history[-1])
         test = evaluate(forward, *splits["test"], autocast, prepare, loss_fn) if args.valid_split and last == args.epochs else None
         prediction = None if args.dataset in IMAGE_SETS else regression_prediction(forward, splits)
-        save_epoch(run_dir, history, test, prediction, {
+        redraw = last == args.epochs or time.perf_counter() - drawn_at >= REDRAW_S
+        drawn_at = time.perf_counter() if redraw else drawn_at
+        save_epoch(run_dir, history, test, prediction, redraw, {
             "epoch": last, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "rng": tools.rng_state(generator), "history": history, "config": config})
     compare_setup(output_dir, setup, run_dir)
@@ -506,14 +510,16 @@ def kept_note(run_dir, epoch):
     return f"the checkpoint of epoch {epoch - 1} in {run_dir} is intact" if epoch > 1 else "no checkpoint was written"
 
 
-def save_epoch(run_dir, history, test, prediction, checkpoint):
-    """Metrics, curves, test result and the regression's prediction first, the checkpoint last: a run whose
-    checkpoint says 'finished' has all its files. A full disk leaves the previous checkpoint whole (temp file + rename)."""
+def save_epoch(run_dir, history, test, prediction, redraw, checkpoint):
+    """Metrics, curves (if redraw), test result and the regression's prediction first, the checkpoint last: a run
+    whose checkpoint says 'finished' has all its files. A full disk leaves the previous checkpoint whole (temp file + rename)."""
     try:
         trainingmonitor.write_metrics(run_dir, history)
-        trainingmonitor.plot_run(run_dir, history)
         if prediction:
             tools.write_json(run_dir / "prediction.json", prediction)
+        if redraw:
+            trainingmonitor.plot_run(run_dir, history)
+        if prediction and redraw:
             trainingmonitor.plot_prediction(run_dir, prediction)
         if test:  # the test set, once, after the epochs were chosen on the validation set
             tools.write_json(run_dir / "test.json", {"epoch": history[-1]["epoch"], "test_loss": test[0], "test_acc": test[1]})
