@@ -141,7 +141,7 @@ def project_pipeline(args, device, dropout_num, precision, images=None):
     """A function that trains n steps with run.py's own loop (run.train_epoch) and waits for the device."""
     torch.manual_seed(0)
     model = build_model(args.model, 10, dropout_num, 0.5).to(device, memory_format=torch.channels_last)
-    optimizer, loss_fn = torch.optim.Adam(model.parameters(), lr=1e-3), nn.CrossEntropyLoss()
+    optimizer, loss_fn = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True), nn.CrossEntropyLoss()
     x, y = run.to_device(*(images or synthetic_images(args.batch_size * (args.steps + args.warmup))), device)
     generator = torch.Generator(device=device).manual_seed(0)
     forward = torch.compile(model) if args.compile else model
@@ -163,7 +163,8 @@ def seconds_per_step(pipelines, args, device):
     """{name: [seconds per step of each block]}; the pipelines take turns, block after block, so a slow
     spell of the machine hits all of them in the same round."""
     for train_steps in pipelines.values():
-        train_steps(args.warmup)
+        if args.warmup:
+            train_steps(args.warmup)
     times = {name: [] for name in pipelines}
     for _ in range(args.repeats):
         for name, train_steps in pipelines.items():
