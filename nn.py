@@ -22,6 +22,8 @@ class MultiSampleDropout(nn.Module):
 
     def __init__(self, head, num_samples, p, rdrop_alpha=0.0):
         super().__init__()
+        if rdrop_alpha and num_samples < 2:
+            raise ValueError(f"R-Drop compares dropout samples: it needs num_samples >= 2, got {num_samples}")
         self.head, self.num_samples, self.p, self.rdrop_alpha = head, num_samples, p, rdrop_alpha
 
     def forward(self, features, target=None, loss_fn=None):
@@ -126,6 +128,8 @@ MODEL_WIDTHS = {
 
 
 def build_model(name, num_outputs, dropout_num, dropout_p, rdrop_alpha=0.0):
-    if name == "mlp":  # the regression demo: one input, one output
+    if name == "mlp":  # the regression demo: one input, one output, squared errors (R-Drop's KL needs classes)
+        if rdrop_alpha:
+            raise ValueError("R-Drop's term compares class distributions: the regression mlp has none")
         return DropoutMLP(dropout_num, dropout_p)
     return ResNet(MODEL_WIDTHS[name], num_outputs, dropout_num, dropout_p, rdrop_alpha)

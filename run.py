@@ -85,7 +85,7 @@ def build_parser():
     p.add_argument("--batch_size", type=int, help=f"training batch; the last incomplete batch is dropped {per_dataset('batch_size')}")
     p.add_argument("--lr", type=float, help=f"Adam learning rate {per_dataset('lr')}")
     p.add_argument("--lr_milestone", type=int, help="epochs 1..N use lr, later ones lr x 0.1; 0: never; quadratic "
-                   f"sets the lr per block of 100 epochs {per_dataset('lr_milestone')}")
+                   f"sets the lr per block of 100 epochs, so N is a multiple of 100 {per_dataset('lr_milestone')}")
     p.add_argument("--augment", action="store_true", help="random crop (4-pixel padding) and horizontal flip")
     p.add_argument("--seed", type=int, nargs="+", default=[42], help="initialisation, shuffling, augmentation and dropout")
     p.add_argument("--data_seed", type=int, default=0, help="which images --train_size/--test_size/--valid_split pick")
@@ -135,7 +135,8 @@ def saved_args(run_dir, explicit):
     """The flags of the run saved in run_dir, with those the command gave on top (checked against it later)."""
     path = Path(run_dir) / "last.pt"
     if not path.is_file():
-        raise UserError(f"{run_dir} holds no checkpoint (last.pt); give a run directory from {Path('outputs')}/")
+        raise UserError(f"{run_dir} holds no checkpoint (last.pt); give a run directory of an earlier run "
+                        "(outputs/<run name>/, or the --output_dir it used)")
     checkpoint = tools.load_checkpoint(path)
     flags = {k: v[0] if k in GRID and v else v for k, v in vars(build_parser().parse_args([])).items()}
     saved = checkpoint["config"]
@@ -169,6 +170,9 @@ def check_args(args):
         raise UserError(f"--valid_split must be 0 or more, got {args.valid_split}")
     if args.lr_milestone < 0:
         raise UserError(f"--lr_milestone must be 0 (never) or a positive epoch, got {args.lr_milestone}")
+    for flag, value in (("seed", args.seed), ("data_seed", args.data_seed)):
+        if not 0 <= value < 2**32:  # numpy's seeds are unsigned 32-bit
+            raise UserError(f"--{flag} must be in [0, 2**32), got {value}")
     if args.dataset == "quadratic":
         check_quadratic_args(args)
     elif args.model not in MODEL_WIDTHS:
@@ -182,6 +186,9 @@ def check_quadratic_args(args):
     for flag, off in (("train_size", None), ("test_size", None), ("valid_split", 0), ("augment", False), ("rdrop_alpha", 0)):
         if getattr(args, flag) != off:
             raise UserError(f"--{flag} is for the image data sets; drop it with --dataset quadratic")
+    every = LOG_EVERY["quadratic"]
+    if args.lr_milestone % every:  # the lr is set once per row of `every` epochs
+        raise UserError(f"--lr_milestone must be a multiple of {every} with --dataset quadratic, got {args.lr_milestone}")
 
 
 def short_hash(values):
@@ -472,7 +479,7 @@ def train(args, run_dir=None):
         history.append({k: v for k, v in row.items() if v is not None})  # a regression has no accuracy
         progressbar.print_row(history[-1])
         test = evaluate(forward, *splits["test"], autocast, prepare, loss_fn) if args.valid_split and last == args.epochs else None
-        prediction = None if args.dataset in IMAGE_SETS else regression_prediction(forward, splits)
+        prediction = None if args.dataset in IMAGE_SETS else regression_prediction(forward, splits, autocast)
         redraw = last == args.epochs or time.perf_counter() - drawn_at >= REDRAW_S
         drawn_at = time.perf_counter() if redraw else drawn_at
         save_epoch(run_dir, history, test, prediction, redraw, {
@@ -494,12 +501,12 @@ def data_source(args):
     return "builtin-quadratic" if args.dataset == "quadratic" else datasource.source_id(args.data_dir, args.dataset)
 
 
-def regression_prediction(model, splits):
+def regression_prediction(model, splits, autocast):
     """The post's figure as data: its training points, and the eval-mode (dropout off) prediction on the grid."""
     model.eval()
     (x, y), (grid_x, grid_y) = splits["train"], splits["test"]
-    with torch.inference_mode():
-        prediction = model(grid_x)[0]
+    with torch.inference_mode(), autocast:  # as evaluate() computes it, so the figure matches valid_loss
+        prediction = model(grid_x)[0].float()
     as_list = lambda t: t.flatten().tolist()
     return {"train_x": as_list(x), "train_y": as_list(y), "x": as_list(grid_x), "target": as_list(grid_y),
             "prediction": as_list(prediction)}

@@ -103,6 +103,8 @@ def test_overwrite_starts_afresh(trained, small_cifar, tmp_path, capsys):
     (["--batch_size", "0"], "--batch_size must be positive"),
     (["--lr", "-0.1"], "--lr must be positive"),
     (["--lr", "nan"], "--lr must be a finite number"),
+    (["--seed", "1", "-1"], "--seed must be in [0, 2**32), got -1"),
+    (["--data_seed", str(2**32)], "--data_seed must be in [0, 2**32)"),
     (["--test_size", "0"], "--test_size must be positive"),
     (["--test_size", "101"], "and 101 test images of 100"),
     (["--device", "mps"], "MPS is not available here"),

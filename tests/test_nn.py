@@ -187,3 +187,10 @@ def test_evaluation_is_the_same_network_for_every_dropout_num():
         model = build_model("miniresnet", 10, dropout_num, 0.5).eval()
         model.load_state_dict(reference.state_dict())
         assert torch.equal(model(x)[0], reference(x)[0])
+
+
+def test_rdrop_without_two_samples_or_classes_is_refused():
+    with pytest.raises(ValueError, match="num_samples >= 2"):
+        make(1, rdrop_alpha=1.0)
+    with pytest.raises(ValueError, match="class distributions"):
+        build_model("mlp", 1, 8, 0.4, rdrop_alpha=1.0)

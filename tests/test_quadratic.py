@@ -104,6 +104,7 @@ def test_rerun_and_resume_give_the_same_numbers(quadratic_runs, tmp_path, capsys
     (["--train_size", "5"], "--train_size is for the image data sets"),
     (["--model", "miniresnet"], "--dataset quadratic trains the post's network"),
     (["--batch_size", "11"], "--batch_size 11 is larger than the 10 training examples"),
+    (["--lr_milestone", "150"], "--lr_milestone must be a multiple of 100 with --dataset quadratic"),
 ])
 def test_image_flags_are_refused(flags, message, tmp_path, capsys):
     rc, _, err = cli(capsys, *FAST, *flags, "--output_dir", tmp_path)
