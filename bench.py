@@ -108,7 +108,7 @@ def seed_style_pipeline(args, device, dropout_num):
     augment = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if args.augment else []
     transform = transforms.Compose(augment + [transforms.ToTensor(), transforms.Normalize(*datasource.STATS["cifar10"])])
     loader = torch.utils.data.DataLoader(
-        SeedStyleImages(*synthetic_images(args.batch_size * (args.steps + args.warmup)), transform),
+        SeedStyleImages(*synthetic_images(args.batch_size * (args.warmup + args.repeats * args.steps)), transform),
         batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=os.cpu_count(),
         pin_memory=device.type == "cuda", persistent_workers=True)
     batches = itertools.chain.from_iterable(itertools.repeat(loader))  # epoch after epoch, workers kept
@@ -142,7 +142,7 @@ def project_pipeline(args, device, dropout_num, precision, images=None):
     torch.manual_seed(0)
     model = build_model(args.model, 10, dropout_num, 0.5).to(device, memory_format=torch.channels_last)
     optimizer, loss_fn = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True), nn.CrossEntropyLoss()
-    x, y = run.to_device(*(images or synthetic_images(args.batch_size * (args.steps + args.warmup))), device)
+    x, y = run.to_device(*(images or synthetic_images(args.batch_size * (args.warmup + args.repeats * args.steps))), device)
     generator = torch.Generator(device=device).manual_seed(0)
     forward = torch.compile(model) if args.compile else model
     autocast, prepare = run.autocast_for(device, precision), run.input_transform("cifar10", device)
@@ -207,6 +207,7 @@ def reset_peak_memory(device):
 
 
 def peak_memory_since_reset(device):
+    """Bytes. On Linux the process's own VmHWM: ru_maxrss would include the parent's peak across spawn's exec."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     if sys.platform.startswith("linux"):
@@ -223,13 +224,12 @@ def peak_memory(args, dropout_num, connection):
     precision = tools.resolve_precision(args.precision, device)
     train_steps = project_pipeline(args, device, dropout_num, precision, synthetic_images(n_train))
     test = run.to_device(*synthetic_images(n_test, seed=1), device)
+    making_data = peak_memory_since_reset(device)
     reset_peak_memory(device)
     train_steps(args.memory_steps)
     training = peak_memory_since_reset(device)
     train_steps.evaluate(*test)
-    whole = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else  # ru_maxrss: KiB on Linux
-             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024))
-    connection.send((training, whole))
+    connection.send((training, max(making_data, peak_memory_since_reset(device))))
 
 
 def peak_memory_in_fresh_process(args, dropout_num):

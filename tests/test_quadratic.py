@@ -47,7 +47,7 @@ def test_multi_sample_loss_is_the_mean_over_the_samples_of_the_squared_error():
 def test_setting_p_to_zero_as_the_post_does_leaves_dropout_on_and_eval_switches_it_off():
     torch.manual_seed(0)
     model = DropoutMLP(1, 0.4).train()
-    model.p = 0  # the post's `linear.p = 0`: a new attribute; the Dropout modules keep p = 0.4
+    model.p = 0  # the post's `linear.p = 0`: the Dropout modules copied p = 0.4 when built, and keep it
     x = torch.linspace(0, 10, 50)[:, None]
     assert not torch.equal(model(x)[0], model(x)[0])  # still random
     model.eval()
