@@ -389,11 +389,10 @@ def evaluate_saved_run(args, checkpoint):
                         f"pass --data_dir with that data")
     device = tools.pick_device(args.device)
     splits, num_classes = load_splits(args, device)
-    model = build_model(args.model, num_classes, args.dropout_num, args.dropout_p, args.rdrop_alpha)
+    model = make_model(args, num_classes, device)
     model.load_state_dict(checkpoint["model"])
-    model = model.to(device, memory_format=torch.channels_last)
     loss_fn = loss_for(args.dataset)
-    autocast = autocast_for(device, tools.resolve_precision(args.precision, device))
+    autocast = autocast_for(device, precision_for(args, device))
     loss, acc = evaluate(model, *splits["test"], autocast, input_transform(args.dataset, device), loss_fn)
     accuracy = "" if acc is None else f", accuracy {acc:.4f}"
     print(f"{args.eval}: epoch {checkpoint['epoch']}, {len(splits['test'][1])} test examples: loss {loss:.4f}{accuracy}")
@@ -404,7 +403,7 @@ def train(args, run_dir=None):
     """Train one run of the grid (or continue it), then redraw its setup's comparison."""
     device = tools.pick_device(args.device)
     tools.configure_determinism(args.deterministic, device)
-    config = {**vars(args), "precision": resolve_precision(args, device), "data_source": data_source(args)}
+    config = {**vars(args), "precision": precision_for(args, device), "data_source": data_source(args)}
     run_name, setup = run_identity(config)
     run_dir = run_dir or Path(args.output_dir) / run_name
     output_dir = run_dir.parent  # where the comparison goes: beside the run, also for --resume
@@ -424,8 +423,7 @@ def train(args, run_dir=None):
 
     tools.seed_everything(args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)  # shuffling and augmentation
-    model = build_model(args.model, num_outputs, args.dropout_num, args.dropout_p, args.rdrop_alpha)
-    model = model.to(device, memory_format=torch.channels_last)
+    model = make_model(args, num_outputs, device)
     forward = torch.compile(model) if args.compile else model  # shares model's weights; model is what we save
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, foreach=True)  # one op for all tensors; same bits
     loss_fn = loss_for(args.dataset)
@@ -492,8 +490,15 @@ def loss_for(dataset):
     return torch.nn.CrossEntropyLoss() if dataset in IMAGE_SETS else torch.nn.MSELoss()
 
 
-def resolve_precision(args, device):
-    """The regression's targets reach 100, too coarse for bf16's 8 bits of mantissa: auto means fp32 there."""
+def make_model(args, num_outputs, device):
+    """The run's network on the device, channels_last: the layout the CPU and GPU convolutions are fastest in."""
+    model = build_model(args.model, num_outputs, args.dropout_num, args.dropout_p, args.rdrop_alpha)
+    return model.to(device, memory_format=torch.channels_last)
+
+
+def precision_for(args, device):
+    """--precision resolved for this run. The regression's targets reach 100, too coarse for bf16's 8 bits
+    of mantissa: auto means fp32 there."""
     return "fp32" if args.dataset == "quadratic" and args.precision == "auto" else tools.resolve_precision(args.precision, device)
 
 

@@ -35,7 +35,8 @@ def test_each_run_writes_metrics_config_curves_and_checkpoint(trained):
         for r in metrics:
             assert 0 <= r["train_acc"] <= 1 and 0 <= r["valid_acc"] <= 1 and r["valid_loss"] > 0
         config = json.loads((run_dir / "config.json").read_text())
-        assert config["dropout_num"] == m and config["device"] == str(tools.pick_device("auto")) and config["precision"] in ("fp32", "bf16")
+        assert config["dropout_num"] == m and config["device"] == str(tools.pick_device("auto"))
+        assert config["precision"] == tools.resolve_precision("auto", tools.pick_device("auto"))
         assert config["train_images"] == 300 and config["test_images"] == 100
         for key in ("torch", "torchvision", "numpy", "threads", "git_commit", "git_dirty", "data_source"):
             assert key in config

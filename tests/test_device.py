@@ -1,0 +1,59 @@
+"""What runs on the device, apart from the network: batched augmentation and the choice of precision."""
+import pathlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import run
+import tools
+
+
+def test_random_crop_flip_is_a_shifted_window_of_the_padded_image_or_its_mirror():
+    x = torch.arange(2 * 3 * 32 * 32, dtype=torch.int32).view(2, 3, 32, 32) % 251 + 1  # no zeros: padding shows
+    generator = torch.Generator().manual_seed(0)
+    seen_shift, seen_flip = set(), set()
+    for _ in range(20):
+        out = run.random_crop_flip(x, generator)
+        assert out.shape == x.shape and out.dtype == x.dtype
+        padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+        for i in range(2):
+            matches = [(dy, dx, flip) for dy in range(9) for dx in range(9) for flip in (False, True)
+                       if torch.equal(out[i], (lambda w: w.flip(2) if flip else w)(padded[i, :, dy:dy + 32, dx:dx + 32]))]
+            assert matches, "every output image is one window of its own padded image, maybe mirrored"
+            seen_shift.add(matches[0][:2])
+            seen_flip.add(matches[0][2])
+    assert len(seen_shift) > 10 and seen_flip == {False, True}  # random, not a fixed window
+
+
+def test_augmentation_is_reproducible_from_the_generator():
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    first = run.random_crop_flip(x, torch.Generator().manual_seed(3))
+    assert torch.equal(first, run.random_crop_flip(x, torch.Generator().manual_seed(3)))
+    assert not torch.equal(first, run.random_crop_flip(x, torch.Generator().manual_seed(4)))
+
+
+@pytest.mark.parametrize("native,expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_natively(native, expected, monkeypatch):
+    monkeypatch.setattr(tools, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert tools.resolve_precision("auto", cpu) == expected
+    assert tools.resolve_precision("fp32", cpu) == "fp32" and tools.resolve_precision("bf16", cpu) == "bf16"
+    images, regression = SimpleNamespace(dataset="cifar10", precision="auto"), SimpleNamespace(dataset="quadratic", precision="auto")
+    assert run.precision_for(images, cpu) == expected and run.precision_for(regression, cpu) == "fp32"
+
+
+@pytest.mark.parametrize("native,expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_on_cuda_ignores_emulated_bf16(native, expected, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: calls.append(including_emulation) or native)
+    assert tools.resolve_precision("auto", torch.device("cuda")) == expected and calls == [False]
+
+
+def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr(tools, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else pathlib.Path(p))
+    cpuinfo.write_text("flags\t\t: fpu avx2 avx512f\n")
+    assert not tools.cpu_has_native_bf16()
+    cpuinfo.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert tools.cpu_has_native_bf16()
