@@ -106,6 +106,15 @@ def _write_regression_comparison(out_dir, groups):
         c = g["curves"]
         lines.append(f"| {g['dropout_num']} | {g['dropout_p']} | {len(g['runs'])} | {g['epochs'][-1]} | "
                      f"{_mean_std(c['train_loss'][:, -1])} | {_mean_std(c['valid_loss'][:, -1])} | {_mean_std(c['valid_loss'].min(1))} |")
+    lines += ["", "| dropout_num | p | seed | epochs | final train MSE | final valid MSE | best valid MSE (epoch) | run |",
+              "|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for g in groups:  # one run stuck at a constant shows here, where the mean +- std above only looks noisy
+        for r in g["runs"]:
+            rows = r["history"][:len(g["epochs"])]  # the epochs every run of the group reached
+            last, best = rows[-1], min(rows, key=lambda row: row["valid_loss"])
+            lines.append(f"| {g['dropout_num']} | {g['dropout_p']} | {r['config']['seed']} | {last['epoch']} | "
+                         f"{last['train_loss']:.4f} | {last['valid_loss']:.4f} | {best['valid_loss']:.4f} ({best['epoch']}) | "
+                         f"{r['dir'].name} |")
     atomic_write(out_dir / "summary.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
 
 
