@@ -137,10 +137,16 @@ class NoBar:
         pass
 
 
+def project_model(args, device, dropout_num):
+    """The network as run.py builds it (run.make_model: same layout), 10 classes, p = 0.5, no R-Drop."""
+    flags = argparse.Namespace(model=args.model, dropout_num=dropout_num, dropout_p=0.5, rdrop_alpha=0.0)
+    return run.make_model(flags, 10, device)
+
+
 def project_pipeline(args, device, dropout_num, precision, images=None):
     """A function that trains n steps with run.py's own loop (run.train_epoch) and waits for the device."""
     torch.manual_seed(0)
-    model = build_model(args.model, 10, dropout_num, 0.5).to(device, memory_format=torch.channels_last)
+    model = project_model(args, device, dropout_num)
     optimizer, loss_fn = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True), nn.CrossEntropyLoss()
     x, y = run.to_device(*(images or synthetic_images(args.batch_size * (args.warmup + args.repeats * args.steps))), device)
     generator = torch.Generator(device=device).manual_seed(0)
@@ -183,7 +189,7 @@ def round_ratios(times, reference):
 
 def flops_per_image(args, device, precision):
     """Forward + backward FLOPs of one training step of the project's model, per image."""
-    model = build_model(args.model, 10, args.dropout_num, 0.5).to(device, memory_format=torch.channels_last)
+    model = project_model(args, device, args.dropout_num)
     x = torch.randn(args.batch_size, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.zeros(args.batch_size, dtype=torch.long, device=device)
     with FlopCounterMode(display=False) as counter, run.autocast_for(device, precision):

@@ -531,8 +531,8 @@ def save_epoch(run_dir, history, test, prediction, redraw, checkpoint):
             tools.write_json(run_dir / "prediction.json", prediction)
         if redraw:
             trainingmonitor.plot_run(run_dir, history)
-        if prediction and redraw:
-            trainingmonitor.plot_prediction(run_dir, prediction)
+            if prediction:
+                trainingmonitor.plot_prediction(run_dir, prediction)
         if test:  # the test set, once, after the epochs were chosen on the validation set
             tools.write_json(run_dir / "test.json", {"epoch": history[-1]["epoch"], "test_loss": test[0], "test_acc": test[1]})
             print(f"test set, once: loss {test[0]:.4f}, accuracy {test[1]:.4f}")
