@@ -105,6 +105,8 @@ def build_parser():
     p.add_argument("--deterministic", action="store_true", help="CUDA: deterministic algorithms, no cudnn autotuning (slower)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR; flags given must match it")
     p.add_argument("--eval", metavar="RUN_DIR", help="evaluate RUN_DIR's checkpoint on the test set, without training")
+    p.add_argument("--compare", metavar="DIR", help="redraw the comparison of every setup from the finished runs under "
+                   "DIR (their config.json and metrics.json are enough), without training; takes no other flag")
     return p
 
 
@@ -199,6 +201,11 @@ def defining_flags(config):
     """The values that define the experiment; a later flag at its default is left out, so older runs keep their names."""
     values = {k: config.get(k, LATER_FLAGS.get(k)) for k in DEFINING}
     return {k: v for k, v in values.items() if not (k in LATER_FLAGS and v == LATER_FLAGS[k])}
+
+
+def setup_flags(config):
+    """The defining flags that are not grid flags: what every run of one comparison shares."""
+    return {k: config.get(k, LATER_FLAGS.get(k)) for k in DEFINING if k not in GRID}
 
 
 def run_identity(config):
@@ -359,6 +366,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
         args, explicit = parse_args(argv)
+        if args.compare:
+            return compare_all(Path(args.compare), explicit)
         with tools.stop_on_signals():
             if args.eval:
                 return evaluate_saved_run(*saved_args(args.eval, explicit))
@@ -412,7 +421,7 @@ def train(args, run_dir=None):
     if checkpoint and checkpoint["epoch"] >= args.epochs:
         print(f"{run_dir} already holds this run, finished at epoch {checkpoint['epoch']}: nothing to do "
               f"(--epochs above {checkpoint['epoch']} continues it, --overwrite starts it afresh)")
-        return compare_setup(output_dir, setup, run_dir)
+        return report_comparison(output_dir, setup, run_dir)
 
     # Data: the whole (sub)sets as uint8 tensors on the device; --data_seed alone picks the images.
     splits, num_outputs = load_splits(args, device)
@@ -483,7 +492,7 @@ def train(args, run_dir=None):
         save_epoch(run_dir, history, test, prediction, redraw, {
             "epoch": last, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "rng": tools.rng_state(generator), "history": history, "config": config})
-    compare_setup(output_dir, setup, run_dir)
+    report_comparison(output_dir, setup, run_dir)
 
 
 def loss_for(dataset):
@@ -542,11 +551,33 @@ def save_epoch(run_dir, history, test, prediction, redraw, checkpoint):
                         f"checkpoint there is intact: make room and rerun the command to resume from it") from None
 
 
-def compare_setup(output_dir, setup, run_dir):
+def compare_setup(output_dir, setup):
+    """Redraw output_dir/compare/<setup>/ from the finished runs of that setup; returns that folder."""
     runs = [r for r in trainingmonitor.finished_runs(output_dir) if run_identity(r["config"])[1] == setup]
     compare_dir = output_dir / "compare" / setup
-    trainingmonitor.write_comparison(compare_dir, runs)
-    print(f"done: {run_dir}; comparison of {len(runs)} finished run(s) in {compare_dir}")
+    trainingmonitor.write_comparison(compare_dir, runs, setup_flags(runs[0]["config"]))
+    return compare_dir, len(runs)
+
+
+def report_comparison(output_dir, setup, run_dir):
+    compare_dir, count = compare_setup(output_dir, setup)
+    print(f"done: {run_dir}; comparison of {count} finished run(s) in {compare_dir}")
+
+
+def compare_all(folder, explicit):
+    """--compare: every setup's comparison under folder, from the finished runs alone."""
+    if set(explicit) != {"compare"}:
+        raise UserError(f"--compare redraws from the runs' own config.json and takes no other flag; drop "
+                        f"{', '.join('--' + f for f in sorted(set(explicit) - {'compare'}))}")
+    runs = trainingmonitor.finished_runs(folder) if folder.is_dir() else []
+    if not runs:
+        raise UserError(f"{folder} holds no finished runs (folders with config.json and metrics.json up to their "
+                        "last epoch); give the --output_dir of a grid")
+    check_writable(folder / "compare")
+    for setup in sorted({run_identity(r["config"])[1] for r in runs}):
+        compare_dir, count = compare_setup(folder, setup)
+        print(f"{compare_dir}: comparison of {count} finished run(s)")
+    return 0
 
 
 if __name__ == "__main__":

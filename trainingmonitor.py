@@ -6,6 +6,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 
+import stats
 from tools import atomic_write, read_json, write_json
 
 matplotlib.use("Agg")  # headless: files only, no window
@@ -63,44 +64,70 @@ def finished_runs(output_dir):
     return runs
 
 
-def write_comparison(out_dir, runs):
-    """Curves (mean over seeds, band +-1 std), the M and p ablations when the grid has them, and summary.md."""
+def write_comparison(out_dir, runs, setup):
+    """Curves (mean over seeds, band +-1 std), the M and p ablations when the grid has them, and summary.md.
+
+    setup: the defining flags the runs share, for summary.md's opening and the figures' titles.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    groups = _groups(runs)
+    groups, short = group_runs(runs), short_setup(setup, runs)
     if groups and "valid_acc" not in groups[0]["curves"]:
-        return _write_regression_comparison(out_dir, groups)
+        return _write_regression_comparison(out_dir, groups, setup, short)
     for metric, label in (("train_loss", "train loss"), ("valid_loss", "valid loss"), ("valid_acc", "valid accuracy")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for g in groups:
-            _band(ax, g["epochs"], g["curves"][metric], g["label"])
-        _save(fig, ax, out_dir / f"{metric}.png", f"{out_dir.name}: {label}", "epoch", label)
+            draw_band(ax, g["epochs"], g["curves"][metric], g["label"])
+        _save(fig, ax, out_dir / f"{metric}.png", f"{label}\n{short}", "epoch", label)
     fig, ax = plt.subplots(figsize=(6, 4))
     for g in groups:  # the speed claim is about wall-clock as much as epochs
-        _band(ax, g["curves"]["seconds"].cumsum(1).mean(0), g["curves"]["valid_acc"], g["label"])
-    _save(fig, ax, out_dir / "valid_acc_vs_time.png", f"{out_dir.name}: valid accuracy",
+        draw_band(ax, g["curves"]["seconds"].cumsum(1).mean(0), g["curves"]["valid_acc"], g["label"])
+    fig.text(0.01, 0.01, "seconds compare only between runs that had the machine to themselves", fontsize=7, alpha=0.7)
+    _save(fig, ax, out_dir / "valid_acc_vs_time.png", f"valid accuracy\n{short}",
           "seconds (training and evaluation)", "valid accuracy")
     for key, name in (("dropout_num", "m"), ("dropout_p", "p")):
         if len({g[key] for g in groups}) > 1:
-            _plot_final_vs(out_dir / f"final_acc_vs_{name}.png", groups, key)
-    atomic_write(out_dir / "summary.md", lambda tmp: Path(tmp).write_text(summary_markdown(groups)))
+            _plot_final_vs(out_dir / f"final_acc_vs_{name}.png", groups, key, short)
+    text = "\n".join([describe_setup(setup, runs), summary_markdown(groups), paired_markdown(groups)])
+    atomic_write(out_dir / "summary.md", lambda tmp: Path(tmp).write_text(text))
 
 
-def _write_regression_comparison(out_dir, groups):
+def describe_setup(setup, runs):
+    """summary.md's opening: the flags every run compared here shares, then the epochs and images they ran."""
+    shared = lambda key: ", ".join(sorted({str(r["config"].get(key, "-")) for r in runs}))
+    lines = ["# " + short_setup(setup, runs), "", "Every run compared here has these defining flags; they differ only in "
+             "seed, dropout_num, dropout_p and R-Drop α.", "", "| flag | value |", "|---|---|"]
+    lines += [f"| {flag} | {value} |" for flag, value in setup.items()]
+    lines += [f"| epochs | {shared('epochs')} |", f"| images: train / valid / test | {shared('train_images')} / "
+              f"{shared('valid_images')} / {shared('test_images')} |", f"| data_dir | {shared('data_dir')} |", ""]
+    return "\n".join(lines)
+
+
+def short_setup(setup, runs):
+    """The setup in one line, for figure titles: model, data, images, epochs, schedule, batch, precision."""
+    c, s = runs[0]["config"], setup
+    schedule = f"lr {s['lr']}" + (f", /10 after {s['lr_milestone']}" if s["lr_milestone"] else "")
+    images = f"{c.get('train_images', s['train_size'] or 'all')}/{c.get('test_images', s['test_size'] or 'all')} img"
+    return ", ".join([s["model"], s["dataset"], images, f"{max(r['config']['epochs'] for r in runs)} ep", schedule,
+                      f"batch {s['batch_size']}", s["precision"]] + ["augment"] * bool(s["augment"]))
+
+
+def _write_regression_comparison(out_dir, groups, setup, short):
     """Loss curves, the predictions of every run overlaid, and a loss table."""
     for metric, label in (("train_loss", "train MSE"), ("valid_loss", "valid MSE against y = x²")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for g in groups:
-            _band(ax, g["epochs"], g["curves"][metric], g["label"])
+            draw_band(ax, g["epochs"], g["curves"][metric], g["label"])
         ax.set_yscale("log")
-        _save(fig, ax, out_dir / f"{metric}.png", f"{out_dir.name}: {label}", "epoch", label)
+        _save(fig, ax, out_dir / f"{metric}.png", f"{label}\n{short}", "epoch", label)
     fig, ax = plt.subplots(figsize=(6, 4))
     _draw_regression_data(ax, groups[0]["runs"][0]["prediction"])
     for g in groups:
         for r in g["runs"]:
             ax.plot(r["prediction"]["x"], r["prediction"]["prediction"], alpha=0.8,
                     label=f"dropout_num={g['dropout_num']}, seed {r['config']['seed']}")
-    _save(fig, ax, out_dir / "predictions.png", f"{out_dir.name}: predictions (dropout off)", "x", "y")
-    lines = ["| dropout_num | p | seeds | epochs | final train MSE | final valid MSE | best valid MSE |",
+    _save(fig, ax, out_dir / "predictions.png", f"predictions (dropout off)\n{short}", "x", "y")
+    lines = [describe_setup(setup, [r for g in groups for r in g["runs"]]),
+             "| dropout_num | p | seeds | epochs | final train MSE | final valid MSE | best valid MSE |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
     for g in groups:
         c = g["curves"]
@@ -145,12 +172,56 @@ def summary_markdown(groups):
     return "\n".join(lines) + "\n"
 
 
+def paired_markdown(groups):
+    """Every setting against the dropout_num=1 and the dropout_num=0 runs with the same p, seed by seed."""
+    lines = ["## Paired differences", "", "| setting | against | seeds | Δ final valid acc [95% CI] | seeds higher / lower "
+             "| Δ best valid acc [95% CI] | seeds higher / lower |", "|---|---|---:|---:|---:|---:|---:|"]
+    rows = paired_rows(groups, 1) + paired_rows(groups, 0)
+    for g, ref, final, best in rows:
+        lines.append(f"| {g['name']} | {ref['name']} | {final['n']} | {_difference(final)} | {final['higher']} / "
+                     f"{final['lower']} | {_difference(best)} | {best['higher']} / {best['lower']} |")
+    if not rows:
+        lines.append("| no setting shares seeds with a dropout_num=1 or dropout_num=0 group | | | | | | |")
+    lines += ["", "Δ: the setting minus the reference, seed by seed (runs with the same seed start from the same weights "
+              "and see the images in the same order), averaged over the seeds both have; final: at the last epoch both "
+              "reached; best: each run's highest valid accuracy. 95% CI: Student t on the paired differences (n - 1 "
+              "degrees of freedom); with one seed no interval can be given. Seeds higher / lower: how many seeds favour "
+              "the setting / the reference (ties in neither)."]
+    return "\n".join(lines) + "\n"
+
+
+def paired_rows(groups, reference_m):
+    """(group, reference group, final, best) for every group against the dropout_num=reference_m group with its p."""
+    rows = []
+    for g in groups:
+        ref = next((r for r in groups if r["dropout_num"] == reference_m and r["dropout_p"] == g["dropout_p"]
+                    and not r["rdrop_alpha"]), None)
+        mine, theirs = _curves_by_seed(g), _curves_by_seed(ref) if ref else {}
+        seeds = sorted(mine.keys() & theirs.keys())
+        if ref is g or not seeds:
+            continue
+        n = min(len(g["epochs"]), len(ref["epochs"]))  # the epochs both groups reached
+        pairs = [(mine[s][:n], theirs[s][:n]) for s in seeds]
+        rows.append((g, ref, stats.paired_difference(*zip(*[(a[-1], b[-1]) for a, b in pairs])),
+                     stats.paired_difference(*zip(*[(a.max(), b.max()) for a, b in pairs]))))
+    return rows
+
+
+def _curves_by_seed(group):
+    return {r["config"]["seed"]: curve for r, curve in zip(group["runs"], group["curves"]["valid_acc"])}
+
+
+def _difference(d):
+    interval = f"[{d['interval'][0]:+.4f}, {d['interval'][1]:+.4f}]" if d["interval"] else "(one seed: no interval)"
+    return f"{d['mean']:+.4f} {interval}"
+
+
 def _group_key(run):
     c = run["config"]
     return c["dropout_p"], c["dropout_num"], c.get("rdrop_alpha", 0.0)  # runs from before R-Drop had none
 
 
-def _groups(runs):
+def group_runs(runs):
     """Runs grouped by (dropout_p, dropout_num, rdrop_alpha), seeds in order, with their curves over the common epochs."""
     keys = sorted({_group_key(r) for r in runs})
     several_p = len({p for p, _, _ in keys}) > 1
@@ -160,10 +231,10 @@ def _groups(runs):
         n = min(len(r["history"]) for r in members)
         curves = {k: np.array([[row[k] for row in r["history"][:n]] for r in members])
                   for k in FIELDS if all(k in r["history"][0] for r in members)}
-        label = (f"dropout_num={m}" + (f", p={p}" if several_p else "") + (f", R-Drop α={alpha}" if alpha else "")
-                 + f" ({len(members)} seed{'s' * (len(members) > 1)})")
+        name = f"dropout_num={m}" + (f", p={p}" if several_p else "") + (f", R-Drop α={alpha}" if alpha else "")
         groups.append({"dropout_p": p, "dropout_num": m, "rdrop_alpha": alpha, "runs": members, "curves": curves,
-                       "epochs": curves["epoch"][0], "label": label})
+                       "epochs": curves["epoch"][0], "name": name,
+                       "label": f"{name} ({len(members)} seed{'s' * (len(members) > 1)})"})
     return groups
 
 
@@ -184,16 +255,16 @@ def _mean_std(values):
     return f"{values.mean():.4f}" + (f" ± {values.std(ddof=1):.4f}" if len(values) > 1 else "")
 
 
-def _band(ax, x, curves, label):
+def draw_band(ax, x, curves, label, color=None):
     """The mean over seeds as a line and, with several seeds, +-1 std as a band."""
     mean = curves.mean(0)
-    ax.plot(x, mean, marker=".", label=label)
+    (line,) = ax.plot(x, mean, marker=".", label=label, color=color)
     if len(curves) > 1:
         std = curves.std(0, ddof=1)
-        ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+        ax.fill_between(x, mean - std, mean + std, alpha=0.2, color=line.get_color())
 
 
-def _plot_final_vs(path, groups, key):
+def _plot_final_vs(path, groups, key, short):
     """Final valid accuracy (mean +- std over seeds) against dropout_num or dropout_p, a line per value of the
     other (and per R-Drop alpha)."""
     other = "dropout_p" if key == "dropout_num" else "dropout_num"
@@ -204,11 +275,12 @@ def _plot_final_vs(path, groups, key):
         ax.errorbar([g[key] for g in line], [f.mean() for f in finals], capsize=3, marker="o",
                     label=f"{other}={value}" + (f", R-Drop α={alpha}" if alpha else ""),
                     yerr=[f.std(ddof=1) if len(f) > 1 else 0 for f in finals])
-    _save(fig, ax, path, f"{path.parent.name}: final valid accuracy", key, "final valid accuracy")
+    _save(fig, ax, path, f"final valid accuracy\n{short}", key, "final valid accuracy")
 
 
 def _save(fig, ax, path, title, xlabel, ylabel):
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.set_title(title, fontsize=9)  # two lines: what is drawn, and the setup it comes from
+    ax.set(xlabel=xlabel, ylabel=ylabel)
     if xlabel in ("epoch", "dropout_num"):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)

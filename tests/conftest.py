@@ -59,5 +59,19 @@ def rows(run_dir, drop=("seconds",)):
         return [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(f)]
 
 
+def result_tables(summary_path):
+    """The rows (lines below the header) of each results table in a summary.md: those whose first column is dropout_num."""
+    blocks = Path(summary_path).read_text().split("\n\n")
+    return [b.splitlines()[2:] for b in blocks if b.startswith("| dropout_num")]
+
+
+def fake_run(m, seed, accs, p=0.5):
+    """A finished run as finished_runs() gives it, with this valid accuracy curve."""
+    history = [{"epoch": e, "lr": 0.01, "train_loss": 1.0, "train_acc": a, "valid_loss": 2.0 - a, "valid_acc": a,
+                "seconds": 1.0} for e, a in enumerate(accs, 1)]
+    return {"dir": Path(f"m{m}_s{seed}"), "config": {"dropout_num": m, "dropout_p": p, "seed": seed},
+            "history": history, "test": None}
+
+
 def run_dirs(output_dir, dropout_num):
     return sorted(Path(output_dir).glob(f"miniresnet_cifar10_m{dropout_num}_*"))

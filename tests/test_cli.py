@@ -9,7 +9,7 @@ import torch
 
 import run
 import tools
-from conftest import ROOT, cli, rows, run_dirs
+from conftest import ROOT, cli, result_tables, rows, run_dirs
 
 # 400 real images (300 train, 100 test), batch 32: about a second an epoch
 TINY = ["--batch_size", "32", "--lr_milestone", "1", "--epochs", "2"]
@@ -49,8 +49,8 @@ def test_comparison_overlays_the_three_runs(trained):
     for name in ("train_loss.png", "valid_loss.png", "valid_acc.png", "valid_acc_vs_time.png", "final_acc_vs_m.png"):
         assert (compare_dir / name).stat().st_size > 1000
     assert not (compare_dir / "final_acc_vs_p.png").exists()  # one p only
-    table = (compare_dir / "summary.md").read_text().split("\n\n")[0].splitlines()
-    assert [line.split("|")[1].strip() for line in table[2:]] == ["0", "1", "8"]
+    table = result_tables(compare_dir / "summary.md")[0]
+    assert [line.split("|")[1].strip() for line in table] == ["0", "1", "8"]
 
 
 def test_rerunning_a_finished_run_does_not_train(trained, small_cifar, capsys):
@@ -138,8 +138,8 @@ def test_rdrop_runs_sit_beside_the_others_labelled(trained, small_cifar, tmp_pat
     assert json.loads((rdrop / "config.json").read_text())["rdrop_alpha"] == 1.0
     assert rows(rdrop) != rows(tmp_path / plain.name)
     (compare_dir,) = (tmp_path / "compare").iterdir()
-    table = (compare_dir / "summary.md").read_text().split("\n\n")[0].splitlines()
-    assert [[cell.strip() for cell in line.split("|")[1:4]] for line in table[2:]] == [["8", "0.5", "0.0"], ["8", "0.5", "1.0"]]
+    table = result_tables(compare_dir / "summary.md")[0]
+    assert [[cell.strip() for cell in line.split("|")[1:4]] for line in table] == [["8", "0.5", "0.0"], ["8", "0.5", "1.0"]]
 
 
 def test_unwritable_output_is_found_before_training(small_cifar, tmp_path, capsys):

@@ -6,7 +6,7 @@ import torch
 from torch import nn as tnn
 
 import run
-from conftest import cli, rows
+from conftest import cli, result_tables, rows
 from nn import DropoutMLP
 
 FAST = ["--dataset", "quadratic", "--epochs", "200"]  # 2 rows of 100 epochs, 2000 steps: a few seconds
@@ -81,9 +81,9 @@ def test_rows_come_every_100_epochs_without_accuracy(quadratic_runs):
     (compare,) = (quadratic_runs / "compare").iterdir()
     for name in ("train_loss.png", "valid_loss.png", "predictions.png"):
         assert (compare / name).stat().st_size > 1000
-    summary, per_run = (compare / "summary.md").read_text().split("\n\n")
-    assert [line.split("|")[1].strip() for line in summary.splitlines()[2:]] == ["0", "1", "8"]
-    assert [line.split("|")[1].strip() for line in per_run.splitlines()[2:]] == ["0", "1", "8"]  # one seed each
+    summary, per_run = result_tables(compare / "summary.md")
+    assert [line.split("|")[1].strip() for line in summary] == ["0", "1", "8"]
+    assert [line.split("|")[1].strip() for line in per_run] == ["0", "1", "8"]  # one seed each
 
 
 def test_the_table_shows_losses_only(tmp_path, capsys):

@@ -14,7 +14,7 @@ import torch
 
 import run
 import trainingmonitor
-from conftest import ROOT, cli, rows, run_dirs
+from conftest import ROOT, cli, fake_run, result_tables, rows, run_dirs
 
 FOUR_EPOCHS = ["--epochs", "4", "--batch_size", "32", "--lr_milestone", "2"]
 
@@ -106,7 +106,7 @@ def test_grid_runs_every_combination_then_skips_finished_and_resumes_unfinished(
     rc, out, _ = cli(capsys, *grid, "--epochs", 2)
     assert rc == 0 and out.count("resumed from epoch 1") == 4
     (compare_dir,) = (tmp_path / "compare").iterdir()
-    table = (compare_dir / "summary.md").read_text().split("\n\n")[0].splitlines()[2:]
+    table = result_tables(compare_dir / "summary.md")[0]
     cells = [[c.strip() for c in line.split("|")[1:-1]] for line in table]
     assert [(c[0], c[2], c[3], c[4]) for c in cells] == [("0", "0.0", "2", "2"), ("1", "0.0", "2", "2")]  # M, α, seeds, epochs
     assert all("±" in c[5] for c in cells)  # mean +- std over the two seeds
@@ -122,18 +122,11 @@ def test_valid_split_holds_out_training_images_and_tests_once(small_cifar, tmp_p
     assert 0 <= trainingmonitor.read_json(run_dir / "test.json")["test_acc"] <= 1
 
 
-def fake_run(m, seed, accs, p=0.5):
-    history = [{"epoch": e, "lr": 0.01, "train_loss": 1.0, "train_acc": a, "valid_loss": 2.0 - a, "valid_acc": a,
-                "seconds": 1.0} for e, a in enumerate(accs, 1)]
-    return {"dir": Path(f"m{m}_s{seed}"), "config": {"dropout_num": m, "dropout_p": p, "seed": seed},
-            "history": history, "test": None}
-
-
 def test_summary_statistics_and_epochs_to_target():
     runs = [fake_run(1, 1, [0.5, 0.6, 0.7]), fake_run(1, 2, [0.5, 0.7, 0.7]),  # mean curve 0.5 0.65 0.7: target 0.7
             fake_run(8, 1, [0.6, 0.7, 0.8]), fake_run(8, 2, [0.6, 0.8, 0.8]),  # mean 0.6 0.75 0.8: reaches it at 2
             fake_run(0, 1, [0.1, 0.2, 0.3])]
-    table = trainingmonitor.summary_markdown(trainingmonitor._groups(runs)).split("\n\n")[0].splitlines()[2:]
+    table = trainingmonitor.summary_markdown(trainingmonitor.group_runs(runs)).split("\n\n")[0].splitlines()[2:]
     cells = {int(line.split("|")[1]): [c.strip() for c in line.split("|")[1:-1]] for line in table}
     assert cells[8][3] == "2" and cells[8][4] == "3" and cells[8][5] == "0.8000 ± 0.0000" and cells[8][6] == "0.8000 ± 0.0000"
     assert cells[1][5] == "0.7000 ± 0.0000" and cells[1][9] == "3"
@@ -141,7 +134,7 @@ def test_summary_statistics_and_epochs_to_target():
     assert cells[0][5] == "0.3000" and cells[0][3] == "1"  # one seed: no spread
     std = np.std([0.6, 0.7], ddof=1)
     runs[3]["history"][-1]["valid_acc"] = 0.7
-    table = trainingmonitor.summary_markdown(trainingmonitor._groups(runs))
+    table = trainingmonitor.summary_markdown(trainingmonitor.group_runs(runs))
     assert f"0.7500 ± {std:.4f}" in table
 
 

@@ -1,0 +1,103 @@
+"""The blog post's results beside ours: final and best valid accuracy, and the curves overlaid.
+
+    python blog.py docs/cifar10-full    # writes blog.md and blog_vs_ours.png into that folder
+
+The blog's code publishes its results only as figures. docs/blog/blog_curves.csv holds their
+values read off the pixels (about +-0.003 in accuracy, +-0.01 in loss): one run of each setting
+(seed 42) on the official CIFAR-10, fp32 on a GPU. Our side is every finished run under the folder
+that follows the blog's recipe, any number of seeds.
+"""
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import trainingmonitor
+from tools import UserError, atomic_write
+
+BLOG_CSV = Path(__file__).resolve().parent / "docs" / "blog" / "blog_curves.csv"
+SETTINGS = {"no dropout": 0, "1 sample": 1, "8 sample": 8}  # the blog's legend -> dropout_num
+# The blog's recipe: the flags a run of ours must have to stand beside it (data and precision may differ).
+RECIPE = {"dataset": "cifar10", "model": "miniresnet", "dropout_p": 0.5, "batch_size": 128, "lr": 0.01,
+          "lr_milestone": 10, "epochs": 20, "augment": False, "train_images": 50000, "test_images": 10000}
+# Its eight-sample losses are another quantity: samples 2..8 took the cross-entropy of the dropped features.
+LOSS_NOT_COMPARABLE = {8}
+
+
+def blog_curves(path=BLOG_CSV):
+    """{(metric, dropout_num): per-epoch values for epochs 1..20}."""
+    with open(path, newline="") as f:
+        return {(row["metric"], SETTINGS[row["setting"]]): np.array([float(row[f"epoch{e}"]) for e in range(1, 21)])
+                for row in csv.DictReader(f)}
+
+
+def blog_recipe_runs(folder):
+    """The finished runs under folder that follow the blog's recipe, without R-Drop."""
+    runs = [r for r in trainingmonitor.finished_runs(folder)
+            if all(r["config"].get(k) == v for k, v in RECIPE.items()) and not r["config"].get("rdrop_alpha")
+            and r["config"]["dropout_num"] in SETTINGS.values()]
+    setups = sorted({r["config"]["setup"] for r in runs})
+    if len(setups) > 1:  # the same recipe on other data or in another precision: one of them at a time
+        raise UserError(f"{folder} holds runs of the blog's recipe from {len(setups)} setups ({', '.join(setups)}); "
+                        "give a folder with one of them")
+    if not runs:
+        raise UserError(f"{folder} holds no finished run of the blog's recipe ({', '.join(f'{k} {v}' for k, v in RECIPE.items())}); "
+                        "give the --output_dir of such runs")
+    return runs
+
+
+def table_markdown(groups, blog):
+    """Final (epoch 20) and best valid accuracy: the blog's figure, ours (mean +- std over seeds), ours - blog."""
+    lines = ["| dropout_num | valid acc | blog (read off its figure, one run) | ours: mean ± std (seeds) | ours − blog |",
+             "|---:|---|---:|---:|---:|"]
+    for g in groups:
+        theirs = blog[("valid_acc", g["dropout_num"])]
+        for what, ours, blog_value in (("final (epoch 20)", g["curves"]["valid_acc"][:, -1], theirs[-1]),
+                                       ("best", g["curves"]["valid_acc"].max(1), theirs.max())):
+            spread = f" ± {ours.std(ddof=1):.4f}" if len(ours) > 1 else ""
+            lines.append(f"| {g['dropout_num']} | {what} | {blog_value:.3f} | {ours.mean():.4f}{spread} ({len(ours)}) | "
+                         f"{ours.mean() - blog_value:+.4f} |")
+    lines += ["", "Blog: read off the blog repo's figures (one run each, seed 42, official CIFAR-10, fp32 on a GPU; about "
+              "±0.003). Ours: every finished run of the recipe here, mean ± std over seeds (sample std)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(path, groups, blog):
+    """Valid accuracy, train loss and valid loss: ours solid (mean, +-1 std band), the blog's dashed, same colour."""
+    fig, axes = trainingmonitor.plt.subplots(1, 3, figsize=(15, 4))
+    for ax, metric in zip(axes, ("valid_acc", "train_loss", "valid_loss")):
+        for colour, g in enumerate(groups):
+            trainingmonitor.draw_band(ax, g["epochs"], g["curves"][metric], f"ours, {g['label']}", color=f"C{colour}")
+            if metric == "valid_acc" or g["dropout_num"] not in LOSS_NOT_COMPARABLE:
+                ax.plot(range(1, 21), blog[(metric, g["dropout_num"])], ls="--", color=f"C{colour}",
+                        label=f"blog, dropout_num={g['dropout_num']} (1 run)")
+        ax.set(title=metric.replace("_", " "), xlabel="epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("ours (shared JPEG CIFAR-10 copy) against the blog's figures (official CIFAR-10, read off the pixels); "
+                 "the blog's 8-sample losses are another quantity and left out", fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    trainingmonitor.plt.close(fig)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    try:
+        if len(argv) != 1 or argv[0].startswith("-"):
+            raise UserError("usage: python blog.py RUNS_DIR (a folder of finished runs of the blog's recipe)")
+        folder = Path(argv[0])
+        groups = trainingmonitor.group_runs(blog_recipe_runs(folder))
+        blog = blog_curves()
+        atomic_write(folder / "blog.md", lambda tmp: Path(tmp).write_text(table_markdown(groups, blog)))
+        plot(folder / "blog_vs_ours.png", groups, blog)
+        print(f"wrote {folder / 'blog.md'} and {folder / 'blog_vs_ours.png'}")
+        return 0
+    except UserError as e:
+        print(f"blog.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""Paired statistics over seeds.
+
+Runs with the same seed start from the same weights and see the images in the same order (a test
+checks it), whatever their dropout_num, so two settings are compared seed by seed: the spread
+between seeds cancels out of the differences.
+"""
+import numpy as np
+from scipy import stats
+
+CONFIDENCE = 0.95
+
+
+def paired_difference(setting, reference):
+    """setting - reference, pair by pair: {'n', 'mean', 'interval' (None with one pair), 'higher', 'lower'}.
+
+    The interval is Student t's on the paired differences (n - 1 degrees of freedom), as in a paired
+    t-test: mean +- t * sd / sqrt(n).
+    """
+    d = np.asarray(setting, float) - np.asarray(reference, float)
+    interval = None
+    if len(d) > 1:
+        half = stats.t.ppf((1 + CONFIDENCE) / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+        interval = (float(d.mean() - half), float(d.mean() + half))
+    return {"n": len(d), "mean": float(d.mean()), "interval": interval,
+            "higher": int((d > 0).sum()), "lower": int((d < 0).sum())}

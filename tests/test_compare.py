@@ -1,0 +1,105 @@
+"""Comparisons: paired statistics over seeds, --compare from committed files, and what pairing rests on."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import run
+import stats
+import trainingmonitor
+from conftest import cli, fake_run, run_dirs
+
+T_975_2DF = 4.302652729749464  # Student t, 97.5th percentile, 2 degrees of freedom (from a printed table)
+
+
+def test_paired_interval_matches_a_hand_computation():
+    setting, reference = [0.62, 0.65, 0.60], [0.61, 0.62, 0.61]  # differences 0.01, 0.03, -0.01
+    d = stats.paired_difference(setting, reference)
+    half = T_975_2DF * 0.02 / np.sqrt(3)  # sd of (0.01, 0.03, -0.01) is 0.02
+    assert d["n"] == 3 and d["mean"] == pytest.approx(0.01)
+    assert d["interval"] == pytest.approx((0.01 - half, 0.01 + half))
+    assert (d["higher"], d["lower"]) == (2, 1)
+
+
+def test_one_pair_has_no_interval_and_equal_differences_have_no_spread():
+    assert stats.paired_difference([0.7], [0.6])["interval"] is None
+    assert stats.paired_difference([0.7, 0.8], [0.6, 0.7])["interval"] == pytest.approx((0.1, 0.1))
+
+
+def paired_cells(groups):
+    table = trainingmonitor.paired_markdown(groups).split("\n\n")[1].splitlines()[2:]
+    return {(c[0], c[1]): c for c in ([x.strip() for x in line.split("|")[1:-1]] for line in table)}
+
+
+def test_paired_table_pairs_runs_by_seed_not_by_position():
+    runs = [fake_run(8, 1, [0.5, 0.70]), fake_run(8, 2, [0.5, 0.80]), fake_run(8, 3, [0.9, 0.60]),
+            fake_run(1, 2, [0.5, 0.75]), fake_run(1, 3, [0.5, 0.50])]  # seed 1 has no dropout_num=1 partner
+    cells = paired_cells(trainingmonitor.group_runs(runs))
+    row = cells[("dropout_num=8", "dropout_num=1")]
+    half = 12.706204736174707 * np.std([0.05, 0.10], ddof=1) / np.sqrt(2)  # t(0.975, 1 df)
+    assert row[2] == "2" and row[3] == f"{0.075:+.4f} [{0.075 - half:+.4f}, {0.075 + half:+.4f}]"
+    assert row[4] == "2 / 0"
+    assert row[5].startswith(f"{(0.05 + 0.4) / 2:+.4f}") and row[6] == "2 / 0"  # best: 0.8 - 0.75, 0.9 - 0.5
+    assert ("dropout_num=1", "dropout_num=1") not in cells
+
+
+def test_paired_table_with_one_seed_gives_no_interval():
+    runs = [fake_run(0, 1, [0.6]), fake_run(1, 1, [0.5]), fake_run(8, 1, [0.55])]
+    cells = paired_cells(trainingmonitor.group_runs(runs))
+    assert set(cells) == {("dropout_num=0", "dropout_num=1"), ("dropout_num=8", "dropout_num=1"),
+                          ("dropout_num=1", "dropout_num=0"), ("dropout_num=8", "dropout_num=0")}
+    assert cells[("dropout_num=8", "dropout_num=1")][3] == "+0.0500 (one seed: no interval)"
+    assert all("[" not in c[3] for c in cells.values())
+
+
+def test_same_seed_means_same_initial_weights_and_data_order_whatever_the_dropout(small_cifar, tmp_path, capsys,
+                                                                                   monkeypatch):
+    weights, batches, real_model, real_batches = {}, {}, run.make_model, run.train_batches
+
+    def recording_model(args, *rest):
+        model = real_model(args, *rest)
+        weights[args.dropout_num] = {k: v.clone() for k, v in model.state_dict().items()}
+        return model
+
+    def recording_batches(*args):
+        for xb, yb in real_batches(*args):
+            batches.setdefault(len(weights) - 1, []).append((xb.sum().item(), yb.tolist()))
+            yield xb, yb
+
+    monkeypatch.setattr(run, "make_model", recording_model)
+    monkeypatch.setattr(run, "train_batches", recording_batches)
+    rc, _, _ = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path, "--epochs", 2, "--batch_size", 100,
+                   "--dropout_num", 0, 1, 8, "--seed", 7)
+    assert rc == 0 and sorted(weights) == [0, 1, 8] and len(batches[0]) == 6  # 3 steps x 2 epochs
+    for m in (1, 8):
+        assert weights[m].keys() == weights[0].keys()
+        assert all(torch.equal(weights[m][k], weights[0][k]) for k in weights[0])
+    assert batches[0] == batches[1] == batches[2]  # dropout masks draw from another generator than shuffling
+
+
+def test_compare_redraws_from_config_and_metrics_alone(small_cifar, tmp_path, capsys):
+    rc, _, _ = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path / "runs", "--epochs", 1,
+                   "--batch_size", 100, "--dropout_num", 1, 8, "--seed", 1, 2, "--precision", "fp32")
+    assert rc == 0
+    (original,) = (tmp_path / "runs" / "compare").iterdir()
+    committed = tmp_path / "committed"
+    for run_dir in run_dirs(tmp_path / "runs", 1) + run_dirs(tmp_path / "runs", 8):
+        (committed / run_dir.name).mkdir(parents=True)
+        for name in ("config.json", "metrics.json"):
+            shutil.copy(run_dir / name, committed / run_dir.name / name)
+    rc, out, err = cli(capsys, "--compare", committed)
+    assert rc == 0 and err == "" and "comparison of 4 finished run(s)" in out
+    redrawn = committed / "compare" / original.name
+    assert (redrawn / "summary.md").read_text() == (original / "summary.md").read_text()
+    assert {p.name for p in redrawn.glob("*.png")} == {p.name for p in original.glob("*.png")}
+    summary = (redrawn / "summary.md").read_text()
+    assert summary.startswith("# miniresnet, cifar10, 300/100 img, 1 ep, lr 0.01, /10 after 10, batch 100, fp32")
+    assert "| dropout_num=8 | dropout_num=1 | 2 |" in summary and "| batch_size | 100 |" in summary
+
+
+@pytest.mark.parametrize("extra, message", [((), "holds no finished runs"), (("--seed", "3"), "takes no other flag")])
+def test_compare_refuses_an_empty_folder_and_other_flags(tmp_path, capsys, extra, message):
+    rc, out, err = cli(capsys, "--compare", tmp_path, *extra)
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "compare").exists()
