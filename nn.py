@@ -8,33 +8,59 @@ cost is M small head passes, which we batch into one call.
 R-Drop (Liang et al. 2021) adds a consistency term between the dropout samples; here it is
 R-Drop on the multi-sample head: one backbone pass, the samples differ only in the head.
 """
+import torch
 import torch.nn.functional as F
 from torch import nn
 
 
 class MultiSampleDropout(nn.Module):
-    """M dropout samples of `features` through one shared `head`; loss = mean of the M losses.
+    """M dropout samples of the features through one shared `head`; loss = mean of the M losses.
+
+    The input is what the backbone gives (the ResNet's final (B, C, 4, 4) map, the MLP's (B, 10)
+    features); `pool` (default: identity) turns it into the head's (B, F) input, and the head is
+    every layer after the dropout: all of it is shared between the samples.
 
     num_samples=0: no dropout, the head once. num_samples=1: ordinary dropout.
-    In eval mode dropout is off, so every num_samples gives exactly head(features).
+    In eval mode dropout is off, so every num_samples gives exactly head(pool(x)): one plain pass,
+    no dropout, no flip, no padding.
     rdrop_alpha > 0 (needs num_samples >= 2) adds R-Drop's term: (alpha / 2) x rdrop_consistency.
+
+    diversity (the paper's/patent's diversity between samples; needs num_samples >= 2 and a pool
+    that keeps a spatial grid): M copies of the map, each flipped and/or padded by its index i,
+    then pooled, then dropped out; flip first, then pad.
+      "flip": the second half of the samples (i = M - M//2 .. M-1, i.e. M//2 of them) see the
+              map flipped horizontally (along its width).
+      "pad":  one column of zeros, on the right of the map for even i and on the left for odd i,
+              before the pooling, whose average counts the zero. With 2x2/stride-2 pooling in floor
+              mode the window that does not fit is dropped, so right-padded samples pool columns
+              {0,1},{2,3} (as without padding) and left-padded ones {zero,0},{1,2}: the windows
+              are offset by one column and the grid stays 2x2, the size the head sees in eval.
+      "flip+pad": both rules (flip by half, pad by parity); with M >= 4 all four combinations occur.
     """
 
-    def __init__(self, head, num_samples, p, rdrop_alpha=0.0):
+    def __init__(self, head, num_samples, p, rdrop_alpha=0.0, pool=None, diversity="none"):
         super().__init__()
         if rdrop_alpha and num_samples < 2:
             raise ValueError(f"R-Drop compares dropout samples: it needs num_samples >= 2, got {num_samples}")
+        if diversity not in DIVERSITIES:
+            raise ValueError(f"diversity must be one of {DIVERSITIES}, got {diversity!r}")
+        if diversity != "none" and num_samples < 2:
+            raise ValueError(f"diversity differs between dropout samples: it needs num_samples >= 2, got {num_samples}")
         self.head, self.num_samples, self.p, self.rdrop_alpha = head, num_samples, p, rdrop_alpha
+        self.pool, self.diversity = pool or nn.Identity(), diversity
 
-    def forward(self, features, target=None, loss_fn=None):
+    def forward(self, x, target=None, loss_fn=None):
         if not self.training or self.num_samples == 0:
-            logits = self.head(features)
+            logits = self.head(self.pool(x))
             return logits, _loss(loss_fn, logits, target)
-        m, batch = self.num_samples, features.shape[0]
+        m, batch = self.num_samples, x.shape[0]
         # M copies stacked along the batch dim: F.dropout draws an independent mask per
         # element, so each copy gets its own mask, and the head runs once on M*B rows.
-        copies = features.unsqueeze(0).expand(m, *features.shape).reshape(m * batch, *features.shape[1:])
-        outputs = self.head(F.dropout(copies, self.p, training=True))
+        if self.diversity == "none":  # the copies are equal until dropout: pool once, then copy
+            features = _copies(self.pool(x), m).flatten(0, 1)
+        else:  # the copies differ before pooling: copy the map, flip/pad each copy, then pool
+            features = self.pool(self._diversify(_copies(x, m)).flatten(0, 1))
+        outputs = self.head(F.dropout(features, self.p, training=True))
         logits = outputs.view(m, batch, *outputs.shape[1:]).mean(0)
         # Every copy has the same B targets, so a mean-reduced loss over the M*B rows is
         # exactly the mean of the M per-sample losses (not the loss of the mean logits).
@@ -43,6 +69,25 @@ class MultiSampleDropout(nn.Module):
         if loss is not None and self.rdrop_alpha:
             loss = loss + self.rdrop_alpha / 2 * rdrop_consistency(outputs.view(m, batch, -1))
         return logits, loss
+
+    def _diversify(self, copies):
+        """(M, B, C, H, W) copies of the map -> what each sample's pooling sees (see the class docstring)."""
+        m = copies.shape[0]
+        if "flip" in self.diversity:
+            copies = torch.cat([copies[:m - m // 2], copies[m - m // 2:].flip(-1)])
+        if "pad" in self.diversity:
+            padded = F.pad(copies, (1, 1))  # columns [zero, x_0 .. x_{W-1}, zero]
+            # even samples drop the left zero (padded on the right), odd ones the right zero
+            copies = torch.stack([padded[i, ..., 1:] if i % 2 == 0 else padded[i, ..., :-1] for i in range(m)])
+        return copies
+
+
+DIVERSITIES = ("none", "flip", "pad", "flip+pad")
+
+
+def _copies(x, m):
+    """(B, ...) -> (M, B, ...): M equal copies (a view; flatten(0, 1) materialises them)."""
+    return x.unsqueeze(0).expand(m, *x.shape)
 
 
 def rdrop_consistency(logits):
@@ -83,23 +128,54 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """CIFAR ResNet: 3x3 stem, four stages of two BasicBlocks (strides 1,2,2,2), 4x4 avg pool, dropout head."""
+    """CIFAR ResNet: 3x3 stem, four stages of two BasicBlocks (strides 1,2,2,2), then the head.
 
-    def __init__(self, widths, num_classes, dropout_num, dropout_p, rdrop_alpha=0.0):
+    The head (see MultiSampleDropout) pools the final 4x4 map (`pool`), drops out and classifies
+    with one Linear (head_hidden=0) or Linear(features, H) -> ReLU -> Linear(H, classes).
+    """
+
+    def __init__(self, widths, num_classes, dropout_num, dropout_p, rdrop_alpha=0.0,
+                 head_hidden=0, pool="avg4", diversity="none"):
         super().__init__()
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {tuple(POOLS)}, got {pool!r}")
+        if pool == "avg4" and diversity in DIVERSITIES[1:]:  # a global average forgets where a feature was
+            raise ValueError(f"diversity {diversity!r} needs pool='avg2': after pool='avg4' (a global average) "
+                             "a flip changes nothing")
         self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
         blocks, cin = [], widths[0]
         for width, stride in zip(widths, (1, 2, 2, 2)):
             blocks += [BasicBlock(cin, width, stride), BasicBlock(width, width, 1)]
             cin = width
         self.blocks = nn.Sequential(*blocks)
-        self.classifier = MultiSampleDropout(nn.Linear(cin, num_classes), dropout_num, dropout_p, rdrop_alpha)
+        head = classifier_head(cin * (4 // POOLS[pool]) ** 2, head_hidden, num_classes)
+        self.classifier = MultiSampleDropout(head, dropout_num, dropout_p, rdrop_alpha, pooling(pool), diversity)
+
+    def feature_map(self, x):
+        return self.blocks(self.stem(x))  # (B, widths[-1], 4, 4) for 32x32 inputs
 
     def features(self, x):
-        return F.avg_pool2d(self.blocks(self.stem(x)), 4).flatten(1)  # (B, widths[-1])
+        return self.classifier.pool(self.feature_map(x))  # the head's input at evaluation
 
     def forward(self, x, target=None, loss_fn=None):
-        return self.classifier(self.features(x), target, loss_fn)
+        return self.classifier(self.feature_map(x), target, loss_fn)
+
+
+POOLS = {"avg4": 4, "avg2": 2}  # kernel (= stride) of the average pooling over the final 4x4 map
+
+
+def pooling(name):
+    """avg4: the global average over the 4x4 map, (B, C); avg2: 2x2 averages with stride 2, the 2x2 grid
+    kept and flattened, (B, 4C), so the head sees where a feature was."""
+    return nn.Sequential(nn.AvgPool2d(POOLS[name]), nn.Flatten())  # no parameters: no state_dict keys
+
+
+def classifier_head(inputs, hidden, classes):
+    if hidden < 0:
+        raise ValueError(f"head_hidden must be >= 0 (0: a single Linear), got {hidden}")
+    if hidden == 0:  # the original head: state_dict keys classifier.head.weight/bias
+        return nn.Linear(inputs, classes)
+    return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, classes))
 
 
 class DropoutMLP(nn.Module):
@@ -127,9 +203,12 @@ MODEL_WIDTHS = {
 }
 
 
-def build_model(name, num_outputs, dropout_num, dropout_p, rdrop_alpha=0.0):
+def build_model(name, num_outputs, dropout_num, dropout_p, rdrop_alpha=0.0,
+                head_hidden=0, pool="avg4", diversity="none"):
     if name == "mlp":  # the regression demo: one input, one output, squared errors (R-Drop's KL needs classes)
         if rdrop_alpha:
             raise ValueError("R-Drop's term compares class distributions: the regression mlp has none")
+        if (head_hidden, pool, diversity) != (0, "avg4", "none"):
+            raise ValueError("head_hidden, pool and diversity are options of the ResNet head: the mlp has its own")
         return DropoutMLP(dropout_num, dropout_p)
-    return ResNet(MODEL_WIDTHS[name], num_outputs, dropout_num, dropout_p, rdrop_alpha)
+    return ResNet(MODEL_WIDTHS[name], num_outputs, dropout_num, dropout_p, rdrop_alpha, head_hidden, pool, diversity)

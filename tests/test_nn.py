@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn as tnn
 
-from nn import MultiSampleDropout, build_model, rdrop_consistency
+from nn import MultiSampleDropout, build_model, pooling, rdrop_consistency
 
 B, D, C = 64, 16, 10
 
@@ -194,3 +194,192 @@ def test_rdrop_without_two_samples_or_classes_is_refused():
         make(1, rdrop_alpha=1.0)
     with pytest.raises(ValueError, match="class distributions"):
         build_model("mlp", 1, 8, 0.4, rdrop_alpha=1.0)
+
+
+# --- head options: head_hidden, pool, diversity ---------------------------------------------
+
+HEAD_OPTIONS = [dict(head_hidden=512), dict(pool="avg2"), dict(pool="avg2", diversity="flip"),
+                dict(pool="avg2", diversity="pad"), dict(pool="avg2", diversity="flip+pad"),
+                dict(head_hidden=512, pool="avg2", diversity="flip+pad")]
+DEFAULTS = dict(head_hidden=0, pool="avg4", diversity="none")
+IMAGES, LABELS = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2)), torch.tensor([0, 1, 2, 3])
+
+
+def option_id(options):
+    return ",".join(f"{k}={v}" for k, v in options.items())
+
+
+def build(options, dropout_num=4, p=0.5, rdrop_alpha=0.0, seed=0):
+    torch.manual_seed(seed)
+    return build_model("miniresnet", 10, dropout_num, p, rdrop_alpha, **options)
+
+
+@pytest.mark.parametrize("rdrop_alpha", [0.0, 1.0])
+@pytest.mark.parametrize("options", HEAD_OPTIONS, ids=option_id)
+def test_every_head_option_trains_a_step(options, rdrop_alpha):
+    model = build(options, rdrop_alpha=rdrop_alpha)
+    head = model.classifier.head = RecordingHead(model.classifier.head)
+    before = [p.detach().clone() for p in model.parameters()]
+    torch.manual_seed(1)
+    logits, loss = model(IMAGES, LABELS, tnn.CrossEntropyLoss())
+    assert logits.shape == (4, 10) and loss.shape == () and torch.isfinite(loss)
+    assert head.calls == 1 and head.output.shape == (4 * 4, 10)  # one head call on the M*B rows
+    loss.backward()
+    assert model.stem[0].weight.grad.abs().sum() > 0  # the backbone
+    assert all(p.grad.abs().sum() > 0 for p in head.parameters())  # every layer of the head
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    if rdrop_alpha:  # same seeds, same masks: the difference is (alpha / 2) x the R-Drop term, > 0 at p = 0.5
+        plain_model = build(options)
+        torch.manual_seed(1)
+        plain = plain_model(IMAGES, LABELS, tnn.CrossEntropyLoss())[1]
+        term = rdrop_consistency(head.output.detach().view(4, 4, 10))
+        assert term > 1e-6
+        assert torch.allclose(loss, plain + rdrop_alpha / 2 * term, rtol=1e-5)
+        plain.backward()  # and the term has a gradient: the head's gradients differ from the plain loss's
+        last = lambda net: [p for p in net.parameters() if p.dim() == 2][-1]  # the head's last Linear
+        assert (last(head).grad - last(plain_model.classifier.head).grad).abs().max() > 1e-6
+
+
+def test_head_shapes_and_parameter_counts():
+    widths = (32, 64, 64, 128)  # miniresnet
+    backbone = 848_810 - (widths[-1] * 10 + 10)  # today's total minus its Linear(128, 10) head
+    linear = lambda i, o: i * o + o
+    expected = {
+        (0, "avg4"): linear(128, 10),  # today's head
+        (512, "avg4"): linear(128, 512) + linear(512, 10),
+        (0, "avg2"): linear(128 * 4, 10),  # the 2x2 grid, flattened: 4 values per channel
+        (512, "avg2"): linear(128 * 4, 512) + linear(512, 10),
+    }
+    for (hidden, pool), head_params in expected.items():
+        model = build_model("miniresnet", 10, 8, 0.5, head_hidden=hidden, pool=pool)
+        assert sum(p.numel() for p in model.parameters()) == backbone + head_params, (hidden, pool)
+    assert sum(p.numel() for p in build_model("miniresnet", 10, 8, 0.5, head_hidden=512).parameters()) == 918_698
+    assert sum(p.numel() for p in build_model("miniresnet", 10, 8, 0.5, pool="avg2").parameters()) == 852_650
+    hidden = build_model("miniresnet", 10, 8, 0.5, head_hidden=512).classifier.head
+    assert [type(layer) for layer in hidden] == [tnn.Linear, tnn.ReLU, tnn.Linear]
+    assert (hidden[0].in_features, hidden[0].out_features, hidden[2].out_features) == (128, 512, 10)
+
+
+@pytest.mark.parametrize("dropout_num", [0, 1, 8])
+def test_defaults_are_todays_network(dropout_num):
+    model = build_model("miniresnet", 10, dropout_num, 0.5)
+    keys = [k for k in model.state_dict() if not k.startswith(("stem.", "blocks."))]
+    assert keys == ["classifier.head.weight", "classifier.head.bias"]
+    assert type(model.classifier.head) is tnn.Linear
+    linear, x = model.classifier.head, IMAGES[:2]
+    # evaluation: the global 4x4 average of the final map, then the Linear
+    model.eval()
+    fmap = model.feature_map(x)
+    assert fmap.shape == (2, 128, 4, 4)
+    features = F.avg_pool2d(fmap, 4).flatten(1)
+    assert torch.equal(model.features(x), features)
+    assert torch.equal(model(x)[0], linear(features))
+    # training: pool once, then M copies of the pooled features, one dropout over them, the Linear
+    model.train()
+    torch.manual_seed(3)
+    logits, loss = model(x, LABELS[:2], tnn.CrossEntropyLoss())
+    torch.manual_seed(3)
+    features = F.avg_pool2d(model.feature_map(x), 4).flatten(1)
+    m = max(dropout_num, 1)
+    copies = features if dropout_num == 0 else F.dropout(features.repeat(m, 1), 0.5, training=True)
+    outputs = linear(copies)
+    assert torch.equal(logits, outputs.view(m, 2, 10).mean(0))
+    assert torch.equal(loss, F.cross_entropy(outputs, LABELS[:2].repeat(m)))
+
+
+def column_map(batch=2):
+    """A 1-channel 4x4 map whose columns are 1, 2, 3, 4 (a known left-right asymmetry), one per row of the batch."""
+    return torch.arange(1.0, 5.0).expand(batch, 1, 4, 4).clone()
+
+
+# what 2x2/stride-2 pooling gives for the 1,2,3,4 columns, as the flattened 2x2 grid (both grid rows equal)
+PLAIN = [1.5, 3.5, 1.5, 3.5]  # columns {1,2},{3,4}; also the right-padded map [1,2,3,4,0]
+FLIPPED = [3.5, 1.5, 3.5, 1.5]  # [4,3,2,1]; also flipped then right-padded [4,3,2,1,0]
+PADDED_LEFT = [0.5, 2.5, 0.5, 2.5]  # [0,1,2,3,4]: windows {0,1},{2,3}, the 4 dropped
+FLIPPED_PADDED_LEFT = [2.0, 2.5, 2.0, 2.5]  # [0,4,3,2,1]: windows {0,4},{3,2}, the 1 dropped
+
+
+@pytest.mark.parametrize("diversity,m,expected", [
+    ("none", 4, [PLAIN] * 4),
+    ("flip", 4, [PLAIN, PLAIN, FLIPPED, FLIPPED]),
+    ("flip", 3, [PLAIN, PLAIN, FLIPPED]),  # the second half: M//2 = 1 sample, the last one
+    ("flip", 2, [PLAIN, FLIPPED]),
+    ("pad", 4, [PLAIN, PADDED_LEFT, PLAIN, PADDED_LEFT]),  # even: right (as unpadded), odd: left
+    ("pad", 3, [PLAIN, PADDED_LEFT, PLAIN]),
+    ("flip+pad", 4, [PLAIN, PADDED_LEFT, FLIPPED, FLIPPED_PADDED_LEFT]),  # all four combinations
+    ("flip+pad", 5, [PLAIN, PADDED_LEFT, PLAIN, FLIPPED_PADDED_LEFT, FLIPPED]),  # flips: 3, 4; left pads: 1, 3
+])
+def test_each_sample_pools_its_flipped_or_padded_map(diversity, m, expected):
+    # through build_model's head (p = 0), with the Linear replaced by a recorder of what it is given
+    model = build_model("miniresnet", 10, m, 0.0, pool="avg2", diversity=diversity)
+    msd = model.classifier
+    msd.head = RecordingHead(tnn.Identity())
+    msd(column_map())
+    assert msd.head.calls == 1
+    seen = msd.head.input.view(m, 2, 4)  # (sample, batch row, flattened 2x2 grid)
+    assert torch.equal(seen, torch.tensor(expected)[:, None].expand(m, 2, 4))
+    # evaluation: one plain pass, no flip, no padding, the head once on the B rows
+    msd.eval()
+    msd.head.calls = 0
+    logits, _ = msd(column_map())
+    assert msd.head.calls == 1 and torch.equal(logits, torch.tensor([PLAIN, PLAIN]))
+
+
+def test_pad_counts_the_zero_and_flip_mirrors_every_channel_and_row():
+    msd = MultiSampleDropout(RecordingHead(tnn.Identity()), 2, 0.0, pool=pooling("avg2"), diversity="flip+pad")
+    fmap = torch.randn(3, 5, 4, 4, generator=torch.Generator().manual_seed(4))
+    msd(fmap)
+    seen = msd.head.input.view(2, 3, 5, 2, 2)
+    assert torch.equal(seen[0], F.avg_pool2d(F.pad(fmap, (0, 1)), 2))  # sample 0: right zero column, dropped
+    assert torch.allclose(seen[1], F.avg_pool2d(F.pad(fmap.flip(-1), (1, 0)), 2))  # sample 1: flipped, left zero
+    by_hand = (fmap.flip(-1)[..., 0:2, 0:1].sum((-2, -1)) + 0) / 4  # window {zero, first column} of grid cell (0, 0)
+    assert torch.allclose(seen[1][..., 0, 0], by_hand)
+
+
+@pytest.mark.parametrize("options,dropout_num", [(o, m) for o in [DEFAULTS] + HEAD_OPTIONS for m in (0, 4)
+                                                  if m or "diversity" not in o],  # diversity needs M >= 2
+                         ids=lambda v: option_id(v) if isinstance(v, dict) else f"M={v}")
+def test_evaluation_is_one_plain_pass_for_every_option(options, dropout_num):
+    model = build(options, dropout_num=dropout_num).eval()
+    head = model.classifier.head = RecordingHead(model.classifier.head)
+    logits, loss = model(IMAGES, LABELS, tnn.CrossEntropyLoss())
+    kernel = 2 if options.get("pool") == "avg2" else 4
+    expected = head.head(F.avg_pool2d(model.feature_map(IMAGES), kernel).flatten(1))
+    assert torch.equal(logits, expected) and torch.equal(loss, F.cross_entropy(expected, LABELS))
+    assert head.calls == 1 and head.input.shape[0] == 4  # once, on the B rows
+
+
+def test_training_with_diversity_differs_from_without():
+    # p = 0: no dropout, so the samples differ only by their flip/padding; the loss is their mean
+    losses = {}
+    for diversity in ("none", "flip", "pad", "flip+pad"):
+        model = build(dict(pool="avg2", diversity=diversity), dropout_num=4, p=0.0).eval()
+        model.classifier.train()  # batch norm fixed, so the backbone's map is the same for every option
+        losses[diversity] = model(IMAGES, LABELS, tnn.CrossEntropyLoss())[1]
+    assert torch.allclose(losses["none"], F.cross_entropy(build(dict(pool="avg2")).eval()(IMAGES)[0], LABELS))
+    assert len({round(loss.item(), 6) for loss in losses.values()}) == 4
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(diversity="flip"), "pool='avg2'"),  # the default pool is avg4
+    (dict(pool="avg4", diversity="pad"), "pool='avg2'"),
+    (dict(pool="avg4", diversity="flip+pad"), "pool='avg2'"),
+    (dict(pool="avg2", diversity="flip", dropout_num=1), "num_samples >= 2"),
+    (dict(pool="avg2", diversity="pad", dropout_num=0), "num_samples >= 2"),
+    (dict(pool="max"), "pool must be one of"),
+    (dict(pool="avg2", diversity="rotate"), "diversity must be one of"),
+    (dict(diversity="rotate"), "diversity must be one of"),
+    (dict(head_hidden=-1), "head_hidden must be >= 0"),
+])
+def test_refused_head_options(kwargs, message):
+    dropout_num = kwargs.pop("dropout_num", 4)
+    with pytest.raises(ValueError, match=message):
+        build_model("miniresnet", 10, dropout_num, 0.5, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(head_hidden=512), dict(pool="avg2"), dict(diversity="flip")])
+def test_mlp_refuses_head_options(kwargs):
+    with pytest.raises(ValueError, match="options of the ResNet head"):
+        build_model("mlp", 1, 8, 0.4, **kwargs)
+    build_model("mlp", 1, 8, 0.4, **DEFAULTS)  # the defaults are fine
