@@ -4,21 +4,24 @@
     python bench.py --model resnet18 --device cuda
 
 Prints, and writes to --out (bench.md, overhead.png):
-  1. images/s of the seed-style pipeline (per-image PIL/ToTensor/Normalize in DataLoader workers,
+  1. images/s of the blog-style pipeline (per-image PIL/ToTensor/Normalize in DataLoader workers,
      NCHW fp32, a Python loop over the dropout samples) against this project's (uint8 data on the
      device, batched normalise, channels_last, one head call for all samples), in fp32 and at the
      default precision;
   2. the multi-sample overhead: step time for dropout_num 0..32, relative to 0;
-  3. peak memory of a seed-recipe-sized run (50,000 + 10,000 images) per dropout_num.
+  3. peak memory of a run the size of the blog's recipe (50,000 + 10,000 images) per dropout_num.
 The images are random uint8: speed does not depend on what the pictures show. Timings are the
 median over --repeats blocks of --steps steps, the pipelines taking turns, after --warmup steps each;
 ratios are the median over rounds of the ratio within a round.
+Bad input: one line on stderr and exit 2, before any work. Ctrl-C: one line and exit 130; the files are
+written only at the end.
 """
 import argparse
 import itertools
 import multiprocessing
 import os
 import resource
+import signal
 import statistics
 import sys
 import time
@@ -34,14 +37,16 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
 import datasource
-import run
+import hardware
 import tools
-from nn import build_model
+import train
+from nn import MODEL_WIDTHS, build_model
 
 matplotlib.use("Agg")  # files only, no window
 import matplotlib.pyplot as plt  # noqa: E402
 
 OVERHEAD_M = [0, 1, 2, 4, 8, 16, 32]  # dropout_num values of the overhead table
+MIN_STEPS, MIN_REPEATS = 5, 3  # below these, the report says its timings are too short to trust
 SEED_RECIPE = (50_000, 10_000)  # CIFAR-10's train and test images, for the memory figure
 # Dense peak TFLOP/s from NVIDIA's datasheets (SXM parts): bf16 tensor cores, and TF32, which cuDNN
 # uses for fp32 convolutions by default.
@@ -49,8 +54,13 @@ PEAK_TFLOPS = {"H100": {"bf16": 989.4, "fp32": 494.7}, "H200": {"bf16": 989.4, "
                "A100": {"bf16": 312.0, "fp32": 156.0}}
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the whole usage block
+        raise tools.UserError(f"{message} (see python bench.py --help)")
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="bench.py", description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="miniresnet", help="miniresnet or resnet18")
     p.add_argument("--batch_size", type=int, default=128, help="training batch")
     p.add_argument("--dropout_num", type=int, default=8, help="dropout samples of the pipeline comparison")
@@ -64,6 +74,32 @@ def parse_args(argv):
     p.add_argument("--memory_steps", type=int, default=10, help="training steps of each peak-memory run (0: skip)")
     p.add_argument("--out", default="outputs/bench", help="folder for bench.md and overhead.png")
     return p.parse_args(argv)
+
+
+def check_args(args):
+    """The numbers and the model, refused before a model or an image is made."""
+    for flag in ("batch_size", "steps", "repeats"):
+        if getattr(args, flag) < 1:
+            raise tools.UserError(f"--{flag} must be 1 or more, got {getattr(args, flag)}")
+    for flag in ("warmup", "memory_steps", "dropout_num"):
+        if getattr(args, flag) < 0:
+            raise tools.UserError(f"--{flag} must be 0 or more, got {getattr(args, flag)}")
+    if args.model not in MODEL_WIDTHS:
+        raise tools.UserError(f"unknown --model {args.model!r}: use one of {', '.join(MODEL_WIDTHS)}")
+
+
+def pick_device(name):
+    device = hardware.pick_device(name)  # refuses unknown names and absent devices
+    if device.type not in ("cpu", "cuda", "mps"):  # torch knows more kinds ('meta', ...) than bench can time
+        raise tools.UserError(f"--device {name}: use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def check_writable(out):
+    """Refuse an --out that cannot be written now, not after minutes of measuring; nothing is created yet."""
+    folder = next(p for p in [out, *out.parents] if p.exists())  # the folder the first mkdir would write in
+    if not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
+        raise tools.UserError(f"cannot write to {out} ({folder} is not a writable folder); choose another --out")
 
 
 class SeedStyleImages(torch.utils.data.Dataset):
@@ -80,7 +116,7 @@ class SeedStyleImages(torch.utils.data.Dataset):
 
 
 class SeedStyleNet(nn.Module):
-    """The seed's forward: the backbone once, then a Python loop with a head call per dropout sample."""
+    """The blog code's forward: the backbone once, then a Python loop with a head call per dropout sample."""
 
     def __init__(self, resnet):
         super().__init__()
@@ -100,8 +136,8 @@ def synthetic_images(n, seed=0):
     return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n, dtype=np.int64)
 
 
-def seed_style_pipeline(args, device, dropout_num):
-    """A function that trains n steps the seed's way and waits for the device."""
+def blog_style_pipeline(args, device, dropout_num):
+    """A function that trains n steps the blog code's way and waits for the device."""
     torch.manual_seed(0)
     model = SeedStyleNet(build_model(args.model, 10, dropout_num, 0.5)).to(device)
     optimizer, loss_fn = torch.optim.Adam(model.parameters(), lr=1e-3), nn.CrossEntropyLoss()
@@ -120,12 +156,12 @@ def seed_style_pipeline(args, device, dropout_num):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            loss.item()  # the seed's progress bar reads the loss every step
+            loss.item()  # the blog code's progress bar reads the loss every step
     return train_steps
 
 
 class NoBar:
-    """run.train_epoch's progress bar, silent: it then reads the device once, at the last step."""
+    """train.train_epoch's progress bar, silent: it then reads the device once, at the last step."""
 
     def __init__(self, steps):
         self.steps, self.enabled = steps, False
@@ -138,25 +174,25 @@ class NoBar:
 
 
 def project_model(args, device, dropout_num):
-    """The network as run.py builds it (run.make_model: same layout), 10 classes, p = 0.5, no R-Drop."""
+    """The network as run.py builds it (train.make_model: same layout), 10 classes, p = 0.5, no R-Drop."""
     flags = argparse.Namespace(model=args.model, dropout_num=dropout_num, dropout_p=0.5, rdrop_alpha=0.0)
-    return run.make_model(flags, 10, device)
+    return train.make_model(flags, 10, device)
 
 
 def project_pipeline(args, device, dropout_num, precision, images=None):
-    """A function that trains n steps with run.py's own loop (run.train_epoch) and waits for the device."""
+    """A function that trains n steps with run.py's own loop (train.train_epoch) and waits for the device."""
     torch.manual_seed(0)
     model = project_model(args, device, dropout_num)
     optimizer, loss_fn = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True), nn.CrossEntropyLoss()
-    x, y = run.to_device(*(images or synthetic_images(args.batch_size * (args.warmup + args.repeats * args.steps))), device)
+    x, y = datasource.to_device(*(images or synthetic_images(args.batch_size * (args.warmup + args.repeats * args.steps))), device)
     generator = torch.Generator(device=device).manual_seed(0)
     forward = torch.compile(model) if args.compile else model
-    autocast, prepare = run.autocast_for(device, precision), run.input_transform("cifar10", device)
+    autocast, prepare = train.autocast_for(device, precision), datasource.input_transform("cifar10", device)
 
     def train_steps(n):
-        batches = itertools.islice(run.train_batches(x, y, args.batch_size, generator, args.augment, prepare), n)
-        run.train_epoch(forward, optimizer, loss_fn, batches, autocast, NoBar(n))
-    train_steps.evaluate = lambda x, y: run.evaluate(forward, x, y, autocast, prepare, loss_fn)
+        batches = itertools.islice(datasource.train_batches(x, y, args.batch_size, generator, args.augment, prepare), n)
+        train.train_epoch(forward, optimizer, loss_fn, batches, autocast, NoBar(n))
+    train_steps.evaluate = lambda x, y: train.evaluate(forward, x, y, autocast, prepare, loss_fn)
     return train_steps
 
 
@@ -192,7 +228,7 @@ def flops_per_image(args, device, precision):
     model = project_model(args, device, args.dropout_num)
     x = torch.randn(args.batch_size, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.zeros(args.batch_size, dtype=torch.long, device=device)
-    with FlopCounterMode(display=False) as counter, run.autocast_for(device, precision):
+    with FlopCounterMode(display=False) as counter, train.autocast_for(device, precision):
         model(x, y, nn.CrossEntropyLoss())[1].backward()
     return counter.get_total_flops() / args.batch_size
 
@@ -222,14 +258,14 @@ def peak_memory_since_reset(device):
 
 
 def peak_memory(args, dropout_num, connection):
-    """(Run in a fresh process.) Peak memory of a seed-recipe-sized run: 50,000 training images on the
+    """(Run in a fresh process.) Peak memory of a run the size of the blog's recipe: 50,000 training images on the
     device, --memory_steps training steps, then evaluation of 10,000 test images. Sends the peak while
     training (data on the device included) and the peak of the whole process."""
-    device = tools.pick_device(args.device)
+    device = pick_device(args.device)
     n_train, n_test = SEED_RECIPE
-    precision = tools.resolve_precision(args.precision, device)
+    precision = hardware.resolve_precision(args.precision, device)
     train_steps = project_pipeline(args, device, dropout_num, precision, synthetic_images(n_train))
-    test = run.to_device(*synthetic_images(n_test, seed=1), device)
+    test = datasource.to_device(*synthetic_images(n_test, seed=1), device)
     making_data = peak_memory_since_reset(device)
     reset_peak_memory(device)
     train_steps(args.memory_steps)
@@ -241,8 +277,14 @@ def peak_memory(args, dropout_num, connection):
 def peak_memory_in_fresh_process(args, dropout_num):
     context = multiprocessing.get_context("spawn")  # a fresh process: nothing left over from the others
     receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=peak_memory, args=(args, dropout_num, sender))
-    process.start()
+    # daemon: after a Ctrl-C, bench's exit ends the child instead of waiting for it
+    process = context.Process(target=peak_memory, args=(args, dropout_num, sender), daemon=True)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the child inherits this: Ctrl-C is bench's alone
+    try:
+        process.start()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    sender.close()  # the child's copy remains: if it dies, recv() raises EOFError instead of waiting forever
     peaks = receiver.recv()
     process.join()
     return peaks
@@ -259,27 +301,66 @@ def plot_overhead(path, ratios, title):
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xscale("symlog", base=2, linthresh=1)
     ax.set_xticks(list(ratios), [str(m) for m in ratios])
+    ax.set_xticks([], minor=True)  # symlog puts minor ticks at -1 and -2, left of M = 0
+    ax.set_xlim(-0.25, 1.25 * max(ratios))  # its default margin reaches -1.6
     ax.set(title=title, xlabel="dropout_num (M)", ylabel="step time / step time at M=0")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return ax  # for the tests
+
+
+def short_blocks_note(args):
+    """Why this run's timings cannot be trusted, or None. Too-short blocks gave one setting 7,583 ms per
+    step in one table and 853 in the other (1 block of 1 step), without a word."""
+    reasons = []
+    if args.warmup == 0:
+        reasons.append("--warmup 0: each pipeline's first block includes its one-time costs (first calls, "
+                       "allocations), which can take seconds")
+    if args.steps < MIN_STEPS:
+        reasons.append(f"--steps {args.steps}: blocks of fewer than {MIN_STEPS} steps are mostly the machine's noise")
+    if args.repeats < MIN_REPEATS:
+        reasons.append(f"--repeats {args.repeats}: fewer than {MIN_REPEATS} blocks leave no meaningful median")
+    if not reasons:
+        return None
+    return (f"**Too short to trust** ({'; '.join(reasons)}): the times of both tables, and any disagreement "
+            f"between them, say little. Rerun with --warmup 1 or more, --steps {MIN_STEPS} or more and "
+            f"--repeats {MIN_REPEATS} or more.")
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    device = tools.pick_device(args.device)
-    precision = tools.resolve_precision(args.precision, device)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    written = []  # files of this run, for an honest message after Ctrl-C
+    try:
+        args = parse_args(argv)
+        check_args(args)  # everything is checked before any work
+        device = pick_device(args.device)
+        check_writable(Path(args.out))
+        measure(args, device, argv, written)
+        return 0
+    except tools.UserError as e:
+        print(f"bench.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        done = f"wrote only {' and '.join(written)}" if written else "nothing was written"
+        print(f"bench.py: interrupted; {done}", file=sys.stderr)
+        return 130
+
+
+def measure(args, device, argv, written):
+    """Times and peaks, printed as they come; the files (appended to `written`) only at the end."""
+    precision = hardware.resolve_precision(args.precision, device)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda" else
                f"{device.type}, {torch.get_num_threads()} threads") + f", torch {torch.__version__}"
     print(f"{args.model}, batch {args.batch_size}, {machine}; median of {args.repeats} x {args.steps} steps")
-    report = [f"`python bench.py {' '.join(sys.argv[1:] if argv is None else argv)}`: {args.model}, "
+    report = [f"`python bench.py {' '.join(argv)}`: {args.model}, "
               f"batch {args.batch_size}, {machine}; median of {args.repeats} blocks of {args.steps} steps.", ""]
 
     # 1. the pipelines, side by side
     m = args.dropout_num
-    pipelines = {f"seed-style (DataLoader, NCHW, fp32, loop over samples), M={m}": seed_style_pipeline(args, device, m),
+    pipelines = {f"blog-style (DataLoader, NCHW, fp32, loop over samples), M={m}": blog_style_pipeline(args, device, m),
                  f"project, fp32, M={m}": project_pipeline(args, device, m, "fp32")}
     if precision != "fp32":
         pipelines[f"project, {precision} (default), M={m}"] = project_pipeline(args, device, m, precision)
@@ -297,7 +378,7 @@ def main(argv=None):
                      f"{tflops:.3f}", f"{tflops / peak:.1%}" if peak else "-"])
     if precision == "fp32":
         rows[-1][0] += " (fp32 is also the default here)"
-    table = markdown_table(["pipeline", "ms/step", "images/s", "vs seed-style (lowest - highest round)", "TFLOP/s", "of peak"], rows)
+    table = markdown_table(["pipeline", "ms/step", "images/s", "vs blog-style (lowest - highest round)", "TFLOP/s", "of peak"], rows)
     report += ["### Pipelines", "", table, "",
                "Training FLOPs per image (forward + backward, counted by torch's FlopCounterMode): "
                + ", ".join(f"{p} {f / 1e9:.3f} GFLOP" for p, f in flops.items()) + ".", ""]
@@ -310,11 +391,13 @@ def main(argv=None):
     table = markdown_table(["dropout_num", "ms/step", "vs dropout_num=0", "lowest - highest round"],
                            [[str(mm), f"{1e3 * statistics.median(times[mm]):.2f}", f"{ratios[mm]:.3f}",
                              f"{min(per_round[mm]):.3f} - {max(per_round[mm]):.3f}"] for mm in OVERHEAD_M])
-    report += [f"### Multi-sample overhead (project pipeline, {precision})", "", table, ""]
-    print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    plot_overhead(out / "overhead.png", ratios, f"{args.model}, batch {args.batch_size}, {device.type}, {precision}")
+    # one setting, two times: say why they differ
+    again = f"The dropout_num={m} row is the setting of the pipelines table's 'project, {precision}' row, timed " \
+        "again in a separate phase: the two agree only as far as the machine's noise allows."
+    too_short = short_blocks_note(args)
+    notes = ([again] if m in OVERHEAD_M else []) + ([too_short] if too_short else [])
+    report += [f"### Multi-sample overhead (project pipeline, {precision})", "", table, "", "\n\n".join(notes), ""]
+    print("\n".join([table, *notes]))
 
     # 3. peak memory, each dropout_num in its own process
     if args.memory_steps:
@@ -327,9 +410,14 @@ def main(argv=None):
                    "then evaluation of 10,000; 'while training' counts from after the data is on the device, "
                    "the data included; 'of the run' includes making the data and evaluating)", "", table, ""]
         print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_overhead(out / "overhead.png", ratios, f"{args.model}, batch {args.batch_size}, {device.type}, {precision}")
+    written.append(str(out / "overhead.png"))
     (out / "bench.md").write_text("\n".join(report))
-    print(f"written: {out / 'bench.md'}, {out / 'overhead.png'}")
+    written.append(str(out / "bench.md"))
+    print(f"written: {' and '.join(written)}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,4 +1,5 @@
-"""Loading CIFAR-10, CIFAR-100 or SVHN as uint8 arrays: torchvision's official release, or an image-folder copy.
+"""The data: CIFAR-10, CIFAR-100 or SVHN as uint8 arrays (torchvision's official release, or an image-folder
+copy), then on the training device as whole tensors, batched, augmented and normalised there.
 
 --data_dir is either torchvision's root (the default `data/`: the official release is
 downloaded there when missing) or a folder / .tar / .tar.gz in the image-folder layout
@@ -12,6 +13,8 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from tools import UserError, atomic_write
@@ -73,6 +76,83 @@ def quadratic():
     y = np.array([0.52, 8.54, 6.94, 20.76, 32.17, 30.65, 40.46, 80.12, 75.12, 98.83], np.float32)[:, None]
     grid = np.linspace(0, 10, 1001, dtype=np.float32)[:, None]
     return {"train_x": x, "train_y": y, "test_x": grid, "test_y": grid ** 2}
+
+
+def data_source(args):
+    return "builtin-quadratic" if args.dataset == "quadratic" else source_id(args.data_dir, args.dataset)
+
+
+def split(data, args):
+    """(train, valid, test) index arrays in the data's order; --data_seed alone picks them.
+
+    The validation images (--valid_split of them, none by default) come out of the training set.
+    """
+    n_train, n_test = len(data["train_y"]), len(data["test_y"])
+    rng = np.random.default_rng(args.data_seed)
+    train_order, test_order = rng.permutation(n_train), rng.permutation(n_test)
+    train_size = n_train - args.valid_split if args.train_size is None else args.train_size
+    test_size = n_test if args.test_size is None else args.test_size
+    if args.valid_split + train_size > n_train or test_size > n_test:
+        raise UserError(f"asked for {args.valid_split} validation + {train_size} training images of {n_train} and "
+                        f"{test_size} test images of {n_test}; lower --train_size/--valid_split/--test_size")
+    valid = train_order[:args.valid_split]
+    train = train_order[args.valid_split:args.valid_split + train_size]
+    return np.sort(train), np.sort(valid), np.sort(test_order[:test_size])
+
+
+def to_device(x, y, device):
+    """uint8 NHWC images -> uint8 NCHW on the device (normalised per batch); other arrays as they are."""
+    x = torch.from_numpy(x)
+    return (x.permute(0, 3, 1, 2).contiguous() if x.dim() == 4 else x).to(device), torch.from_numpy(y).to(device)
+
+
+def load_splits(args, device):
+    """{'train', 'valid', 'test'}: (inputs, targets) on the device, and the number of outputs."""
+    if args.dataset == "quadratic":  # the post's ten points; validation and test: y = x^2 on a grid
+        data = quadratic()
+        train, grid_points = to_device(data["train_x"], data["train_y"], device), to_device(data["test_x"], data["test_y"], device)
+        return {"train": train, "valid": grid_points, "test": grid_points}, 1
+    data = load(args.data_dir, args.dataset)
+    train, valid, test = split(data, args)
+    splits = {"train": to_device(data["train_x"][train], data["train_y"][train], device),
+              "test": to_device(data["test_x"][test], data["test_y"][test], device)}
+    # without a validation split the curves are on the test set, as in the seed
+    splits["valid"] = to_device(data["train_x"][valid], data["train_y"][valid], device) if args.valid_split else splits["test"]
+    return splits, len(data["classes"])
+
+
+def input_transform(dataset, device):
+    """uint8 images -> normalised float32, channels_last; the regression's x values go in as they are."""
+    if dataset == "quadratic":
+        return lambda x: x
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) * 255 for v in STATS[dataset])
+    return lambda x: ((x.float() - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+def random_crop_flip(x, generator, pad=4):
+    """Per image: a random 32x32 window of the zero-padded image, and a coin-flip mirror."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, b, 1), generator=generator, device=x.device)
+    rows, cols = dy + torch.arange(h, device=x.device), dx + torch.arange(w, device=x.device)
+    crops = padded[torch.arange(b, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    crops = crops.permute(0, 3, 1, 2)  # advanced indexing put the channel dim last
+    flip = torch.rand(b, generator=generator, device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], crops.flip(3), crops)
+
+
+def train_batches(x, y, batch_size, generator, augment, prepare, rank=0, world=1):
+    """Shuffled full batches (the last incomplete one is dropped), prepared (normalised) on the device.
+
+    Under torchrun every rank draws the same permutation and augments the whole batch, so the generators stay in
+    step and a batch's images do not depend on the number of ranks; each rank then keeps its slice of it.
+    """
+    order = torch.randperm(len(y), generator=generator, device=x.device)
+    mine = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
+    for i in range(len(y) // batch_size):
+        idx = order[i * batch_size:(i + 1) * batch_size]
+        xb = random_crop_flip(x[idx], generator) if augment else x[idx]
+        yield prepare(xb[mine]), y[idx][mine]
 
 
 def _write_npz(path, arrays):

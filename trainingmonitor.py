@@ -1,5 +1,6 @@
-"""Metrics of a run (CSV, JSON) and the curves: per run, and runs of one setup overlaid."""
+"""Metrics of a run (CSV, JSON) and the curves: per run, and the runs of one setup overlaid and compared."""
 import csv
+import fcntl
 import io
 from pathlib import Path
 
@@ -7,7 +8,8 @@ import matplotlib
 import numpy as np
 
 import stats
-from tools import atomic_write, read_json, write_json
+from experiment import run_identity, setup_flags
+from tools import UserError, atomic_write, check_writable, read_json, write_json
 
 matplotlib.use("Agg")  # headless: files only, no window
 import matplotlib.pyplot as plt  # noqa: E402
@@ -64,6 +66,34 @@ def finished_runs(output_dir):
     return runs
 
 
+def compare_setup(output_dir, setup):
+    """Redraw output_dir/compare/<setup>/ from the finished runs of that setup; returns (that folder, their number).
+
+    Runs that finish at the same moment (a job array on a cluster) take turns, under a lock: the last to draw
+    has seen every run that finished before it, and each file is replaced whole, never torn.
+    """
+    compare_dir = output_dir / "compare" / setup
+    compare_dir.mkdir(parents=True, exist_ok=True)
+    with open(compare_dir / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        runs = [r for r in finished_runs(output_dir) if run_identity(r["config"])[1] == setup]
+        write_comparison(compare_dir, runs, setup_flags(runs[0]["config"]))
+    return compare_dir, len(runs)
+
+
+def compare_all(folder):
+    """run.py --compare: every setup's comparison under folder, from the finished runs alone."""
+    runs = finished_runs(folder) if folder.is_dir() else []
+    if not runs:
+        raise UserError(f"{folder} holds no finished runs (folders with config.json and metrics.json up to their "
+                        "last epoch); give the --output_dir of a grid")
+    check_writable(folder / "compare")
+    for setup in sorted({run_identity(r["config"])[1] for r in runs}):
+        compare_dir, count = compare_setup(folder, setup)
+        print(f"{compare_dir}: comparison of {count} finished run(s)")
+    return 0
+
+
 def write_comparison(out_dir, runs, setup):
     """Curves (mean over seeds, band +-1 std), the M and p ablations when the grid has them, and summary.md.
 
@@ -87,6 +117,9 @@ def write_comparison(out_dir, runs, setup):
     for key, name in (("dropout_num", "m"), ("dropout_p", "p")):
         if len({g[key] for g in groups}) > 1:
             _plot_final_vs(out_dir / f"final_acc_vs_{name}.png", groups, key, short)
+    gains = [(g["name"], final) for g, _, final, _ in paired_rows(groups, 1)]
+    if gains:
+        plot_gain(out_dir / "gain.png", gains, short)
     text = "\n".join([describe_setup(setup, runs), summary_markdown(groups), paired_markdown(groups)])
     atomic_write(out_dir / "summary.md", lambda tmp: Path(tmp).write_text(text))
 
@@ -107,8 +140,10 @@ def short_setup(setup, runs):
     c, s = runs[0]["config"], setup
     schedule = f"lr {s['lr']}" + (f", /10 after {s['lr_milestone']}" if s["lr_milestone"] else "")
     images = f"{c.get('train_images', s['train_size'] or 'all')}/{c.get('test_images', s['test_size'] or 'all')} img"
+    head = [f"{k} {s[k]}" for k, default in (("head_hidden", 0), ("pool", "avg4"), ("diversity", "none"))
+            if s.get(k, default) != default]
     return ", ".join([s["model"], s["dataset"], images, f"{max(r['config']['epochs'] for r in runs)} ep", schedule,
-                      f"batch {s['batch_size']}", s["precision"]] + ["augment"] * bool(s["augment"]))
+                      f"batch {s['batch_size']}", s["precision"]] + ["augment"] * bool(s["augment"]) + head)
 
 
 def _write_regression_comparison(out_dir, groups, setup, short):
@@ -207,6 +242,20 @@ def paired_rows(groups, reference_m):
     return rows
 
 
+def plot_gain(path, gains, title):
+    """Each setting's paired difference in final valid accuracy against dropout_num=1 (same seeds): the mean, and its
+    95% interval as an error bar (a bare point with one seed, where there is none). gains: [(label, difference)]."""
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(gains)), 4))
+    means = [d["mean"] for _, d in gains]
+    errors = [[d["mean"] - d["interval"][0] if d["interval"] else 0 for _, d in gains],
+              [d["interval"][1] - d["mean"] if d["interval"] else 0 for _, d in gains]]
+    ax.errorbar(range(len(gains)), means, yerr=errors, fmt="o", capsize=4)
+    ax.axhline(0, color="grey", lw=1)
+    ax.set_xticks(range(len(gains)), [f"{label}\n({d['n']} seed{'s' * (d['n'] > 1)})" for label, d in gains], fontsize=8)
+    _save(fig, ax, path, f"final valid accuracy minus dropout_num=1's, paired by seed (95% t interval)\n{title}",
+          "setting", "difference in final valid accuracy", legend=False)
+
+
 def _curves_by_seed(group):
     return {r["config"]["seed"]: curve for r, curve in zip(group["runs"], group["curves"]["valid_acc"])}
 
@@ -278,13 +327,14 @@ def _plot_final_vs(path, groups, key, short):
     _save(fig, ax, path, f"final valid accuracy\n{short}", key, "final valid accuracy")
 
 
-def _save(fig, ax, path, title, xlabel, ylabel):
+def _save(fig, ax, path, title, xlabel, ylabel, legend=True):
     ax.set_title(title, fontsize=9)  # two lines: what is drawn, and the setup it comes from
     ax.set(xlabel=xlabel, ylabel=ylabel)
     if xlabel in ("epoch", "dropout_num"):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend()
+    if legend:
+        ax.legend()
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)

@@ -1,4 +1,5 @@
 """bench.py runs end to end and its helpers compute what they say (a smoke test: no timing is asserted)."""
+import argparse
 import sys
 
 import pytest
@@ -24,12 +25,74 @@ def test_peak_memory_resets_and_sees_a_new_allocation():
     assert bench.peak_memory_since_reset(cpu) < before + 32 * 2**20
 
 
+TINY = ["--batch_size", "4", "--steps", "1", "--repeats", "2", "--warmup", "0", "--memory_steps", "0", "--device", "cpu"]
+
+
 def test_bench_writes_every_table_and_the_overhead_plot(tmp_path, capsys):
-    bench.main(["--batch_size", "4", "--steps", "1", "--repeats", "2", "--warmup", "0", "--memory_steps", "0",
-                "--device", "cpu", "--out", str(tmp_path)])
+    assert bench.main(TINY + ["--out", str(tmp_path)]) == 0
     report = (tmp_path / "bench.md").read_text()
-    assert "| seed-style" in report and "| project, fp32, M=8" in report and "x (" in report
+    assert "| blog-style" in report and "| project, fp32, M=8" in report and "x (" in report
     overhead = report.split("### Multi-sample overhead")[1].splitlines()
     assert [line.split("|")[1].strip() for line in overhead if line.startswith("| ") and "ms" not in line] == \
         [str(m) for m in bench.OVERHEAD_M]
     assert (tmp_path / "overhead.png").stat().st_size > 0
+    # blocks this short are refused no more, but said to be untrustworthy under the table that repeats a setting
+    notes = "\n".join(overhead)
+    assert "The dropout_num=8 row is the setting of the pipelines table's 'project, " in notes
+    assert "**Too short to trust** (--warmup 0: " in notes and "--steps 1: " in notes and "--repeats 2: " in notes
+
+
+def test_only_short_blocks_get_the_too_short_note():
+    def note(warmup, steps, repeats):
+        return bench.short_blocks_note(argparse.Namespace(warmup=warmup, steps=steps, repeats=repeats))
+    assert note(1, bench.MIN_STEPS, bench.MIN_REPEATS) is None
+    assert "--warmup 0: " in note(0, bench.MIN_STEPS, bench.MIN_REPEATS)
+    assert "--steps 4: " in note(1, 4, bench.MIN_REPEATS)
+    assert "--repeats 2: " in note(1, bench.MIN_STEPS, 2)
+
+
+def no_work(*args):
+    raise AssertionError("work started before every argument was checked")
+
+
+@pytest.mark.parametrize("bad", [
+    ["--warmup", "-1"], ["--batch_size", "0"], ["--repeats", "0"], ["--steps", "0"], ["--memory_steps", "-1"],
+    ["--dropout_num", "-1"], ["--model", "resnet999"], ["--device", "cuda:99"], ["--device", "nonsense"],
+    ["--device", "meta"], ["--steps", "many"], ["--precision", "fp8"], ["--no_such_flag"]])
+def test_bad_input_is_one_line_and_exit_2_before_any_work(bad, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "blog_style_pipeline", no_work)  # the first thing the work builds
+    out = tmp_path / "out"
+    assert bench.main(TINY + bad + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bench.py: error: ") and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("out", ["a_file", "a_file/below"])
+def test_an_out_that_cannot_be_written_is_one_line_and_exit_2_before_any_work(out, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "blog_style_pipeline", no_work)
+    (tmp_path / "a_file").write_text("kept")
+    assert bench.main(TINY + ["--out", str(tmp_path / out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bench.py: error: cannot write to {tmp_path / out} ") and err.count("\n") == 1, err
+    assert (tmp_path / "a_file").read_text() == "kept"
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench, "blog_style_pipeline", interrupted)
+    out = tmp_path / "out"
+    try:
+        status = bench.main(TINY + ["--out", str(out)])
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped bench.main")  # and would stop pytest itself
+    assert status == 130
+    assert capsys.readouterr().err == "bench.py: interrupted; nothing was written\n"
+    assert not out.exists()
+
+
+def test_the_overhead_plot_has_no_tick_left_of_zero(tmp_path):
+    ax = bench.plot_overhead(tmp_path / "overhead.png", {m: 1.0 for m in bench.OVERHEAD_M}, "title")
+    ticks = [*ax.get_xticks(), *ax.get_xticks(minor=True)]
+    assert min(ticks) >= 0 and sorted(ticks) == bench.OVERHEAD_M

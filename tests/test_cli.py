@@ -1,5 +1,6 @@
 """The command line end to end, on a small real CIFAR-10 subset (in-process calls of run.main)."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -7,8 +8,8 @@ import sys
 import pytest
 import torch
 
+import hardware
 import run
-import tools
 from conftest import ROOT, cli, result_tables, rows, run_dirs
 
 # 400 real images (300 train, 100 test), batch 32: about a second an epoch
@@ -35,8 +36,8 @@ def test_each_run_writes_metrics_config_curves_and_checkpoint(trained):
         for r in metrics:
             assert 0 <= r["train_acc"] <= 1 and 0 <= r["valid_acc"] <= 1 and r["valid_loss"] > 0
         config = json.loads((run_dir / "config.json").read_text())
-        assert config["dropout_num"] == m and config["device"] == str(tools.pick_device("auto"))
-        assert config["precision"] == tools.resolve_precision("auto", tools.pick_device("auto"))
+        assert config["dropout_num"] == m and config["device"] == str(hardware.pick_device("auto"))
+        assert config["precision"] == hardware.resolve_precision("auto", hardware.pick_device("auto"))
         assert config["train_images"] == 300 and config["test_images"] == 100
         for key in ("torch", "torchvision", "numpy", "threads", "git_commit", "git_dirty", "data_source"):
             assert key in config
@@ -159,11 +160,11 @@ def test_help_shows_every_default(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         run.main(["--help"])
     help_text = capsys.readouterr().out
-    for default in ("(default: [0])", "(default: 0.5 for the images, 0.4 for quadratic)",
+    for default in ("(default: 0)", "(default: 0.5 for the images, 0.4 for quadratic)",
                     "(default: miniresnet for the images, mlp for quadratic)", "(default: 20 for the images, 3000 for quadratic)",
                     "(default: 128 for the images, 1 for quadratic)", "(default: 0.01 for the images, 0.005 for quadratic)",
-                    "(default: 10 for the images, 0 for quadratic)", "(default: [42])", "(default: auto)",
-                    "(default: outputs)", "(default: [0.0])"):
+                    "(default: 10 for the images, 0 for quadratic)", "(default: 42)", "(default: auto)",
+                    "(default: outputs)", "(default: 0.0)"):
         assert default in help_text
 
 
@@ -190,3 +191,82 @@ def test_a_run_killed_before_its_first_checkpoint_starts_afresh(trained, small_c
     rc, out, _ = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path, "--dropout_num", 0, *TINY)
     assert rc == 0 and "resumed" not in out
     assert rows(tmp_path / finished.name) == rows(finished)
+
+
+def test_help_and_flag_errors_do_not_import_torch():
+    """--help and bad flags answer at once: torch (seconds to import) is imported only for a run."""
+    code = ("import sys, run\nrc = run.main(['--dropout_num', '-1'])\n"
+            "assert rc == 2 and 'torch' not in sys.modules and 'matplotlib' not in sys.modules, sorted(sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_model_names_of_the_flags_are_the_networks_nn_builds():
+    import nn
+    assert run.IMAGE_MODELS == list(nn.MODEL_WIDTHS)
+
+
+@pytest.mark.parametrize("flags, refused", [(["--dataset", "cifar100"], "--dataset"), (["--dataset", "svhn"], "--dataset"),
+                                            (["--model", "resnet18"], "--model"), (["--precision", "bf16"], "--precision"),
+                                            (["--test_size", "50"], "--test_size")])
+def test_eval_refuses_flags_that_contradict_the_run(trained, capsys, flags, refused):
+    (run_dir,) = run_dirs(trained, 8)
+    saved = json.loads((run_dir / "config.json").read_text())
+    if flags[0] == "--precision" and saved["precision"] == "bf16":
+        flags = ["--precision", "fp32"]
+    rc, out, err = cli(capsys, "--eval", run_dir, *flags)
+    assert rc == 2 and f"its {refused} is" in err and "--eval evaluates the run as it was trained" in err
+    assert err.count("\n") == 1 and out == ""
+
+
+def test_eval_accepts_flags_that_cannot_change_the_evaluation(trained, capsys):
+    (run_dir,) = run_dirs(trained, 8)
+    saved = json.loads((run_dir / "config.json").read_text())
+    rc, out, err = cli(capsys, "--eval", run_dir, "--device", "cpu", "--dataset", "cifar10", "--dropout_num", 8,
+                       "--precision", saved["precision"], "--epochs", 99, "--output_dir", "elsewhere")
+    assert rc == 0 and err == "" and "epoch 2, 100 test examples" in out
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_files_get_the_permissions_open_gives_under_the_umask(small_cifar, tmp_path, capsys, umask, mode):
+    old = os.umask(umask)
+    try:
+        rc, _, _ = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path, *TINY, "--epochs", 1)
+    finally:
+        os.umask(old)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert rc == 0 and {p.name for p in files} >= {"config.json", "metrics.csv", "last.pt", "summary.md", "valid_acc.png"}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(mode) for p in files}
+
+
+def test_a_run_stopped_before_its_first_row_leaves_no_folder(small_cifar, tmp_path, capsys, monkeypatch):
+    import tools
+    import train
+    monkeypatch.setattr(train, "train_epoch", lambda *args: tools.STOP.update(signal="SIGINT") or
+                        (_ for _ in ()).throw(tools.Interrupted("stopped by SIGINT at step 1")))
+    rc, _, err = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path, *TINY)
+    assert rc == 130 and "no checkpoint was written" in err
+    assert [p.name for p in tmp_path.iterdir()] == []  # no folder that later looks like a run
+
+
+def test_resumed_is_said_on_the_run_line_after_nothing_else(trained, small_cifar, tmp_path, capsys):
+    (finished,) = run_dirs(trained, 1)
+    shutil.copytree(finished, tmp_path / finished.name)
+    rc, out, _ = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path, "--dropout_num", 1, *TINY, "--epochs", 3)
+    lines = out.splitlines()
+    assert rc == 0 and lines[0].startswith(str(tmp_path / finished.name)) and lines[0].endswith("; resumed from epoch 2")
+    assert lines[1].split()[:2] == ["epoch", "lr"] and lines[2].split()[0] == "3"
+
+
+@pytest.mark.parametrize("argv", [["--dropout_num=0", "1", "8"], ["--dropout_num=0,1,8"], ["--dropout_num", "0", "1", "8"]])
+def test_a_grid_flag_takes_its_values_after_the_equals_sign_too(argv):
+    args, given = run.parse_args([*argv, "--seed=3", "--epochs=2"])
+    assert args.dropout_num == [0, 1, 8] and args.seed == [3] and args.epochs == 2 and given["dropout_num"] == [0, 1, 8]
+
+
+def test_help_names_the_sources_and_shows_defaults_as_typed(capsys):
+    with pytest.raises(SystemExit):
+        run.main(["--help"])
+    text = capsys.readouterr().out
+    assert "seed 00" not in text and "the seed" not in text and "==SUPPRESS==" not in text
+    assert "[42]" not in text and "(default: 42)" in text and "--dropout_num=0 1 8" in text.replace("\n", " ")

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-import run
+import datasource
 import stats
+import train
 import trainingmonitor
 from conftest import cli, fake_run, run_dirs
 
@@ -55,7 +56,7 @@ def test_paired_table_with_one_seed_gives_no_interval():
 
 def test_same_seed_means_same_initial_weights_and_data_order_whatever_the_dropout(small_cifar, tmp_path, capsys,
                                                                                    monkeypatch):
-    weights, batches, real_model, real_batches = {}, {}, run.make_model, run.train_batches
+    weights, batches, real_model, real_batches = {}, {}, train.make_model, datasource.train_batches
 
     def recording_model(args, *rest):
         model = real_model(args, *rest)
@@ -67,8 +68,8 @@ def test_same_seed_means_same_initial_weights_and_data_order_whatever_the_dropou
             batches.setdefault(len(weights) - 1, []).append((xb.sum().item(), yb.tolist()))
             yield xb, yb
 
-    monkeypatch.setattr(run, "make_model", recording_model)
-    monkeypatch.setattr(run, "train_batches", recording_batches)
+    monkeypatch.setattr(train, "make_model", recording_model)
+    monkeypatch.setattr(datasource, "train_batches", recording_batches)
     rc, _, _ = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path, "--epochs", 2, "--batch_size", 100,
                    "--dropout_num", 0, 1, 8, "--seed", 7)
     assert rc == 0 and sorted(weights) == [0, 1, 8] and len(batches[0]) == 6  # 3 steps x 2 epochs
@@ -103,3 +104,22 @@ def test_compare_refuses_an_empty_folder_and_other_flags(tmp_path, capsys, extra
     rc, out, err = cli(capsys, "--compare", tmp_path, *extra)
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "compare").exists()
+
+
+def test_every_figure_title_and_the_summary_say_which_setup_they_compare(tmp_path, monkeypatch):
+    runs = [fake_run(m, seed, [0.5, 0.6]) for m in (1, 8) for seed in (1, 2)]
+    for r in runs:
+        r["config"].update(epochs=2, train_images=300, valid_images=0, test_images=100, data_dir="data")
+    setup = {"dataset": "cifar10", "data_source": "archive-x", "model": "miniresnet", "batch_size": 32, "lr": 0.01,
+             "lr_milestone": 1, "augment": True, "data_seed": 0, "train_size": None, "test_size": None,
+             "valid_split": 0, "precision": "fp32"}
+    titles, real_save = {}, trainingmonitor._save
+    monkeypatch.setattr(trainingmonitor, "_save", lambda fig, ax, path, title, *rest:
+                        titles.update({path.name: title}) or real_save(fig, ax, path, title, *rest))
+    trainingmonitor.write_comparison(tmp_path, runs, setup)
+    short = "miniresnet, cifar10, 300/100 img, 2 ep, lr 0.01, /10 after 1, batch 32, fp32, augment"
+    assert set(titles) == {"train_loss.png", "valid_loss.png", "valid_acc.png", "valid_acc_vs_time.png", "final_acc_vs_m.png",
+                           "gain.png"}
+    assert all(title.endswith("\n" + short) for title in titles.values())
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary.startswith(f"# {short}\n") and "| data_source | archive-x |" in summary and "| augment | True |" in summary

@@ -268,4 +268,4 @@ def test_each_dataset_trains_from_an_image_folder_with_its_own_normalisation(tmp
     mean, std = datasource.STATS[dataset]
     pixel = torch.full((1, 3, 1, 1), 200, dtype=torch.uint8)
     expected = torch.tensor([(200 / 255 - m) / s for m, s in zip(mean, std)])
-    assert torch.allclose(run.input_transform(dataset, torch.device("cpu"))(pixel).flatten(), expected, rtol=1e-5)
+    assert torch.allclose(datasource.input_transform(dataset, torch.device("cpu"))(pixel).flatten(), expected, rtol=1e-5)

@@ -5,8 +5,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import run
-import tools
+import datasource
+import hardware
+import train
 
 
 def test_random_crop_flip_is_a_shifted_window_of_the_padded_image_or_its_mirror():
@@ -14,7 +15,7 @@ def test_random_crop_flip_is_a_shifted_window_of_the_padded_image_or_its_mirror(
     generator = torch.Generator().manual_seed(0)
     seen_shift, seen_flip = set(), set()
     for _ in range(20):
-        out = run.random_crop_flip(x, generator)
+        out = datasource.random_crop_flip(x, generator)
         assert out.shape == x.shape and out.dtype == x.dtype
         padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
         for i in range(2):
@@ -28,32 +29,32 @@ def test_random_crop_flip_is_a_shifted_window_of_the_padded_image_or_its_mirror(
 
 def test_augmentation_is_reproducible_from_the_generator():
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
-    first = run.random_crop_flip(x, torch.Generator().manual_seed(3))
-    assert torch.equal(first, run.random_crop_flip(x, torch.Generator().manual_seed(3)))
-    assert not torch.equal(first, run.random_crop_flip(x, torch.Generator().manual_seed(4)))
+    first = datasource.random_crop_flip(x, torch.Generator().manual_seed(3))
+    assert torch.equal(first, datasource.random_crop_flip(x, torch.Generator().manual_seed(3)))
+    assert not torch.equal(first, datasource.random_crop_flip(x, torch.Generator().manual_seed(4)))
 
 
 @pytest.mark.parametrize("native,expected", [(True, "bf16"), (False, "fp32")])
 def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_natively(native, expected, monkeypatch):
-    monkeypatch.setattr(tools, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: native)
     cpu = torch.device("cpu")
-    assert tools.resolve_precision("auto", cpu) == expected
-    assert tools.resolve_precision("fp32", cpu) == "fp32" and tools.resolve_precision("bf16", cpu) == "bf16"
+    assert hardware.resolve_precision("auto", cpu) == expected
+    assert hardware.resolve_precision("fp32", cpu) == "fp32" and hardware.resolve_precision("bf16", cpu) == "bf16"
     images, regression = SimpleNamespace(dataset="cifar10", precision="auto"), SimpleNamespace(dataset="quadratic", precision="auto")
-    assert run.precision_for(images, cpu) == expected and run.precision_for(regression, cpu) == "fp32"
+    assert train.precision_for(images, cpu) == expected and train.precision_for(regression, cpu) == "fp32"
 
 
 @pytest.mark.parametrize("native,expected", [(True, "bf16"), (False, "fp32")])
 def test_auto_precision_on_cuda_ignores_emulated_bf16(native, expected, monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: calls.append(including_emulation) or native)
-    assert tools.resolve_precision("auto", torch.device("cuda")) == expected and calls == [False]
+    assert hardware.resolve_precision("auto", torch.device("cuda")) == expected and calls == [False]
 
 
 def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch, tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
-    monkeypatch.setattr(tools, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else pathlib.Path(p))
+    monkeypatch.setattr(hardware, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else pathlib.Path(p))
     cpuinfo.write_text("flags\t\t: fpu avx2 avx512f\n")
-    assert not tools.cpu_has_native_bf16()
+    assert not hardware.cpu_has_native_bf16()
     cpuinfo.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
-    assert tools.cpu_has_native_bf16()
+    assert hardware.cpu_has_native_bf16()

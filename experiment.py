@@ -1,0 +1,54 @@
+"""What defines a run: the flags that change its numbers, its directory name, and the setup it is compared within.
+
+No torch in here: run.py reads it before the slow imports, so --help stays instant.
+"""
+import hashlib
+import json
+
+from tools import UserError
+
+IMAGE_SETS = ["cifar10", "cifar100", "svhn"]
+# The flags that change a run's numbers (with the data's identity and the resolved precision).
+# They name the run directory and decide what may be resumed and what may be compared.
+DEFINING = ["dataset", "data_source", "model", "dropout_num", "dropout_p", "batch_size", "lr", "lr_milestone",
+            "augment", "seed", "data_seed", "train_size", "test_size", "valid_split", "precision", "rdrop_alpha",
+            "head_hidden", "pool", "diversity"]
+LATER_FLAGS = {"valid_split": 0, "rdrop_alpha": 0.0, "head_hidden": 0, "pool": "avg4", "diversity": "none"}  # defining flags added after the first runs, left out of the hash at this value
+LOG_EVERY = {"quadratic": 100}  # epochs per table row, metrics row and checkpoint (default 1)
+GRID = ["seed", "dropout_p", "dropout_num", "rdrop_alpha"]  # flags that take several values; runs differing only in these are compared
+
+
+def short_hash(values):
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def defining_flags(config):
+    """The values that define the experiment; a later flag at its default is left out, so older runs keep their names."""
+    values = {k: config.get(k, LATER_FLAGS.get(k)) for k in DEFINING}
+    return {k: v for k, v in values.items() if not (k in LATER_FLAGS and v == LATER_FLAGS[k])}
+
+
+def setup_flags(config):
+    """The defining flags that are not grid flags: what every run of one comparison shares."""
+    return {k: config.get(k, LATER_FLAGS.get(k)) for k in DEFINING if k not in GRID}
+
+
+def run_identity(config):
+    """(run directory name, setup name) from the defining flags."""
+    defining = defining_flags(config)
+    setup = {k: v for k, v in defining.items() if k not in GRID}
+    c = config
+    rdrop = f"_r{c['rdrop_alpha']}" if c.get("rdrop_alpha") else ""
+    head = "".join(f"_{label}{c[k]}" for k, label in (("head_hidden", "h"), ("pool", ""), ("diversity", ""))
+                   if c.get(k, LATER_FLAGS[k]) != LATER_FLAGS[k])  # _h512_avg2_flip; nothing for the blog's head
+    run = f"{c['model']}_{c['dataset']}_m{c['dropout_num']}_p{c['dropout_p']}{rdrop}{head}_s{c['seed']}-{short_hash(defining)}"
+    return run, f"{c['model']}_{c['dataset']}-{short_hash(setup)}"
+
+
+def check_same_experiment(saved, wanted, path, advice="use another --output_dir or --overwrite"):
+    """Refuse a checkpoint whose defining flags differ from this command's."""
+    saved, wanted = defining_flags(saved), defining_flags(wanted)
+    for flag in DEFINING:
+        if saved.get(flag) != wanted.get(flag):
+            raise UserError(f"{path} is another experiment: its --{flag} is {saved.get(flag)!r}, "
+                            f"this command's {wanted.get(flag)!r}; {advice}")

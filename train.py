@@ -1,0 +1,332 @@
+"""How one run trains: its data on the device, the loop, evaluation, checkpoints, and the comparison afterwards.
+
+run.py parses the flags and calls train_run once per run of the grid (or evaluate_saved_run for --eval).
+"""
+import itertools
+import math
+import shutil
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import datasource
+import distributed
+import experiment
+import hardware
+import progressbar
+import tools
+import trainingmonitor
+from checkpointing import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
+from experiment import IMAGE_SETS
+from nn import build_model
+from tools import UserError
+
+REDRAW_S = 10  # seconds between redraws of a run's figures (~0.3 s each); the last row always redraws
+EVAL_BATCH = 1000  # images per evaluation step; no gradients, so larger than training's
+
+
+def train_run(args, run_dir=None):
+    """Train one run of the grid (or continue it), then redraw its setup's comparison."""
+    device = distributed.local_device(hardware.pick_device(args.device))
+    hardware.configure_determinism(args.deterministic, device)
+    check_ranks(args, device)
+    config = {**vars(args), "precision": precision_for(args, device), "data_source": datasource.data_source(args),
+              "world_size": distributed.world()}
+    run_name, setup = experiment.run_identity(config)
+    run_dir = run_dir or Path(args.output_dir) / run_name
+    output_dir = run_dir.parent  # where the comparison goes: beside the run, also for --resume
+    tools.check_writable(output_dir)
+    checkpoint = None if args.overwrite else previous_checkpoint(run_dir, config)
+    if checkpoint and checkpoint["epoch"] >= args.epochs:
+        say(f"{run_dir} already holds this run, finished at epoch {checkpoint['epoch']}: nothing to do "
+              f"(--epochs above {checkpoint['epoch']} continues it, --overwrite starts it afresh)")
+        return report_comparison(output_dir, setup, run_dir)
+
+    # Data: the whole (sub)sets as uint8 tensors on the device; --data_seed alone picks the images.
+    splits, num_outputs = datasource.load_splits(args, device)
+    (train_x, train_y), (valid_x, valid_y) = splits["train"], splits["valid"]
+    steps = len(train_y) // args.batch_size
+    if steps == 0:
+        raise UserError(f"--batch_size {args.batch_size} is larger than the {len(train_y)} training examples; lower it")
+
+    seed_everything(args.seed)
+    generator = torch.Generator(device=device).manual_seed(args.seed)  # shuffling and augmentation, the same on every rank
+    model = make_model(args, num_outputs, device)  # the same initial weights on every rank
+    distributed.seed_dropout(args.seed)
+    forward = parallel(model, args, device)  # shares model's weights; model is what we save
+    evaluator = model if distributed.world() > 1 else forward  # DDP's forward is a collective: ranks evaluate alone
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, foreach=True)  # one op for all tensors; same bits
+    loss_fn = loss_for(args.dataset)
+    autocast = autocast_for(device, config["precision"])
+    prepare = datasource.input_transform(args.dataset, device)
+    every = experiment.LOG_EVERY.get(args.dataset, 1)
+
+    if args.overwrite and run_dir.exists() and distributed.is_main():
+        shutil.rmtree(run_dir)
+    history, first_epoch = [], 1
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        set_rng_state(checkpoint["rank_rng"][distributed.rank()] if "rank_rng" in checkpoint else checkpoint["rng"], generator)
+        history, first_epoch = checkpoint["history"], checkpoint["epoch"] + 1
+    commit, dirty = tools.git_state()
+    config.update(run_dir=str(run_dir), setup=setup, device=str(device), threads=torch.get_num_threads(),
+                  torch=str(torch.__version__), torchvision=version("torchvision"), numpy=np.__version__,
+                  git_commit=commit, git_dirty=dirty, train_images=len(train_y), valid_images=len(valid_y),
+                  test_images=len(splits["test"][1]))
+    say(f"{run_dir}: {args.model}, dropout_num={args.dropout_num}, p={args.dropout_p}, "
+          f"{f'rdrop_alpha={args.rdrop_alpha}, ' if args.rdrop_alpha else ''}seed={args.seed}, "
+          f"{len(train_y)} train / {len(valid_y)} {'valid' if args.valid_split else 'test'} examples, "
+          f"{device}{f' x {distributed.world()} ranks' if distributed.world() > 1 else ''}, {config['precision']}"
+          + (f"; resumed from epoch {checkpoint['epoch']}" if checkpoint else ""))
+    if distributed.is_main():
+        progressbar.print_header(classify=args.dataset in IMAGE_SETS)
+
+    # A row (metrics, checkpoint) per `every` epochs: one per epoch for images, per 100 for quadratic.
+    drawn_at = -math.inf  # when the figures were last drawn: the first row draws them
+    for epoch in range(first_epoch, args.epochs + 1, every):
+        last = min(epoch + every - 1, args.epochs)  # this row covers epochs epoch..last
+        span = f"epoch {epoch}" if last == epoch else f"epochs {epoch}-{last}"
+        if tools.STOP:  # a stop requested during evaluation or start-up
+            raise tools.Interrupted(f"stopped by {tools.STOP['signal']} before {span}; {kept_note(run_dir, epoch)}")
+        start = time.perf_counter()
+        lr = args.lr * (0.1 if args.lr_milestone and epoch > args.lr_milestone else 1.0)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batches = itertools.chain.from_iterable(datasource.train_batches(
+            train_x, train_y, args.batch_size, generator, args.augment, prepare, distributed.rank(), distributed.world())
+            for _ in range(epoch, last + 1))
+        bar = progressbar.EpochBar(steps * (last - epoch + 1), last, args.epochs, show=distributed.is_main())
+        try:
+            train_loss, train_acc = train_epoch(forward, optimizer, loss_fn, batches, autocast, bar)
+        except (FloatingPointError, tools.Interrupted) as e:
+            raise type(e)(f"{e} of {span}; {kept_note(run_dir, epoch)}") from None
+        distributed.share_buffers(model)
+        valid_loss, valid_acc = evaluate(evaluator, valid_x, valid_y, autocast, prepare, loss_fn)
+        row = {"epoch": last, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
+               "valid_loss": valid_loss, "valid_acc": valid_acc, "seconds": time.perf_counter() - start}
+        history.append({k: v for k, v in row.items() if v is not None})  # a regression has no accuracy
+        test = evaluate(evaluator, *splits["test"], autocast, prepare, loss_fn) if args.valid_split and last == args.epochs else None
+        prediction = None if args.dataset in IMAGE_SETS else regression_prediction(evaluator, splits, autocast)
+        redraw = last == args.epochs or time.perf_counter() - drawn_at >= REDRAW_S
+        drawn_at = time.perf_counter() if redraw else drawn_at
+        rank_rng = distributed.gather_on_main(rng_state(generator))  # every rank's, so a resume is exact
+        if distributed.is_main():
+            progressbar.print_row(history[-1])
+            save_epoch(run_dir, config, history, test, prediction, redraw, {
+                "epoch": last, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rank_rng[0],
+                "history": history, "config": config, **({"rank_rng": rank_rng} if len(rank_rng) > 1 else {})})
+    report_comparison(output_dir, setup, run_dir)
+
+
+def train_epoch(model, optimizer, loss_fn, batches, autocast, bar):
+    """One pass over the batches; returns (mean loss, accuracy or None for a regression), over every rank's images.
+    Raises FloatingPointError on a non-finite loss, tools.Interrupted on a stop request."""
+    model.train()
+    classify = isinstance(loss_fn, torch.nn.CrossEntropyLoss)
+    # The sums stay on the device: reading them makes the host wait, so we read them only at bar refreshes
+    # (under torchrun, where the ranks also agree on stopping: at ~20 points an epoch).
+    device = next(model.parameters()).device
+    loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
+    bad_step = torch.full((), -1, device=device)  # the first step whose loss was not finite
+    single = distributed.world() == 1
+    refresh = max(1, bar.steps // 20) if bar.enabled or not single else bar.steps  # steps between reads
+    for step, (xb, yb) in enumerate(batches, 1):
+        with autocast:
+            logits, loss = model(xb, yb, loss_fn)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach().float() * len(yb)
+        if classify:
+            correct += (logits.detach().argmax(1) == yb).sum()
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
+        seen += len(yb)
+        if step % refresh and step != bar.steps and not (tools.STOP and single):
+            continue
+        stop, bad = distributed.max_across(torch.stack([torch.tensor(float(bool(tools.STOP)), device=device),
+                                                        bad_step.float()])).tolist()
+        if stop:
+            bar.close()
+            raise tools.Interrupted(f"stopped by {tools.STOP.get('signal', 'a signal to another rank')} at step {step}")
+        if bad >= 0:
+            bar.close()
+            raise FloatingPointError(f"non-finite training loss at step {int(bad)}")
+        bar.update(step, loss_sum.item() / seen, correct.item() / seen if classify else None)
+    bar.close()
+    distributed.sum_across(loss_sum), distributed.sum_across(correct)
+    seen *= distributed.world()  # every rank takes an equal slice of every batch
+    return loss_sum.item() / seen, correct.item() / seen if classify else None
+
+
+def evaluate(model, x, y, autocast, prepare, loss_fn):
+    """(loss, accuracy or None for a regression) of the single eval-mode pass: dropout off, so comparable
+    across dropout_num. Under torchrun each rank evaluates its shard and the sums are added up."""
+    model.eval()
+    classify = isinstance(loss_fn, torch.nn.CrossEntropyLoss)
+    summed_loss = F.cross_entropy if classify else F.mse_loss
+    loss, correct = torch.zeros((), device=x.device), torch.zeros((), device=x.device)
+    mine = distributed.shard(len(y))
+    xs, ys = x[mine], y[mine]
+    with torch.inference_mode(), autocast:
+        for i in range(0, len(ys), EVAL_BATCH):
+            logits, _ = model(prepare(xs[i:i + EVAL_BATCH]))
+            loss += summed_loss(logits.float(), ys[i:i + EVAL_BATCH], reduction="sum")
+            if classify:
+                correct += (logits.argmax(1) == ys[i:i + EVAL_BATCH]).sum()
+    distributed.sum_across(loss), distributed.sum_across(correct)
+    return loss.item() / len(y), correct.item() / len(y) if classify else None
+
+
+def save_epoch(run_dir, config, history, test, prediction, redraw, checkpoint):
+    """Config, metrics, curves (if redraw), test result and the regression's prediction first, the checkpoint last: a
+    run whose checkpoint says 'finished' has all its files, and a run stopped before its first row leaves no folder.
+    A full disk leaves the previous checkpoint whole (temp file + rename)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tools.write_json(run_dir / "config.json", config)
+        trainingmonitor.write_metrics(run_dir, history)
+        if prediction:
+            tools.write_json(run_dir / "prediction.json", prediction)
+        if redraw:
+            trainingmonitor.plot_run(run_dir, history)
+            if prediction:
+                trainingmonitor.plot_prediction(run_dir, prediction)
+        if test:  # the test set, once, after the epochs were chosen on the validation set
+            tools.write_json(run_dir / "test.json", {"epoch": history[-1]["epoch"], "test_loss": test[0], "test_acc": test[1]})
+            print(f"test set, once: loss {test[0]:.4f}, accuracy {test[1]:.4f}")
+        save_checkpoint(run_dir / "last.pt", checkpoint)
+    except OSError as e:
+        raise UserError(f"could not save epoch {history[-1]['epoch']} in {run_dir} ({e.strerror or e}); the last "
+                        f"checkpoint there is intact: make room and rerun the command to resume from it") from None
+
+
+def previous_checkpoint(run_dir, config):
+    """The run's last checkpoint if it has one, after checking it is the same experiment."""
+    path = run_dir / "last.pt"
+    if not path.exists():
+        return None
+    checkpoint = load_checkpoint(path)
+    experiment.check_same_experiment(checkpoint["config"], config, path)
+    saved = checkpoint["config"]
+    if saved.get("world_size", 1) != config["world_size"]:  # each rank's RNG state is in the checkpoint
+        raise UserError(f"{path} was trained by {saved.get('world_size', 1)} rank(s), this command runs "
+                        f"{config['world_size']}: resume it with {saved.get('world_size', 1)} "
+                        "(torchrun --nproc_per_node, or python run.py for 1)")
+    if saved.get("sync_bn", False) != config["sync_bn"]:
+        raise UserError(f"{path} was trained {'with' if saved.get('sync_bn') else 'without'} --sync_bn; "
+                        "resume it the same way")
+    return checkpoint
+
+
+def report_comparison(output_dir, setup, run_dir):
+    """Rank 0 redraws the setup's comparison."""
+    if distributed.is_main():
+        compare_dir, count = trainingmonitor.compare_setup(output_dir, setup)
+        print(f"done: {run_dir}; comparison of {count} finished run(s) in {compare_dir}")
+
+
+def process_group(device_name):
+    """torchrun's process group around the whole command (nothing in a single process)."""
+    return distributed.process_group(hardware.pick_device(device_name))
+
+
+def stop_requested():
+    """Whether a stop was asked of this rank or any other: the ranks agree, so none is left waiting for the rest."""
+    return distributed.any_rank(bool(tools.STOP))
+
+
+def say(message):
+    if distributed.is_main():
+        print(message)
+
+
+def check_ranks(args, device):
+    """torchrun's ranks split every batch evenly; SyncBatchNorm needs NCCL, so CUDA."""
+    if args.batch_size % distributed.world():
+        raise UserError(f"--batch_size {args.batch_size} does not split evenly over {distributed.world()} ranks; "
+                        "make it a multiple of --nproc_per_node")
+    if args.sync_bn and device.type != "cuda":
+        raise UserError("--sync_bn synchronises BatchNorm over GPUs (NCCL); it does not run on the CPU: drop it")
+
+
+def parallel(model, args, device):
+    """What the training loop calls: DistributedDataParallel under torchrun, and compiled with --compile."""
+    if distributed.world() > 1:
+        if args.sync_bn:  # BatchNorm statistics over the global batch, not each rank's slice
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    return torch.compile(model) if args.compile else model
+
+
+def saved_checkpoint(run_dir):
+    """The checkpoint of a run directory named by hand (--resume, --eval)."""
+    path = Path(run_dir) / "last.pt"
+    if not path.is_file():
+        raise UserError(f"{run_dir} holds no checkpoint (last.pt); give a run directory of an earlier run "
+                        "(outputs/<run name>/, or the --output_dir it used)")
+    return load_checkpoint(path)
+
+
+def evaluate_saved_run(args, checkpoint):
+    """--eval: the checkpoint's test loss and accuracy. A defining flag that contradicts the run is refused, as
+    for --resume: another data set's normalisation, say, would give a wrong answer, not an error."""
+    source, saved = datasource.data_source(args), checkpoint["config"]["data_source"]
+    if source != saved:
+        raise UserError(f"--data_dir {args.data_dir} is {source}, but {args.eval} was trained on {saved}; "
+                        f"pass --data_dir with that data")
+    device = hardware.pick_device(args.device)
+    config = {**vars(args), "precision": precision_for(args, device), "data_source": source}
+    experiment.check_same_experiment(checkpoint["config"], config, Path(args.eval) / "last.pt",
+                                     "drop the flag: --eval evaluates the run as it was trained")
+    splits, num_classes = datasource.load_splits(args, device)
+    model = make_model(args, num_classes, device)
+    model.load_state_dict(checkpoint["model"])
+    loss_fn = loss_for(args.dataset)
+    autocast = autocast_for(device, precision_for(args, device))
+    loss, acc = evaluate(model, *splits["test"], autocast, datasource.input_transform(args.dataset, device), loss_fn)
+    accuracy = "" if acc is None else f", accuracy {acc:.4f}"
+    print(f"{args.eval}: epoch {checkpoint['epoch']}, {len(splits['test'][1])} test examples: loss {loss:.4f}{accuracy}")
+    return 0
+
+
+def make_model(args, num_outputs, device):
+    """The run's network on the device, channels_last: the layout the CPU and GPU convolutions are fastest in."""
+    model = build_model(args.model, num_outputs, args.dropout_num, args.dropout_p, args.rdrop_alpha,
+                        args.head_hidden, args.pool, args.diversity)
+    return model.to(device, memory_format=torch.channels_last)
+
+
+def loss_for(dataset):
+    return torch.nn.CrossEntropyLoss() if dataset in IMAGE_SETS else torch.nn.MSELoss()
+
+
+def autocast_for(device, precision):
+    """bf16 autocast for --precision bf16, a no-op context for fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def precision_for(args, device):
+    """--precision resolved for this run. The regression's targets reach 100, too coarse for bf16's 8 bits
+    of mantissa: auto means fp32 there."""
+    return "fp32" if args.dataset == "quadratic" and args.precision == "auto" else hardware.resolve_precision(args.precision, device)
+
+
+def regression_prediction(model, splits, autocast):
+    """The post's figure as data: its training points, and the eval-mode (dropout off) prediction on the grid."""
+    model.eval()
+    (x, y), (grid_x, grid_y) = splits["train"], splits["test"]
+    with torch.inference_mode(), autocast:  # as evaluate() computes it, so the figure matches valid_loss
+        prediction = model(grid_x)[0].float()
+    as_list = lambda t: t.flatten().tolist()
+    return {"train_x": as_list(x), "train_y": as_list(y), "x": as_list(grid_x), "target": as_list(grid_y),
+            "prediction": as_list(prediction)}
+
+
+def kept_note(run_dir, epoch):
+    """What a stop during `epoch` leaves behind."""
+    return f"the checkpoint of epoch {epoch - 1} in {run_dir} is intact" if epoch > 1 else "no checkpoint was written"
