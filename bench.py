@@ -175,7 +175,8 @@ class NoBar:
 
 def project_model(args, device, dropout_num):
     """The network as run.py builds it (train.make_model: same layout), 10 classes, p = 0.5, no R-Drop."""
-    flags = argparse.Namespace(model=args.model, dropout_num=dropout_num, dropout_p=0.5, rdrop_alpha=0.0)
+    flags = argparse.Namespace(model=args.model, dropout_num=dropout_num, dropout_p=0.5, rdrop_alpha=0.0,
+                               head_hidden=0, pool="avg4", diversity="none")  # the blog's head
     return train.make_model(flags, 10, device)
 
 
