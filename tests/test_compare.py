@@ -114,8 +114,8 @@ def test_every_figure_title_and_the_summary_say_which_setup_they_compare(tmp_pat
              "lr_milestone": 1, "augment": True, "data_seed": 0, "train_size": None, "test_size": None,
              "valid_split": 0, "precision": "fp32"}
     titles, real_save = {}, trainingmonitor._save
-    monkeypatch.setattr(trainingmonitor, "_save", lambda fig, ax, path, title, *rest:
-                        titles.update({path.name: title}) or real_save(fig, ax, path, title, *rest))
+    monkeypatch.setattr(trainingmonitor, "_save", lambda fig, ax, path, title, *rest, **options:
+                        titles.update({path.name: title}) or real_save(fig, ax, path, title, *rest, **options))
     trainingmonitor.write_comparison(tmp_path, runs, setup)
     short = "miniresnet, cifar10, 300/100 img, 2 ep, lr 0.01, /10 after 1, batch 32, fp32, augment"
     assert set(titles) == {"train_loss.png", "valid_loss.png", "valid_acc.png", "valid_acc_vs_time.png", "final_acc_vs_m.png",
