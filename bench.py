@@ -38,6 +38,7 @@ from torchvision import transforms
 
 import datasource
 import hardware
+import run
 import tools
 import train
 from nn import MODEL_WIDTHS, build_model
@@ -54,13 +55,8 @@ PEAK_TFLOPS = {"H100": {"bf16": 989.4, "fp32": 494.7}, "H200": {"bf16": 989.4, "
                "A100": {"bf16": 312.0, "fp32": 156.0}}
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not the whole usage block
-        raise tools.UserError(f"{message} (see python bench.py --help)")
-
-
 def parse_args(argv):
-    p = Parser(prog="bench.py", description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = run.Parser(prog="bench.py", description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="miniresnet", help="miniresnet or resnet18")
     p.add_argument("--batch_size", type=int, default=128, help="training batch")
     p.add_argument("--dropout_num", type=int, default=8, help="dropout samples of the pipeline comparison")

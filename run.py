@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import tools
-from experiment import DEFINING, GRID, IMAGE_SETS, LOG_EVERY
+from experiment import DEFINING, GRID, IMAGE_SETS, LATER_FLAGS, LOG_EVERY
 from tools import UserError
 
 IMAGE_MODELS = ["miniresnet", "resnet18"]  # nn.MODEL_WIDTHS's names (a test keeps them equal), without importing torch
@@ -196,8 +196,7 @@ def check_quadratic_args(args):
     """The regression demo has ten fixed points and one network: the image-only flags are errors, not ignored."""
     if args.model != "mlp":
         raise UserError(f"--dataset quadratic trains the post's network, --model mlp, not {args.model!r}")
-    for flag, off in (("train_size", None), ("test_size", None), ("valid_split", 0), ("augment", False), ("rdrop_alpha", 0),
-                      ("head_hidden", 0), ("pool", "avg4"), ("diversity", "none")):
+    for flag, off in (("train_size", None), ("test_size", None), ("augment", False), *LATER_FLAGS.items()):
         if getattr(args, flag) != off:
             raise UserError(f"--{flag} is for the image data sets; drop it with --dataset quadratic")
     every = LOG_EVERY["quadratic"]

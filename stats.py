@@ -23,3 +23,9 @@ def paired_difference(setting, reference):
         interval = (float(d.mean() - half), float(d.mean() + half))
     return {"n": len(d), "mean": float(d.mean()), "interval": interval,
             "higher": int((d > 0).sum()), "lower": int((d < 0).sum())}
+
+
+def paired_by_seed(setting, reference):
+    """paired_difference over the seeds both {seed: value} maps hold, in seed order; None if they share none."""
+    seeds = sorted(setting.keys() & reference.keys())
+    return paired_difference([setting[s] for s in seeds], [reference[s] for s in seeds]) if seeds else None

@@ -10,12 +10,12 @@ one-sample reference is --pool avg2 without diversity (same seeds: same initial 
 order). Then gain.png (the paired difference in final valid accuracy, eight
 samples minus one, with its 95% interval, per setting) and study.md (the same as a table).
 """
-import argparse
 import sys
 from pathlib import Path
 
 import run
 import stats
+import trainingmonitor
 from tools import UserError, atomic_write
 
 PROTOCOL = ["--train_size", "5000", "--test_size", "5000", "--epochs", "10", "--lr_milestone", "5",
@@ -44,23 +44,21 @@ def gains(output_dir):
     """[(label, paired difference in final valid accuracy of dropout_num 8 against 1)] for each setting with both."""
     found = []
     for folder, (label, _, reference) in SETTINGS.items():
-        eight, one = final_accuracies(output_dir / folder, 8), final_accuracies(output_dir / reference, 1)
-        seeds = sorted(eight.keys() & one.keys())
-        found += [(label, stats.paired_difference([eight[s] for s in seeds], [one[s] for s in seeds]))] if seeds else []
+        difference = stats.paired_by_seed(final_accuracies(output_dir / folder, 8), final_accuracies(output_dir / reference, 1))
+        found += [(label, difference)] if difference else []
     return found
 
 
 def final_accuracies(folder, dropout_num):
     """{seed: final valid accuracy} of the finished runs in folder with this dropout_num."""
-    import trainingmonitor  # matplotlib: only once there is something to read and draw
     return {r["config"]["seed"]: r["history"][-1]["valid_acc"] for r in trainingmonitor.finished_runs(folder)
-            if r["config"]["dropout_num"] == dropout_num} if folder.is_dir() else {}
+            if r["config"]["dropout_num"] == dropout_num}
 
 
 def table(found):
     lines = ["| setting | seeds | Δ final valid acc, 8 samples − 1 [95% CI] | seeds higher / lower |", "|---|---:|---:|---:|"]
-    lines += [f"| {label} | {d['n']} | {d['mean']:+.4f} " + (f"[{d['interval'][0]:+.4f}, {d['interval'][1]:+.4f}]"
-              if d["interval"] else "(one seed: no interval)") + f" | {d['higher']} / {d['lower']} |" for label, d in found]
+    lines += [f"| {label} | {d['n']} | {trainingmonitor.format_difference(d)} | {d['higher']} / {d['lower']} |"
+              for label, d in found]
     return "\n".join(lines + ["", "Δ: final valid accuracy of dropout_num=8 minus dropout_num=1, seed by seed (the same "
                               "initial weights and data order; for flip and pad, the one-sample runs are --pool avg2's); "
                               "95% CI: Student t on the paired differences."]) + "\n"
@@ -81,7 +79,6 @@ def main(argv=None):
                            "--dropout_num", *samples, *flags])
         if status:
             return status  # run.py said why, and how to resume: rerun this command
-    import trainingmonitor
     found = gains(output_dir)
     trainingmonitor.plot_gain(output_dir / "gain.png", found, "5,000/5,000 images, 10 epochs, seeds 42-44, fp32")
     atomic_write(output_dir / "study.md", lambda tmp: Path(tmp).write_text(table(found)))

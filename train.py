@@ -43,7 +43,7 @@ def train_run(args, run_dir=None):
     checkpoint = None if args.overwrite else previous_checkpoint(run_dir, config)
     if checkpoint and checkpoint["epoch"] >= args.epochs:
         say(f"{run_dir} already holds this run, finished at epoch {checkpoint['epoch']}: nothing to do "
-              f"(--epochs above {checkpoint['epoch']} continues it, --overwrite starts it afresh)")
+            f"(--epochs above {checkpoint['epoch']} continues it, --overwrite starts it afresh)")
         return report_comparison(output_dir, setup, run_dir)
 
     # Data: the whole (sub)sets as uint8 tensors on the device; --data_seed alone picks the images.

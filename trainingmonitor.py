@@ -8,7 +8,7 @@ import matplotlib
 import numpy as np
 
 import stats
-from experiment import run_identity, setup_flags
+from experiment import LATER_FLAGS, run_identity, setup_flags
 from tools import UserError, atomic_write, check_writable, read_json, write_json
 
 matplotlib.use("Agg")  # headless: files only, no window
@@ -140,8 +140,7 @@ def short_setup(setup, runs):
     c, s = runs[0]["config"], setup
     schedule = f"lr {s['lr']}" + (f", /10 after {s['lr_milestone']}" if s["lr_milestone"] else "")
     images = f"{c.get('train_images', s['train_size'] or 'all')}/{c.get('test_images', s['test_size'] or 'all')} img"
-    head = [f"{k} {s[k]}" for k, default in (("head_hidden", 0), ("pool", "avg4"), ("diversity", "none"))
-            if s.get(k, default) != default]
+    head = [f"{k} {s[k]}" for k in ("head_hidden", "pool", "diversity") if s.get(k, LATER_FLAGS[k]) != LATER_FLAGS[k]]
     return ", ".join([s["model"], s["dataset"], images, f"{max(r['config']['epochs'] for r in runs)} ep", schedule,
                       f"batch {s['batch_size']}", s["precision"]] + ["augment"] * bool(s["augment"]) + head)
 
@@ -213,8 +212,8 @@ def paired_markdown(groups):
              "| Δ best valid acc [95% CI] | seeds higher / lower |", "|---|---|---:|---:|---:|---:|---:|"]
     rows = paired_rows(groups, 1) + paired_rows(groups, 0)
     for g, ref, final, best in rows:
-        lines.append(f"| {g['name']} | {ref['name']} | {final['n']} | {_difference(final)} | {final['higher']} / "
-                     f"{final['lower']} | {_difference(best)} | {best['higher']} / {best['lower']} |")
+        lines.append(f"| {g['name']} | {ref['name']} | {final['n']} | {format_difference(final)} | {final['higher']} / "
+                     f"{final['lower']} | {format_difference(best)} | {best['higher']} / {best['lower']} |")
     if not rows:
         lines.append("| no setting shares seeds with a dropout_num=1 or dropout_num=0 group | | | | | | |")
     lines += ["", "Δ: the setting minus the reference, seed by seed (runs with the same seed start from the same weights "
@@ -232,13 +231,12 @@ def paired_rows(groups, reference_m):
         ref = next((r for r in groups if r["dropout_num"] == reference_m and r["dropout_p"] == g["dropout_p"]
                     and not r["rdrop_alpha"]), None)
         mine, theirs = _curves_by_seed(g), _curves_by_seed(ref) if ref else {}
-        seeds = sorted(mine.keys() & theirs.keys())
-        if ref is g or not seeds:
+        if ref is g or not mine.keys() & theirs.keys():
             continue
         n = min(len(g["epochs"]), len(ref["epochs"]))  # the epochs both groups reached
-        pairs = [(mine[s][:n], theirs[s][:n]) for s in seeds]
-        rows.append((g, ref, stats.paired_difference(*zip(*[(a[-1], b[-1]) for a, b in pairs])),
-                     stats.paired_difference(*zip(*[(a.max(), b.max()) for a, b in pairs]))))
+        final = lambda curves: {seed: curve[n - 1] for seed, curve in curves.items()}
+        best = lambda curves: {seed: curve[:n].max() for seed, curve in curves.items()}
+        rows.append((g, ref, stats.paired_by_seed(final(mine), final(theirs)), stats.paired_by_seed(best(mine), best(theirs))))
     return rows
 
 
@@ -260,7 +258,7 @@ def _curves_by_seed(group):
     return {r["config"]["seed"]: curve for r, curve in zip(group["runs"], group["curves"]["valid_acc"])}
 
 
-def _difference(d):
+def format_difference(d):
     interval = f"[{d['interval'][0]:+.4f}, {d['interval'][1]:+.4f}]" if d["interval"] else "(one seed: no interval)"
     return f"{d['mean']:+.4f} {interval}"
 
