@@ -49,10 +49,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 OVERHEAD_M = [0, 1, 2, 4, 8, 16, 32]  # dropout_num values of the overhead table
 MIN_STEPS, MIN_REPEATS = 5, 3  # below these, the report says its timings are too short to trust
 SEED_RECIPE = (50_000, 10_000)  # CIFAR-10's train and test images, for the memory figure
-# Dense peak TFLOP/s from NVIDIA's datasheets (SXM parts): bf16 tensor cores, and TF32, which cuDNN
-# uses for fp32 convolutions by default.
-PEAK_TFLOPS = {"H100": {"bf16": 989.4, "fp32": 494.7}, "H200": {"bf16": 989.4, "fp32": 494.7},
-               "A100": {"bf16": 312.0, "fp32": 156.0}}
+# Dense peak TFLOP/s from NVIDIA's datasheets (SXM parts): bf16 tensor cores, and plain fp32 (not TF32,
+# which hardware.configure_precision turns off for fp32).
+PEAK_TFLOPS = {"H100": {"bf16": 989.4, "fp32": 66.9}, "H200": {"bf16": 989.4, "fp32": 66.9},
+               "A100": {"bf16": 312.0, "fp32": 19.5}}
 
 
 def parse_args(argv):
@@ -349,6 +349,7 @@ def measure(args, device, argv, written):
     """Times and peaks, printed as they come; the files (appended to `written`) only at the end."""
     precision = hardware.resolve_precision(args.precision, device)
     torch.backends.cudnn.benchmark = device.type == "cuda"
+    hardware.configure_precision("fp32")  # fp32 pipelines in fp32, not TF32, as run.py trains them
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda" else
                f"{device.type}, {torch.get_num_threads()} threads") + f", torch {torch.__version__}"
     print(f"{args.model}, batch {args.batch_size}, {machine}; median of {args.repeats} x {args.steps} steps")

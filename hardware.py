@@ -18,6 +18,12 @@ def configure_determinism(deterministic, device):
     torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
 
 
+def configure_precision(precision):
+    """fp32 means fp32 on every device: cuDNN runs fp32 convolutions in TF32 (10 bits of mantissa) on
+    Ampere and later GPUs unless told not to. Under bf16 autocast the convolutions are bf16 anyway."""
+    torch.backends.cudnn.allow_tf32 = precision != "fp32"
+
+
 def pick_device(name):
     """'auto' means cuda, else mps, else cpu; a named device must exist."""
     if name == "auto":

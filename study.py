@@ -3,9 +3,9 @@
     python study.py --data_dir ../shared/data/cifar10-jpeg.tar.gz
 
 A reduced, labelled protocol of the blog's recipe (5,000 training and 5,000 test images, 10 epochs,
-lr / 10 after epoch 5, fp32), seeds 42 43 44, dropout_num 1 and 8, for each setting below. Each
-setting is one grid of run.py into its own folder under --output_dir; rerunning skips finished runs
-and resumes unfinished ones. Diversity needs two samples or more, so for the flip and pad settings the
+lr / 10 after epoch 5, fp32; --protocol full: the recipe unchanged), seeds 42 43 44, dropout_num 1
+and 8, for each setting below. Each setting is one grid of run.py into its own folder under
+--output_dir; rerunning skips finished runs and resumes unfinished ones. Diversity needs two samples or more, so for the flip and pad settings the
 one-sample reference is --pool avg2 without diversity (same seeds: same initial weights, same data
 order). Then gain.png (the paired difference in final valid accuracy, eight
 samples minus one, with its 95% interval, per setting) and study.md (the same as a table).
@@ -18,8 +18,12 @@ import stats
 import trainingmonitor
 from tools import UserError, atomic_write
 
-PROTOCOL = ["--train_size", "5000", "--test_size", "5000", "--epochs", "10", "--lr_milestone", "5",
-            "--precision", "fp32", "--seed", "42", "43", "44"]
+# --protocol: (label for the figure, run.py's flags). reduced fits a 2-core CPU in hours; full is the blog's recipe.
+PROTOCOLS = {
+    "reduced": ("5,000/5,000 images, 10 epochs", ["--train_size", "5000", "--test_size", "5000", "--epochs", "10",
+                                                   "--lr_milestone", "5", "--precision", "fp32"]),
+    "full": ("50,000/10,000 images, 20 epochs", ["--epochs", "20", "--lr_milestone", "10", "--precision", "fp32"]),
+}
 # folder: (label, flags, the folder whose dropout_num=1 runs are the reference). Diversity needs two samples or
 # more, so its one-sample reference is --pool avg2 alone: the same weights at the start (diversity has no
 # parameters) and the same data order, seed by seed.
@@ -37,6 +41,11 @@ def parse_args(argv):
     p = run.Parser(prog="study.py", description=__doc__.split("\n")[0])
     p.add_argument("--data_dir", default="data", help="as for run.py: torchvision's root, or an image-folder copy")
     p.add_argument("--output_dir", default="outputs/study", help="one folder per setting, and gain.png, study.md")
+    p.add_argument("--protocol", choices=list(PROTOCOLS), default="reduced", help="reduced: 5,000 training and 5,000 "
+                   "test images, 10 epochs, lr / 10 after epoch 5; full: the blog's recipe (all images, 20 epochs, "
+                   "lr / 10 after epoch 10); fp32 in both")
+    p.add_argument("--seed", type=int, nargs="+", default=[42, 43, 44], help="seeds of every setting (a subset "
+                   "lets several processes share the study; the last one to finish draws it whole)")
     return p.parse_args(argv)
 
 
@@ -71,16 +80,17 @@ def main(argv=None):
     except UserError as e:
         print(f"study.py: error: {e}", file=sys.stderr)
         return 2
-    output_dir = Path(args.output_dir)
+    output_dir, (caption, protocol) = Path(args.output_dir), PROTOCOLS[args.protocol]
+    seeds = [str(seed) for seed in args.seed]
     for folder, (label, flags, reference) in SETTINGS.items():
         print(f"study.py: {label}", flush=True)
         samples = ["8"] if reference != folder else ["1", "8"]  # its reference's folder has the one-sample runs
-        status = run.main(["--data_dir", args.data_dir, "--output_dir", output_dir / folder, *PROTOCOL,
-                           "--dropout_num", *samples, *flags])
+        status = run.main(["--data_dir", args.data_dir, "--output_dir", output_dir / folder, *protocol,
+                           "--seed", *seeds, "--dropout_num", *samples, *flags])
         if status:
             return status  # run.py said why, and how to resume: rerun this command
     found = gains(output_dir)
-    trainingmonitor.plot_gain(output_dir / "gain.png", found, "5,000/5,000 images, 10 epochs, seeds 42-44, fp32")
+    trainingmonitor.plot_gain(output_dir / "gain.png", found, f"{caption}, fp32, seeds {' '.join(seeds)}")
     atomic_write(output_dir / "study.md", lambda tmp: Path(tmp).write_text(table(found)))
     print(f"study.py: wrote {output_dir / 'gain.png'} and {output_dir / 'study.md'}")
     return 0

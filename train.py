@@ -36,6 +36,7 @@ def train_run(args, run_dir=None):
     check_ranks(args, device)
     config = {**vars(args), "precision": precision_for(args, device), "data_source": datasource.data_source(args),
               "world_size": distributed.world()}
+    hardware.configure_precision(config["precision"])
     run_name, setup = experiment.run_identity(config)
     run_dir = run_dir or Path(args.output_dir) / run_name
     output_dir = run_dir.parent  # where the comparison goes: beside the run, also for --resume
@@ -281,13 +282,14 @@ def evaluate_saved_run(args, checkpoint):
                         f"pass --data_dir with that data")
     device = hardware.pick_device(args.device)
     config = {**vars(args), "precision": precision_for(args, device), "data_source": source}
+    hardware.configure_precision(config["precision"])
     experiment.check_same_experiment(checkpoint["config"], config, Path(args.eval) / "last.pt",
                                      "drop the flag: --eval evaluates the run as it was trained")
     splits, num_classes = datasource.load_splits(args, device)
     model = make_model(args, num_classes, device)
     model.load_state_dict(checkpoint["model"])
     loss_fn = loss_for(args.dataset)
-    autocast = autocast_for(device, precision_for(args, device))
+    autocast = autocast_for(device, config["precision"])
     loss, acc = evaluate(model, *splits["test"], autocast, datasource.input_transform(args.dataset, device), loss_fn)
     accuracy = "" if acc is None else f", accuracy {acc:.4f}"
     print(f"{args.eval}: epoch {checkpoint['epoch']}, {len(splits['test'][1])} test examples: loss {loss:.4f}{accuracy}")

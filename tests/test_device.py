@@ -58,3 +58,10 @@ def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch, tmp_path):
     assert not hardware.cpu_has_native_bf16()
     cpuinfo.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
     assert hardware.cpu_has_native_bf16()
+
+
+@pytest.mark.parametrize("precision,tf32", [("fp32", False), ("bf16", True)])
+def test_fp32_turns_off_the_tf32_that_cudnn_uses_by_default(precision, tf32, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", not tf32)  # restored after the test
+    hardware.configure_precision(precision)
+    assert torch.backends.cudnn.allow_tf32 is tf32

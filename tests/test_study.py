@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import experiment
+import run
 import study
 from conftest import cli, fake_run, run_dirs
 from tools import write_json
@@ -72,12 +73,20 @@ def test_the_gains_are_paired_differences_with_a_hand_computed_interval(tmp_path
 
 
 def test_the_study_runs_each_setting_into_its_folder_and_draws_the_gains(small_cifar, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(study, "PROTOCOL", ["--epochs", "1", "--batch_size", "100", "--seed", "1", "--precision", "fp32"])
+    monkeypatch.setitem(study.PROTOCOLS, "reduced", ("tiny", ["--epochs", "1", "--batch_size", "100", "--precision", "fp32"]))
     monkeypatch.setattr(study, "SETTINGS", {k: study.SETTINGS[k] for k in ("avg2", "avg2-flip")})
-    assert study.main(["--data_dir", small_cifar, "--output_dir", tmp_path]) == 0
+    assert study.main(["--data_dir", small_cifar, "--output_dir", tmp_path, "--seed", "1"]) == 0
     assert len(run_dirs(tmp_path / "avg2", 1)) == 1 and not run_dirs(tmp_path / "avg2-flip", 1)  # avg2's is the reference
     assert "_avg2_flip_s1-" in run_dirs(tmp_path / "avg2-flip", 8)[0].name
     assert (tmp_path / "gain.png").stat().st_size > 0
     assert "| --pool avg2 --diversity flip | 1 |" in (tmp_path / "study.md").read_text()
-    assert study.main(["--data_dir", small_cifar, "--output_dir", tmp_path]) == 0  # a rerun trains nothing
+    assert study.main(["--data_dir", small_cifar, "--output_dir", tmp_path, "--seed", "1"]) == 0  # a rerun trains nothing
     assert capsys.readouterr().out.count("nothing to do") == 3
+
+
+def test_the_full_protocol_is_the_blogs_recipe_and_the_reduced_one_says_its_sizes():
+    full = run.build_parser().parse_args(study.PROTOCOLS["full"][1])
+    assert (full.epochs, full.lr_milestone, full.train_size, full.test_size, full.precision) == (20, 10, None, None, "fp32")
+    reduced = run.build_parser().parse_args(study.PROTOCOLS["reduced"][1])
+    assert (reduced.epochs, reduced.lr_milestone, reduced.train_size, reduced.test_size) == (10, 5, 5000, 5000)
+    assert study.parse_args(["--protocol", "full", "--seed", "43"]).seed == [43]
