@@ -13,16 +13,17 @@ samples minus one, with its 95% interval, per setting) and study.md (the same as
 import sys
 from pathlib import Path
 
+import numpy as np
+
 import run
 import stats
 import trainingmonitor
 from tools import UserError, atomic_write
 
-# --protocol: (label for the figure, run.py's flags). reduced fits a 2-core CPU in hours; full is the blog's recipe.
+# --protocol: run.py's flags. reduced fits a 2-core CPU in hours; full is the blog's recipe unchanged.
 PROTOCOLS = {
-    "reduced": ("5,000/5,000 images, 10 epochs", ["--train_size", "5000", "--test_size", "5000", "--epochs", "10",
-                                                   "--lr_milestone", "5", "--precision", "fp32"]),
-    "full": ("50,000/10,000 images, 20 epochs", ["--epochs", "20", "--lr_milestone", "10", "--precision", "fp32"]),
+    "reduced": ["--train_size", "5000", "--test_size", "5000", "--epochs", "10", "--lr_milestone", "5", "--precision", "fp32"],
+    "full": ["--epochs", "20", "--lr_milestone", "10", "--precision", "fp32"],
 }
 # folder: (label, flags, the folder whose dropout_num=1 runs are the reference). Diversity needs two samples or
 # more, so its one-sample reference is --pool avg2 alone: the same weights at the start (diversity has no
@@ -46,16 +47,27 @@ def parse_args(argv):
                    "lr / 10 after epoch 10); fp32 in both")
     p.add_argument("--seed", type=int, nargs="+", default=[42, 43, 44], help="seeds of every setting (a subset "
                    "lets several processes share the study; the last one to finish draws it whole)")
-    return p.parse_args(argv)
+    p.add_argument("--compare", metavar="DIR", help="draw gain.png and study.md from the finished runs under DIR (one "
+                   "folder per setting; config.json and metrics.json are enough), without training; no other flag")
+    args = p.parse_args(argv)
+    if args.compare and len([a for a in argv if a.startswith("--")]) > 1:
+        raise UserError("--compare draws from the runs' own files and takes no other flag")
+    return args
+
+
+def compared(output_dir):
+    """[(label, {seed: final valid acc} of one sample, of eight, their paired difference)] for each setting with both."""
+    found = []
+    for folder, (label, _, reference) in SETTINGS.items():
+        one, eight = final_accuracies(output_dir / reference, 1), final_accuracies(output_dir / folder, 8)
+        difference = stats.paired_by_seed(eight, one)
+        found += [(label, one, eight, difference)] if difference else []
+    return found
 
 
 def gains(output_dir):
     """[(label, paired difference in final valid accuracy of dropout_num 8 against 1)] for each setting with both."""
-    found = []
-    for folder, (label, _, reference) in SETTINGS.items():
-        difference = stats.paired_by_seed(final_accuracies(output_dir / folder, 8), final_accuracies(output_dir / reference, 1))
-        found += [(label, difference)] if difference else []
-    return found
+    return [(label, difference) for label, _, _, difference in compared(output_dir)]
 
 
 def final_accuracies(folder, dropout_num):
@@ -65,36 +77,57 @@ def final_accuracies(folder, dropout_num):
 
 
 def table(found):
-    lines = ["| setting | seeds | Δ final valid acc, 8 samples − 1 [95% CI] | seeds higher / lower |", "|---|---:|---:|---:|"]
-    lines += [f"| {label} | {d['n']} | {trainingmonitor.format_difference(d)} | {d['higher']} / {d['lower']} |"
-              for label, d in found]
-    return "\n".join(lines + ["", "Δ: final valid accuracy of dropout_num=8 minus dropout_num=1, seed by seed (the same "
-                              "initial weights and data order; for flip and pad, the one-sample runs are --pool avg2's); "
-                              "95% CI: Student t on the paired differences."]) + "\n"
+    lines = ["| setting | final valid acc, 1 sample | 8 samples | seeds paired | Δ 8 samples − 1 [95% CI] | "
+             "seeds higher / lower |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {label} | {trainingmonitor.mean_std(np.array(list(one.values())))} | "
+              f"{trainingmonitor.mean_std(np.array(list(eight.values())))} | {d['n']} | "
+              f"{trainingmonitor.format_difference(d)} | {d['higher']} / {d['lower']} |" for label, one, eight, d in found]
+    return "\n".join(lines + ["", "Final valid accuracy: mean ± std over seeds. Δ: final valid accuracy of dropout_num=8 "
+                              "minus dropout_num=1, seed by seed (the same initial weights and data order; for flip and "
+                              "pad, the one-sample runs are --pool avg2's); 95% CI: Student t on the paired differences."]) + "\n"
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
         args = parse_args(argv)
+        return draw(Path(args.compare)) if args.compare else train_and_draw(args)
     except UserError as e:
         print(f"study.py: error: {e}", file=sys.stderr)
         return 2
-    output_dir, (caption, protocol) = Path(args.output_dir), PROTOCOLS[args.protocol]
-    seeds = [str(seed) for seed in args.seed]
+
+
+def train_and_draw(args):
+    """Each setting's grid into its own folder under --output_dir (finished runs are skipped), then draw()."""
+    output_dir, seeds = Path(args.output_dir), [str(seed) for seed in args.seed]
     for folder, (label, flags, reference) in SETTINGS.items():
         print(f"study.py: {label}", flush=True)
         samples = ["8"] if reference != folder else ["1", "8"]  # its reference's folder has the one-sample runs
-        status = run.main(["--data_dir", args.data_dir, "--output_dir", output_dir / folder, *protocol,
+        status = run.main(["--data_dir", args.data_dir, "--output_dir", output_dir / folder, *PROTOCOLS[args.protocol],
                            "--seed", *seeds, "--dropout_num", *samples, *flags])
         if status:
             return status  # run.py said why, and how to resume: rerun this command
-    found = gains(output_dir)
-    trainingmonitor.plot_gain(output_dir / "gain.png", found, f"{caption}, fp32, seeds {' '.join(seeds)}")
+    return draw(output_dir)
+
+
+def draw(output_dir):
+    """gain.png and study.md from the finished runs under output_dir, titled with what those runs share."""
+    found = compared(output_dir)
+    if not found:
+        raise UserError(f"{output_dir} holds no setting with finished runs of dropout_num 1 and 8; run the study first")
+    trainingmonitor.plot_gain(output_dir / "gain.png", [(label, d) for label, _, _, d in found], caption(output_dir))
     atomic_write(output_dir / "study.md", lambda tmp: Path(tmp).write_text(table(found)))
     print(f"study.py: wrote {output_dir / 'gain.png'} and {output_dir / 'study.md'}")
     return 0
 
+
+def caption(output_dir):
+    """'5000/5000 images, 10 epochs, fp32, seeds 42 43 44, cpu': the protocol as the runs themselves recorded it."""
+    configs = [r["config"] for folder in SETTINGS for r in trainingmonitor.finished_runs(output_dir / folder)]
+    shared = lambda key: "/".join(sorted({str(c[key]) for c in configs}))
+    seeds = " ".join(str(s) for s in sorted({c["seed"] for c in configs}))
+    return (f"{shared('train_images')}/{shared('valid_images')} images, {shared('epochs')} epochs, "
+            f"{shared('precision')}, seeds {seeds}, {shared('device')}")
 
 if __name__ == "__main__":
     sys.exit(main())

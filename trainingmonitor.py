@@ -166,7 +166,7 @@ def _write_regression_comparison(out_dir, groups, setup, short):
     for g in groups:
         c = g["curves"]
         lines.append(f"| {g['dropout_num']} | {g['dropout_p']} | {len(g['runs'])} | {g['epochs'][-1]} | "
-                     f"{_mean_std(c['train_loss'][:, -1])} | {_mean_std(c['valid_loss'][:, -1])} | {_mean_std(c['valid_loss'].min(1))} |")
+                     f"{mean_std(c['train_loss'][:, -1])} | {mean_std(c['valid_loss'][:, -1])} | {mean_std(c['valid_loss'].min(1))} |")
     lines += ["", "| dropout_num | p | seed | epochs | final train MSE | final valid MSE | best valid MSE (epoch) | run |",
               "|---:|---:|---:|---:|---:|---:|---:|---|"]
     for g in groups:  # one run stuck at a constant shows here, where the mean +- std above only looks noisy
@@ -188,10 +188,10 @@ def summary_markdown(groups):
         c = g["curves"]
         test = [r["test"]["test_acc"] for r in g["runs"] if r["test"]]
         lines.append(f"| {g['dropout_num']} | {g['dropout_p']} | {g['rdrop_alpha']} | {len(g['runs'])} | {g['epochs'][-1]} | "
-                     f"{_mean_std(c['valid_acc'][:, -1])} | {_mean_std(c['valid_acc'].max(1))} | "
-                     f"{_mean_std(c['train_loss'][:, -1])} | {_mean_std(c['valid_loss'][:, -1])} | "
+                     f"{mean_std(c['valid_acc'][:, -1])} | {mean_std(c['valid_acc'].max(1))} | "
+                     f"{mean_std(c['train_loss'][:, -1])} | {mean_std(c['valid_loss'][:, -1])} | "
                      f"{_epochs_to_target(g['epochs'], c['valid_acc'].mean(0), _target(g, groups))} | "
-                     f"{_mean_std(np.array(test)) if test else '-'} |")
+                     f"{mean_std(np.array(test)) if test else '-'} |")
     lines += ["", "Target: the best point of the mean valid accuracy curve of the dropout_num=1 runs with the same p; "
               "epochs to target: the first epoch at which the mean curve (per seed: the run's curve) reaches it.", "",
               "| dropout_num | p | R-Drop α | seed | epochs | final valid acc | best valid acc (epoch) | final train loss "
@@ -243,15 +243,16 @@ def paired_rows(groups, reference_m):
 def plot_gain(path, gains, title):
     """Each setting's paired difference in final valid accuracy against dropout_num=1 (same seeds): the mean, and its
     95% interval as an error bar (a bare point with one seed, where there is none). gains: [(label, difference)]."""
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(gains)), 4))
+    fig, ax = plt.subplots(figsize=(7, 1.5 + 0.5 * len(gains)))  # one row per setting: long labels stay readable
+    rows = range(len(gains))[::-1]  # the first setting on top
     means = [d["mean"] for _, d in gains]
     errors = [[d["mean"] - d["interval"][0] if d["interval"] else 0 for _, d in gains],
               [d["interval"][1] - d["mean"] if d["interval"] else 0 for _, d in gains]]
-    ax.errorbar(range(len(gains)), means, yerr=errors, fmt="o", capsize=4)
-    ax.axhline(0, color="grey", lw=1)
-    ax.set_xticks(range(len(gains)), [f"{label}\n({d['n']} seed{'s' * (d['n'] > 1)})" for label, d in gains], fontsize=8)
+    ax.errorbar(means, rows, xerr=errors, fmt="o", capsize=4)
+    ax.axvline(0, color="grey", lw=1)
+    ax.set_yticks(rows, [f"{label} ({d['n']} seed{'s' * (d['n'] > 1)})" for label, d in gains], fontsize=8)
     _save(fig, ax, path, f"final valid accuracy minus dropout_num=1's, paired by seed (95% t interval)\n{title}",
-          "setting", "difference in final valid accuracy", legend=False)
+          "difference in final valid accuracy", "", legend=False)
 
 
 def _curves_by_seed(group):
@@ -298,7 +299,7 @@ def _epochs_to_target(epochs, curve, target):
     return str(int(epochs[reached[0]])) if len(reached) else "not reached"
 
 
-def _mean_std(values):
+def mean_std(values):
     return f"{values.mean():.4f}" + (f" ± {values.std(ddof=1):.4f}" if len(values) > 1 else "")
 
 

@@ -51,7 +51,7 @@ def write_runs(folder, finals):
             run = fake_run(m, seed, [0.3, final])
             run["config"].update(epochs=2, dataset="cifar10", model="miniresnet", data_source="x", batch_size=128,
                                  lr=0.01, lr_milestone=1, augment=False, data_seed=0, train_size=None, test_size=None,
-                                 precision="fp32")
+                                 precision="fp32", train_images=5000, valid_images=5000, device="cpu")
             (folder / run["dir"].name).mkdir(parents=True)
             write_json(folder / run["dir"].name / "config.json", run["config"])
             write_json(folder / run["dir"].name / "metrics.json", run["history"])
@@ -68,25 +68,43 @@ def test_the_gains_are_paired_differences_with_a_hand_computed_interval(tmp_path
     assert found["the blog's head"]["mean"] == pytest.approx(0.01)
     assert found["the blog's head"]["interval"] == pytest.approx((0.01 - half, 0.01 + half))
     assert found["--pool avg2"]["interval"] == pytest.approx((0.02, 0.02))
-    table = study.table(list(found.items()))
-    assert f"| the blog's head | 3 | +0.0100 [{0.01 - half:+.4f}, {0.01 + half:+.4f}] | 2 / 1 |" in table
+    table = study.table(study.compared(tmp_path))
+    assert (f"| the blog's head | 0.5200 ± 0.0200 | 0.5300 ± 0.0200 | 3 | +0.0100 [{0.01 - half:+.4f}, "
+            f"{0.01 + half:+.4f}] | 2 / 1 |") in table
 
 
 def test_the_study_runs_each_setting_into_its_folder_and_draws_the_gains(small_cifar, tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(study.PROTOCOLS, "reduced", ("tiny", ["--epochs", "1", "--batch_size", "100", "--precision", "fp32"]))
+    monkeypatch.setitem(study.PROTOCOLS, "reduced", ["--epochs", "1", "--batch_size", "100", "--precision", "fp32"])
     monkeypatch.setattr(study, "SETTINGS", {k: study.SETTINGS[k] for k in ("avg2", "avg2-flip")})
     assert study.main(["--data_dir", small_cifar, "--output_dir", tmp_path, "--seed", "1"]) == 0
     assert len(run_dirs(tmp_path / "avg2", 1)) == 1 and not run_dirs(tmp_path / "avg2-flip", 1)  # avg2's is the reference
     assert "_avg2_flip_s1-" in run_dirs(tmp_path / "avg2-flip", 8)[0].name
     assert (tmp_path / "gain.png").stat().st_size > 0
-    assert "| --pool avg2 --diversity flip | 1 |" in (tmp_path / "study.md").read_text()
+    (flip,) = [line for line in (tmp_path / "study.md").read_text().splitlines() if line.startswith("| --pool avg2 --diversity flip |")]
+    one, eight, seeds, difference = flip.split(" | ")[1:5]  # one seed: the difference is eight - one, no interval
+    assert seeds == "1" and difference.endswith("(one seed: no interval)")
+    assert float(difference.split()[0]) == pytest.approx(float(eight) - float(one), abs=1.5e-4)  # each printed to 4 places
     assert study.main(["--data_dir", small_cifar, "--output_dir", tmp_path, "--seed", "1"]) == 0  # a rerun trains nothing
     assert capsys.readouterr().out.count("nothing to do") == 3
 
 
 def test_the_full_protocol_is_the_blogs_recipe_and_the_reduced_one_says_its_sizes():
-    full = run.build_parser().parse_args(study.PROTOCOLS["full"][1])
+    full = run.build_parser().parse_args(study.PROTOCOLS["full"])
     assert (full.epochs, full.lr_milestone, full.train_size, full.test_size, full.precision) == (20, 10, None, None, "fp32")
-    reduced = run.build_parser().parse_args(study.PROTOCOLS["reduced"][1])
+    reduced = run.build_parser().parse_args(study.PROTOCOLS["reduced"])
     assert (reduced.epochs, reduced.lr_milestone, reduced.train_size, reduced.test_size) == (10, 5, 5000, 5000)
     assert study.parse_args(["--protocol", "full", "--seed", "43"]).seed == [43]
+
+
+def test_compare_draws_the_study_from_committed_files_alone_and_refuses_other_flags(tmp_path, capsys):
+    write_runs(tmp_path / "blog-head", {1: [0.50, 0.52, 0.54], 8: [0.51, 0.55, 0.53]})
+    assert study.main(["--compare", tmp_path]) == 0
+    assert "| the blog's head | 0.5200 ± 0.0200 | 0.5300 ± 0.0200 | 3 | +0.0100 [" in (tmp_path / "study.md").read_text()
+    assert (tmp_path / "gain.png").stat().st_size > 0 and not list((tmp_path / "blog-head").glob("*/last.pt"))
+    assert study.caption(tmp_path) == "5000/5000 images, 2 epochs, fp32, seeds 42 43 44, cpu"
+    capsys.readouterr()
+    for argv, message in [(["--compare", tmp_path, "--seed", "1"], "takes no other flag"),
+                          (["--compare", tmp_path / "empty"], "holds no setting with finished runs")]:
+        assert study.main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
