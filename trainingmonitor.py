@@ -127,7 +127,7 @@ def write_comparison(out_dir, runs, setup):
 def describe_setup(setup, runs):
     """summary.md's opening: the flags every run compared here shares, then the epochs and images they ran."""
     shared = lambda key: ", ".join(sorted({str(r["config"].get(key, "-")) for r in runs}))
-    lines = ["# " + short_setup(setup, runs), "", "Every run compared here has these defining flags; they differ only in "
+    lines = ["#### " + short_setup(setup, runs), "", "Every run compared here has these defining flags; they differ only in "
              "seed, dropout_num, dropout_p and R-Drop α.", "", "| flag | value |", "|---|---|"]
     lines += [f"| {flag} | {value} |" for flag, value in setup.items()]
     lines += [f"| epochs | {shared('epochs')} |", f"| images: train / valid / test | {shared('train_images')} / "
@@ -208,7 +208,7 @@ def summary_markdown(groups):
 
 def paired_markdown(groups):
     """Every setting against the dropout_num=1 and the dropout_num=0 runs with the same p, seed by seed."""
-    lines = ["## Paired differences", "", "| setting | against | seeds | Δ final valid acc [95% CI] | seeds higher / lower "
+    lines = ["#### Paired differences", "", "| setting | against | seeds | Δ final valid acc [95% CI] | seeds higher / lower "
              "| Δ best valid acc [95% CI] | seeds higher / lower |", "|---|---|---:|---:|---:|---:|---:|"]
     rows = paired_rows(groups, 1) + paired_rows(groups, 0)
     for g, ref, final, best in rows:

@@ -95,7 +95,7 @@ def test_compare_redraws_from_config_and_metrics_alone(small_cifar, tmp_path, ca
     assert (redrawn / "summary.md").read_text() == (original / "summary.md").read_text()
     assert {p.name for p in redrawn.glob("*.png")} == {p.name for p in original.glob("*.png")}
     summary = (redrawn / "summary.md").read_text()
-    assert summary.startswith("# miniresnet, cifar10, 300/100 img, 1 ep, lr 0.01, /10 after 10, batch 100, fp32")
+    assert summary.startswith("#### miniresnet, cifar10, 300/100 img, 1 ep, lr 0.01, /10 after 10, batch 100, fp32")
     assert "| dropout_num=8 | dropout_num=1 | 2 |" in summary and "| batch_size | 100 |" in summary
 
 
@@ -122,4 +122,4 @@ def test_every_figure_title_and_the_summary_say_which_setup_they_compare(tmp_pat
                            "gain.png"}
     assert all(title.endswith("\n" + short) for title in titles.values())
     summary = (tmp_path / "summary.md").read_text()
-    assert summary.startswith(f"# {short}\n") and "| data_source | archive-x |" in summary and "| augment | True |" in summary
+    assert summary.startswith(f"#### {short}\n") and "| data_source | archive-x |" in summary and "| augment | True |" in summary
