@@ -20,8 +20,11 @@ def configure_determinism(deterministic, device):
 
 def configure_precision(precision):
     """fp32 means fp32 on every device: cuDNN runs fp32 convolutions in TF32 (10 bits of mantissa) on
-    Ampere and later GPUs unless told not to. Under bf16 autocast the convolutions are bf16 anyway."""
+    Ampere and later GPUs unless told not to. Under bf16 autocast the convolutions are bf16 anyway.
+    Matrix products are fp32 by default; fp32 makes sure nothing else in the process changed that."""
     torch.backends.cudnn.allow_tf32 = precision != "fp32"
+    if precision == "fp32":
+        torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def pick_device(name):

@@ -77,6 +77,7 @@ def train_run(args, run_dir=None):
     commit, dirty = tools.git_state()
     config.update(run_dir=str(run_dir), setup=setup, device=str(device), threads=torch.get_num_threads(),
                   torch=str(torch.__version__), torchvision=version("torchvision"), numpy=np.__version__,
+                  cudnn_tf32=torch.backends.cudnn.allow_tf32,  # runs before fp32 turned it off had it on CUDA
                   git_commit=commit, git_dirty=dirty, train_images=len(train_y), valid_images=len(valid_y),
                   test_images=len(splits["test"][1]))
     say(f"{run_dir}: {args.model}, dropout_num={args.dropout_num}, p={args.dropout_p}, "

@@ -300,6 +300,7 @@ def _epochs_to_target(epochs, curve, target):
 
 
 def mean_std(values):
+    values = np.asarray(values, float)
     return f"{values.mean():.4f}" + (f" ± {values.std(ddof=1):.4f}" if len(values) > 1 else "")
 
 

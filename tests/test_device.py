@@ -1,4 +1,5 @@
 """What runs on the device, apart from the network: batched augmentation and the choice of precision."""
+import json
 import pathlib
 from types import SimpleNamespace
 
@@ -8,6 +9,7 @@ import torch
 import datasource
 import hardware
 import train
+from conftest import cli
 
 
 def test_random_crop_flip_is_a_shifted_window_of_the_padded_image_or_its_mirror():
@@ -63,5 +65,19 @@ def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch, tmp_path):
 @pytest.mark.parametrize("precision,tf32", [("fp32", False), ("bf16", True)])
 def test_fp32_turns_off_the_tf32_that_cudnn_uses_by_default(precision, tf32, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", not tf32)  # restored after the test
-    hardware.configure_precision(precision)
-    assert torch.backends.cudnn.allow_tf32 is tf32
+    # torch.backends.cuda.matmul is a proxy object that monkeypatch cannot restore: by hand, then
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        hardware.configure_precision(precision)
+        assert torch.backends.cudnn.allow_tf32 is tf32 and torch.backends.cuda.matmul.allow_tf32 is tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+
+
+def test_an_fp32_run_trains_and_records_without_tf32(small_cifar, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # cuDNN's default; restored after the test
+    rc, _, _ = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path, "--epochs", 1, "--batch_size", 100,
+                   "--precision", "fp32")
+    (config,) = [json.loads(p.read_text()) for p in tmp_path.glob("*/config.json")]
+    assert rc == 0 and torch.backends.cudnn.allow_tf32 is False and config["cudnn_tf32"] is False

@@ -61,20 +61,23 @@ def test_the_gains_are_paired_differences_with_a_hand_computed_interval(tmp_path
     write_runs(tmp_path / "blog-head", {1: [0.50, 0.52, 0.54], 8: [0.51, 0.55, 0.53]})  # differences .01 .03 -.01
     write_runs(tmp_path / "avg2", {1: [0.50, 0.50, 0.50], 8: [0.52, 0.52, 0.52]})
     write_runs(tmp_path / "avg2-flip", {8: [0.49, 0.50, 0.51]})  # paired with avg2's one-sample runs
-    found = dict(study.gains(tmp_path))
+    found = {label: (d, without) for label, _, _, d, without in study.compared(tmp_path)}
     assert set(found) == {"the blog's head", "--pool avg2", "--pool avg2 --diversity flip"}  # no runs: left out
-    assert found["--pool avg2 --diversity flip"]["mean"] == pytest.approx(0.0)
+    assert found["--pool avg2 --diversity flip"][0]["mean"] == pytest.approx(0.0)
     half = T_975_2DF * 0.02 / np.sqrt(3)
-    assert found["the blog's head"]["mean"] == pytest.approx(0.01)
-    assert found["the blog's head"]["interval"] == pytest.approx((0.01 - half, 0.01 + half))
-    assert found["--pool avg2"]["interval"] == pytest.approx((0.02, 0.02))
+    assert found["the blog's head"][0]["mean"] == pytest.approx(0.01)
+    assert found["the blog's head"][0]["interval"] == pytest.approx((0.01 - half, 0.01 + half))
+    assert found["--pool avg2"][0]["interval"] == pytest.approx((0.02, 0.02)) and found["--pool avg2"][1] is None
+    flip_without = found["--pool avg2 --diversity flip"][1]  # against avg2's eight samples: -.03 -.02 -.01
+    assert flip_without["mean"] == pytest.approx(-0.02) and (flip_without["higher"], flip_without["lower"]) == (0, 3)
+    assert flip_without["interval"] == pytest.approx((-0.02 - T_975_2DF * 0.01 / np.sqrt(3), -0.02 + T_975_2DF * 0.01 / np.sqrt(3)))
     table = study.table(study.compared(tmp_path))
     assert (f"| the blog's head | 0.5200 ± 0.0200 | 0.5300 ± 0.0200 | 3 | +0.0100 [{0.01 - half:+.4f}, "
-            f"{0.01 + half:+.4f}] | 2 / 1 |") in table
+            f"{0.01 + half:+.4f}], 2 / 1 | - |") in table
 
 
 def test_the_study_runs_each_setting_into_its_folder_and_draws_the_gains(small_cifar, tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(study.PROTOCOLS, "reduced", ["--epochs", "1", "--batch_size", "100", "--precision", "fp32"])
+    monkeypatch.setitem(study.PROTOCOLS, "reduced", (["--epochs", "1", "--batch_size", "100", "--precision", "fp32"], "unused"))
     monkeypatch.setattr(study, "SETTINGS", {k: study.SETTINGS[k] for k in ("avg2", "avg2-flip")})
     assert study.main(["--data_dir", small_cifar, "--output_dir", tmp_path, "--seed", "1"]) == 0
     assert len(run_dirs(tmp_path / "avg2", 1)) == 1 and not run_dirs(tmp_path / "avg2-flip", 1)  # avg2's is the reference
@@ -82,18 +85,20 @@ def test_the_study_runs_each_setting_into_its_folder_and_draws_the_gains(small_c
     assert (tmp_path / "gain.png").stat().st_size > 0
     (flip,) = [line for line in (tmp_path / "study.md").read_text().splitlines() if line.startswith("| --pool avg2 --diversity flip |")]
     one, eight, seeds, difference = flip.split(" | ")[1:5]  # one seed: the difference is eight - one, no interval
-    assert seeds == "1" and difference.endswith("(one seed: no interval)")
+    assert seeds == "1" and "(one seed: no interval), " in difference
     assert float(difference.split()[0]) == pytest.approx(float(eight) - float(one), abs=1.5e-4)  # each printed to 4 places
     assert study.main(["--data_dir", small_cifar, "--output_dir", tmp_path, "--seed", "1"]) == 0  # a rerun trains nothing
     assert capsys.readouterr().out.count("nothing to do") == 3
 
 
 def test_the_full_protocol_is_the_blogs_recipe_and_the_reduced_one_says_its_sizes():
-    full = run.build_parser().parse_args(study.PROTOCOLS["full"])
+    full = run.build_parser().parse_args(study.PROTOCOLS["full"][0])
     assert (full.epochs, full.lr_milestone, full.train_size, full.test_size, full.precision) == (20, 10, None, None, "fp32")
-    reduced = run.build_parser().parse_args(study.PROTOCOLS["reduced"])
+    reduced = run.build_parser().parse_args(study.PROTOCOLS["reduced"][0])
     assert (reduced.epochs, reduced.lr_milestone, reduced.train_size, reduced.test_size) == (10, 5, 5000, 5000)
-    assert study.parse_args(["--protocol", "full", "--seed", "43"]).seed == [43]
+    args = study.parse_args(["--protocol", "full", "--seed", "43"])
+    assert args.seed == [43] and args.output_dir == "outputs/study-full"  # its own folder: runs pair by seed alone
+    assert study.parse_args([]).output_dir == "outputs/study"
 
 
 def test_compare_draws_the_study_from_committed_files_alone_and_refuses_other_flags(tmp_path, capsys):
@@ -108,3 +113,21 @@ def test_compare_draws_the_study_from_committed_files_alone_and_refuses_other_fl
         assert study.main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
+
+
+def test_two_runs_of_one_seed_in_a_folder_are_refused_not_silently_paired(tmp_path, capsys):
+    write_runs(tmp_path / "blog-head", {1: [0.50, 0.52, 0.54], 8: [0.51, 0.55, 0.53]})
+    write_runs(tmp_path / "other" / "blog-head", {8: [0.40, 0.41, 0.42]})  # another protocol's run of seed 42
+    (tmp_path / "other" / "blog-head" / "m8_s42").rename(tmp_path / "blog-head" / "m8_s42-other")
+    assert study.main(["--compare", tmp_path]) == 2
+    err = capsys.readouterr().err
+    assert "holds two runs of dropout_num 8 with seed 42" in err and err.count("\n") == 1
+    assert not (tmp_path / "study.md").exists()
+
+
+def test_an_unwritable_figure_is_one_line_and_exit_2(tmp_path, capsys):
+    write_runs(tmp_path / "blog-head", {1: [0.50, 0.52, 0.54], 8: [0.51, 0.55, 0.53]})
+    (tmp_path / "gain.png").mkdir()  # a folder where the figure goes: writing it fails, as root too
+    assert study.main(["--compare", tmp_path]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("study.py: error: cannot write") and err.count("\n") == 1
