@@ -250,6 +250,7 @@ def plot_gain(path, gains, title):
               [d["interval"][1] - d["mean"] if d["interval"] else 0 for _, d in gains]]
     ax.errorbar(means, rows, xerr=errors, fmt="o", capsize=4)
     ax.axvline(0, color="grey", lw=1)
+    ax.set_ylim(-0.6, len(gains) - 0.4)  # half a row of margin above and below
     ax.set_yticks(rows, [f"{label} ({d['n']} seed{'s' * (d['n'] > 1)})" for label, d in gains], fontsize=8)
     _save(fig, ax, path, f"final valid accuracy minus dropout_num=1's, paired by seed (95% t interval)\n{title}",
           "difference in final valid accuracy", "", legend=False)
