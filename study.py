@@ -52,6 +52,8 @@ def parse_args(argv):
     p.add_argument("--compare", metavar="DIR", help="draw gain.png and study.md from the finished runs under DIR "
                    "(one folder per setting; config.json and metrics.json are enough), without training; no other flag")
     args = p.parse_args(argv)
+    if args.compare == "":
+        raise UserError("--compare needs the folder of a study, e.g. --compare docs/study-h200")
     if args.compare and len([a for a in argv if a.startswith("--")]) > 1:
         raise UserError("--compare draws from the runs' own files and takes no other flag")
     args.output_dir = args.output_dir or PROTOCOLS[args.protocol][1]
@@ -105,9 +107,6 @@ def main(argv=None):
     except UserError as e:
         print(f"study.py: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        print(f"study.py: error: cannot write the study's figure or table ({e}); choose another folder", file=sys.stderr)
-        return 2
 
 
 def train_and_draw(args):
@@ -128,8 +127,11 @@ def draw(output_dir):
     found = compared(output_dir)
     if not found:
         raise UserError(f"{output_dir} holds no setting with finished runs of dropout_num 1 and 8; run the study first")
-    trainingmonitor.plot_gain(output_dir / "gain.png", [(label, d) for label, _, _, d, _ in found], caption(output_dir))
-    atomic_write(output_dir / "study.md", lambda tmp: Path(tmp).write_text(table(found)))
+    try:
+        trainingmonitor.plot_gain(output_dir / "gain.png", [(label, d) for label, _, _, d, _ in found], caption(output_dir))
+        atomic_write(output_dir / "study.md", lambda tmp: Path(tmp).write_text(table(found)))
+    except OSError as e:
+        raise UserError(f"cannot write the study's figure or table in {output_dir} ({e.strerror or e}); choose another folder")
     print(f"study.py: wrote {output_dir / 'gain.png'} and {output_dir / 'study.md'}")
     return 0
 
@@ -137,7 +139,7 @@ def draw(output_dir):
 def caption(output_dir):
     """'5000/5000 images, 10 epochs, fp32, seeds 42 43 44, cpu': the protocol as the runs themselves recorded it."""
     configs = [r["config"] for folder in SETTINGS for r in trainingmonitor.finished_runs(output_dir / folder)]
-    values = {key: "/".join(sorted({str(c[key]) for c in configs}))
+    values = {key: "/".join(sorted({str(c.get(key, "?")) for c in configs}))
               for key in ("train_images", "valid_images", "epochs", "precision", "device")}
     seeds = " ".join(str(s) for s in sorted({c["seed"] for c in configs}))
     return (f"{values['train_images']}/{values['valid_images']} images, {values['epochs']} epochs, "

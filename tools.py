@@ -1,5 +1,6 @@
 """Small helpers with no torch in them (so --help stays instant): user errors, stop signals, atomic files, git state."""
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -64,7 +65,10 @@ def write_json(path, obj):
 
 
 def read_json(path):
-    return json.loads(Path(path).read_text())
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:  # our own writes are atomic: this one was cut or edited by hand
+        raise UserError(f"cannot read {path} ({e}); it may be truncated: restore it, or remove its run folder")
 
 
 def check_writable(folder):
@@ -75,8 +79,9 @@ def check_writable(folder):
         raise UserError(f"cannot write to {folder} ({e.strerror or e}); choose another --output_dir")
 
 
+@functools.cache  # read once: a long grid records the code it started with, even if HEAD moves meanwhile
 def git_state():
-    """(commit, dirty) of the repo this file lives in, or (None, None) outside git."""
+    """(commit, dirty) of the repo this file lives in when the process first asks, or (None, None) outside git."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, check=True).stdout.strip()
     try:

@@ -106,6 +106,15 @@ def test_compare_refuses_an_empty_folder_and_other_flags(tmp_path, capsys, extra
     assert not (tmp_path / "compare").exists()
 
 
+def test_compare_of_a_truncated_metrics_file_is_one_line(tmp_path, capsys):
+    run_dir = tmp_path / "some_run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text('{"epochs": 2}')
+    (run_dir / "metrics.json").write_text('[{"epoch": 1, "valid_')  # a copy cut short
+    rc, out, err = cli(capsys, "--compare", tmp_path)
+    assert rc == 2 and "may be truncated" in err and len(err.strip().splitlines()) == 1
+
+
 def test_every_figure_title_and_the_summary_say_which_setup_they_compare(tmp_path, monkeypatch):
     runs = [fake_run(m, seed, [0.5, 0.6]) for m in (1, 8) for seed in (1, 2)]
     for r in runs:

@@ -131,3 +131,13 @@ def test_an_unwritable_figure_is_one_line_and_exit_2(tmp_path, capsys):
     assert study.main(["--compare", tmp_path]) == 2
     err = capsys.readouterr().err
     assert err.startswith("study.py: error: cannot write") and err.count("\n") == 1
+
+
+def test_a_truncated_run_file_or_an_empty_folder_name_is_one_line_and_exit_2(tmp_path, capsys):
+    write_runs(tmp_path / "blog-head", {1: [0.50, 0.52, 0.54], 8: [0.51, 0.55, 0.53]})
+    metrics = next((tmp_path / "blog-head").glob("m8_s43/metrics.json"))
+    metrics.write_text(metrics.read_text()[:40])  # cut by hand, or by a copy that failed
+    for argv, message in [(["--compare", tmp_path], "may be truncated"), (["--compare", ""], "--compare needs the folder")]:
+        assert study.main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
