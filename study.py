@@ -77,9 +77,12 @@ def final_accuracies(folder, dropout_num):
     found = {}
     for r in trainingmonitor.finished_runs(folder):
         seed = r["config"]["seed"]
-        if r["config"]["dropout_num"] == dropout_num and found.setdefault(seed, r)["dir"] != r["dir"]:
+        if r["config"]["dropout_num"] != dropout_num:
+            continue
+        if seed in found:
             raise UserError(f"{folder} holds two runs of dropout_num {dropout_num} with seed {seed} ({found[seed]['dir'].name} "
                             f"and {r['dir'].name}): the study pairs by seed, so keep one protocol's runs per folder")
+        found[seed] = r
     return {seed: r["history"][-1]["valid_acc"] for seed, r in found.items()}
 
 
