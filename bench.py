@@ -9,7 +9,8 @@ Prints, and writes to --out (bench.md, overhead.png):
      device, batched normalise, channels_last, one head call for all samples), in fp32 and at the
      default precision;
   2. the multi-sample overhead: step time for dropout_num 0..32, relative to 0;
-  3. peak memory of a run the size of the blog's recipe (50,000 + 10,000 images) per dropout_num.
+  3. the head's variants at M = --dropout_num: the paper's, the mean of logits, separate heads;
+  4. peak memory of a run the size of the blog's recipe (50,000 + 10,000 images) per dropout_num.
 The images are random uint8: speed does not depend on what the pictures show. Timings are the
 median over --repeats blocks of --steps steps, the pipelines taking turns, after --warmup steps each;
 ratios are the median over rounds of the ratio within a round.
@@ -48,7 +49,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 OVERHEAD_M = [0, 1, 2, 4, 8, 16, 32]  # dropout_num values of the overhead table
 MIN_STEPS, MIN_REPEATS = 5, 3  # below these, the report says its timings are too short to trust
-SEED_RECIPE = (50_000, 10_000)  # CIFAR-10's train and test images, for the memory figure
+BLOG_RECIPE_IMAGES = (50_000, 10_000)  # CIFAR-10's train and test images, for the memory figure
 # Dense peak TFLOP/s from NVIDIA's datasheets (SXM parts): bf16 tensor cores, and plain fp32 (not TF32,
 # which hardware.configure_precision turns off for fp32).
 PEAK_TFLOPS = {"H100": {"bf16": 989.4, "fp32": 66.9}, "H200": {"bf16": 989.4, "fp32": 66.9},
@@ -98,7 +99,7 @@ def check_writable(out):
         raise tools.UserError(f"cannot write to {out} ({folder} is not a writable folder); choose another --out")
 
 
-class SeedStyleImages(torch.utils.data.Dataset):
+class BlogStyleImages(torch.utils.data.Dataset):
     """What torchvision.datasets.CIFAR10 does per item: a uint8 HWC array -> a PIL image -> the transform."""
 
     def __init__(self, images, labels, transform):
@@ -111,7 +112,7 @@ class SeedStyleImages(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
 
 
-class SeedStyleNet(nn.Module):
+class BlogStyleNet(nn.Module):
     """The blog code's forward: the backbone once, then a Python loop with a head call per dropout sample."""
 
     def __init__(self, resnet):
@@ -135,12 +136,12 @@ def synthetic_images(n, seed=0):
 def blog_style_pipeline(args, device, dropout_num):
     """A function that trains n steps the blog code's way and waits for the device."""
     torch.manual_seed(0)
-    model = SeedStyleNet(build_model(args.model, 10, dropout_num, 0.5)).to(device)
+    model = BlogStyleNet(build_model(args.model, 10, dropout_num, 0.5)).to(device)
     optimizer, loss_fn = torch.optim.Adam(model.parameters(), lr=1e-3), nn.CrossEntropyLoss()
     augment = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if args.augment else []
     transform = transforms.Compose(augment + [transforms.ToTensor(), transforms.Normalize(*datasource.STATS["cifar10"])])
     loader = torch.utils.data.DataLoader(
-        SeedStyleImages(*synthetic_images(args.batch_size * (args.warmup + args.repeats * args.steps)), transform),
+        BlogStyleImages(*synthetic_images(args.batch_size * (args.warmup + args.repeats * args.steps)), transform),
         batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=os.cpu_count(),
         pin_memory=device.type == "cuda", persistent_workers=True)
     batches = itertools.chain.from_iterable(itertools.repeat(loader))  # epoch after epoch, workers kept
@@ -169,17 +170,24 @@ class NoBar:
         pass
 
 
-def project_model(args, device, dropout_num):
+def project_model(args, device, dropout_num, reduce="loss", heads="shared"):
     """The network as run.py builds it (train.make_model: same layout), 10 classes, p = 0.5, no R-Drop."""
     flags = argparse.Namespace(model=args.model, dropout_num=dropout_num, dropout_p=0.5, rdrop_alpha=0.0,
-                               head_hidden=0, pool="avg4", diversity="none")  # the blog's head
+                               head_hidden=0, pool="avg4", diversity="none",  # the blog's head
+                               msd_reduce=reduce, msd_heads=heads)
     return train.make_model(flags, 10, device)
 
 
-def project_pipeline(args, device, dropout_num, precision, images=None):
+# The variants that public code calls multi-sample dropout: (label, reduce, heads, objective in one line)
+VARIANTS = [("the paper: shared head, mean of losses", "loss", "shared", "mean over the M samples of CE(head(drop_i(f)), y)"),
+            ("mean of logits (the common Kaggle head)", "logits", "shared", "CE(mean over the M samples of head(drop_i(f)), y)"),
+            ("separate heads", "loss", "separate", "mean over the M samples of CE(head_i(drop_i(f)), y)")]
+
+
+def project_pipeline(args, device, dropout_num, precision, images=None, reduce="loss", heads="shared"):
     """A function that trains n steps with run.py's own loop (train.train_epoch) and waits for the device."""
     torch.manual_seed(0)
-    model = project_model(args, device, dropout_num)
+    model = project_model(args, device, dropout_num, reduce, heads)
     optimizer, loss_fn = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True), nn.CrossEntropyLoss()
     x, y = datasource.to_device(*(images or synthetic_images(args.batch_size * (args.warmup + args.repeats * args.steps))), device)
     generator = torch.Generator(device=device).manual_seed(0)
@@ -259,7 +267,7 @@ def peak_memory(args, dropout_num, connection):
     device, --memory_steps training steps, then evaluation of 10,000 test images. Sends the peak while
     training (data on the device included) and the peak of the whole process."""
     device = pick_device(args.device)
-    n_train, n_test = SEED_RECIPE
+    n_train, n_test = BLOG_RECIPE_IMAGES
     precision = hardware.resolve_precision(args.precision, device)
     train_steps = project_pipeline(args, device, dropout_num, precision, synthetic_images(n_train))
     test = datasource.to_device(*synthetic_images(n_test, seed=1), device)
@@ -397,7 +405,21 @@ def measure(args, device, argv, written):
     report += [f"### Multi-sample overhead (project pipeline, {precision})", "", table, "", "\n\n".join(notes), ""]
     print("\n".join([table, *notes]))
 
-    # 3. peak memory, each dropout_num in its own process
+    # 3. the variants, at the pipelines' M
+    pipelines = {label: project_pipeline(args, device, m, precision, reduce=reduce, heads=heads)
+                 for label, reduce, heads, _ in VARIANTS}
+    times = seconds_per_step(pipelines, args, device)
+    per_round = round_ratios(times, VARIANTS[0][0])
+    params = {label: sum(p.numel() for p in project_model(args, device, m, reduce, heads).classifier.parameters())
+              for label, reduce, heads, _ in VARIANTS}
+    table = markdown_table(["variant", "objective", "head parameters", "ms/step", "vs the paper's (lowest - highest round)"],
+                           [[label, objective, f"{params[label]:,}", f"{1e3 * statistics.median(times[label]):.2f}",
+                             f"{statistics.median(per_round[label]):.3f} ({min(per_round[label]):.3f} - {max(per_round[label]):.3f})"]
+                            for label, _, _, objective in VARIANTS])
+    report += [f"### Variants of the head (project pipeline, {precision}, M={m})", "", table, ""]
+    print(table)
+
+    # 4. peak memory, each dropout_num in its own process
     if args.memory_steps:
         peaks = {mm: peak_memory_in_fresh_process(args, mm) for mm in (0, 8, 32)}
         table = markdown_table(["dropout_num", "peak while training (MiB)", "vs dropout_num=0", "peak of the run (MiB)"],

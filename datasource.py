@@ -4,9 +4,10 @@ copy), then on the training device as whole tensors, batched, augmented and norm
 --data_dir is either torchvision's root (the default `data/`: the official release is
 downloaded there when missing) or a folder / .tar / .tar.gz in the image-folder layout
 train/<class>/*.png|jpg and test/<class>/*, optionally inside one wrapping folder.
-Image folders are decoded once and cached as uint8 arrays under the repo's data/cache/.
+Image folders are decoded once and cached as uint8 arrays under the repo's data/cache/ (or $MSD_CACHE_DIR).
 """
 import hashlib
+import os
 import tarfile
 import tempfile
 import zlib
@@ -19,7 +20,8 @@ from PIL import Image, UnidentifiedImageError
 
 from tools import UserError, atomic_write
 
-CACHE_DIR = Path(__file__).resolve().parent / "data" / "cache"
+# Decoded image-folder copies; MSD_CACHE_DIR moves them (the tests send theirs, subprocesses too, to a temporary folder)
+CACHE_DIR = Path(os.environ.get("MSD_CACHE_DIR") or Path(__file__).resolve().parent / "data" / "cache")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 LAYOUT = "train/<class>/*.png|jpg and test/<class>/*"
 
@@ -70,7 +72,7 @@ def load(data_dir, dataset="cifar10"):
 
 
 def quadratic():
-    """Seed 001's regression: its ten noisy samples of y = x^2 at x = 1..10 for training, and y = x^2 itself
+    """The dropout post's regression: its ten noisy samples of y = x^2 at x = 1..10 for training, and y = x^2 itself
     on 1001 points of [0, 10] for validation. (N, 1) float32 arrays."""
     x = np.arange(1, 11, dtype=np.float32)[:, None]
     y = np.array([0.52, 8.54, 6.94, 20.76, 32.17, 30.65, 40.46, 80.12, 75.12, 98.83], np.float32)[:, None]

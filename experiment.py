@@ -12,8 +12,12 @@ IMAGE_SETS = ["cifar10", "cifar100", "svhn"]
 # They name the run directory and decide what may be resumed and what may be compared.
 DEFINING = ["dataset", "data_source", "model", "dropout_num", "dropout_p", "batch_size", "lr", "lr_milestone",
             "augment", "seed", "data_seed", "train_size", "test_size", "valid_split", "precision", "rdrop_alpha",
-            "head_hidden", "pool", "diversity"]
-LATER_FLAGS = {"valid_split": 0, "rdrop_alpha": 0.0, "head_hidden": 0, "pool": "avg4", "diversity": "none"}  # defining flags added after the first runs, left out of the hash at this value
+            "head_hidden", "pool", "diversity", "msd_reduce", "msd_heads"]
+# Defining flags added after the first runs: at this value they stay out of a run's name and hash, so the
+# runs from before them keep theirs; another value enters both.
+OMITTED_AT_DEFAULT = {"valid_split": 0, "rdrop_alpha": 0.0, "head_hidden": 0, "pool": "avg4", "diversity": "none",
+                      "msd_reduce": "loss", "msd_heads": "shared"}
+HEAD_OPTIONS = ["head_hidden", "pool", "diversity", "msd_reduce", "msd_heads"]  # the ResNet head's; none for quadratic
 LOG_EVERY = {"quadratic": 100}  # epochs per table row, metrics row and checkpoint (default 1)
 GRID = ["seed", "dropout_p", "dropout_num", "rdrop_alpha"]  # flags that take several values; runs differing only in these are compared
 
@@ -24,13 +28,13 @@ def short_hash(values):
 
 def defining_flags(config):
     """The values that define the experiment; a later flag at its default is left out, so older runs keep their names."""
-    values = {k: config.get(k, LATER_FLAGS.get(k)) for k in DEFINING}
-    return {k: v for k, v in values.items() if not (k in LATER_FLAGS and v == LATER_FLAGS[k])}
+    values = {k: config.get(k, OMITTED_AT_DEFAULT.get(k)) for k in DEFINING}
+    return {k: v for k, v in values.items() if not (k in OMITTED_AT_DEFAULT and v == OMITTED_AT_DEFAULT[k])}
 
 
 def setup_flags(config):
     """The defining flags that are not grid flags: what every run of one comparison shares."""
-    return {k: config.get(k, LATER_FLAGS.get(k)) for k in DEFINING if k not in GRID}
+    return {k: config.get(k, OMITTED_AT_DEFAULT.get(k)) for k in DEFINING if k not in GRID}
 
 
 def run_identity(config):
@@ -39,8 +43,8 @@ def run_identity(config):
     setup = {k: v for k, v in defining.items() if k not in GRID}
     c = config
     rdrop = f"_r{c['rdrop_alpha']}" if c.get("rdrop_alpha") else ""
-    head = "".join(f"_{label}{c[k]}" for k, label in (("head_hidden", "h"), ("pool", ""), ("diversity", ""))
-                   if c.get(k, LATER_FLAGS[k]) != LATER_FLAGS[k])  # _h512_avg2_flip; nothing for the blog's head
+    head = "".join(f"_{label}{c[k]}" for k, label in zip(HEAD_OPTIONS, ("h", "", "", "", ""))
+                   if c.get(k, OMITTED_AT_DEFAULT[k]) != OMITTED_AT_DEFAULT[k])  # _h512_avg2_flip, _logits; nothing by default
     run = f"{c['model']}_{c['dataset']}_m{c['dropout_num']}_p{c['dropout_p']}{rdrop}{head}_s{c['seed']}-{short_hash(defining)}"
     return run, f"{c['model']}_{c['dataset']}-{short_hash(setup)}"
 

@@ -27,6 +27,11 @@ def configure_precision(precision):
         torch.backends.cuda.matmul.allow_tf32 = False
 
 
+def tf32_state(device):
+    """{'cudnn_tf32': ...} on CUDA, where it matters (runs before fp32 turned it off had it on); nothing elsewhere."""
+    return {"cudnn_tf32": torch.backends.cudnn.allow_tf32} if device.type == "cuda" else {}
+
+
 def pick_device(name):
     """'auto' means cuda, else mps, else cpu; a named device must exist."""
     if name == "auto":
@@ -64,3 +69,18 @@ def resolve_precision(precision, device):
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
     return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+
+
+def describe(device):
+    """The machine a run used, for tables that say where each pair ran: the GPU's name, or the CPU's model and family."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type != "cpu":
+        return device.type
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "cpu"
+    info = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in lines)}  # the last CPU's
+    model, family = info.get("model name", "cpu"), info.get("cpu family", "?")
+    return f"{model} (family {family})"

@@ -1,4 +1,4 @@
-"""The networks: a CIFAR ResNet and seed 001's regression MLP, each ending in a multi-sample dropout head.
+"""The multi-sample dropout head, and the networks it ends: a CIFAR ResNet and the dropout post's regression MLP.
 
 Multi-sample dropout (Inoue 2019, arXiv 1905.09788): draw M dropout masks over the
 same features, run every masked copy through the same (shared-weight) head, and
@@ -8,26 +8,39 @@ cost is M small head passes, which we batch into one call.
 R-Drop (Liang et al. 2021) adds a consistency term between the dropout samples; here it is
 R-Drop on the multi-sample head: one backbone pass, the samples differ only in the head.
 """
+from copy import deepcopy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
 class MultiSampleDropout(nn.Module):
-    """M dropout samples of the features through one shared `head`; loss = mean of the M losses.
+    """M dropout samples of the features through the layers after the dropout (`head`).
 
-    The input is what the backbone gives (the ResNet's final (B, C, 4, 4) map, the MLP's (B, 10)
-    features); `pool` (default: identity) turns it into the head's (B, F) input, and the head is
-    every layer after the dropout: all of it is shared between the samples.
+        msd = MultiSampleDropout(nn.Linear(768, 10), num_samples=8, p=0.5)
+        logits = msd(features)                          # a tensor, in training and in evaluation
+        logits, loss = msd(features, target, loss_fn)   # loss: the mean over the M samples of loss_fn
 
+    In training, logits is the mean of the M samples' logits. In evaluation dropout is off and the
+    head runs once: one plain pass (no flip, no padding), the same network for every num_samples.
     num_samples=0: no dropout, the head once. num_samples=1: ordinary dropout.
-    In eval mode dropout is off, so every num_samples gives exactly head(pool(x)): one plain pass,
-    no dropout, no flip, no padding.
-    rdrop_alpha > 0 (needs num_samples >= 2) adds R-Drop's term: (alpha / 2) x rdrop_consistency.
 
-    diversity (the paper's/patent's diversity between samples; needs num_samples >= 2 and a pool
-    that keeps a spatial grid): M copies of the map, each flipped and/or padded by its index i,
-    then pooled, then dropped out; flip first, then pad.
+    The variants that public code calls multi-sample dropout:
+      reduce="loss" (the paper): the mean of the M losses, loss_fn(sample_i, target), whatever
+              loss_fn's reduction (with reduction="sum", the mean of the M sums).
+      reduce="logits" (the common Kaggle head): one loss of the mean of the M logits.
+      heads="shared" (the paper): every sample goes through the same head.
+      heads="separate": M independently initialised copies of the head, one per sample; evaluation
+              uses the mean of the M heads' logits.
+
+    `pool` (default: identity) turns the input (the ResNet's (B, C, 4, 4) map, a pooled feature of
+    any model) into the head's (B, F) input. rdrop_alpha > 0 adds R-Drop's term, (alpha / 2) x
+    rdrop_consistency, between the samples.
+
+    diversity (the paper's and its patent's diversity between samples; needs a pool that keeps a
+    spatial grid): M copies of the map, each flipped and/or padded by its index i, then pooled, then
+    dropped out; flip first, then pad.
       "flip": the second half of the samples (i = M - M//2 .. M-1, i.e. M//2 of them) see the
               map flipped horizontally (along its width).
       "pad":  one column of zeros, on the right of the map for even i and on the left for odd i,
@@ -38,37 +51,57 @@ class MultiSampleDropout(nn.Module):
       "flip+pad": both rules (flip by half, pad by parity); with M >= 4 all four combinations occur.
     """
 
-    def __init__(self, head, num_samples, p, rdrop_alpha=0.0, pool=None, diversity="none"):
+    def __init__(self, head, num_samples, p, rdrop_alpha=0.0, pool=None, diversity="none", reduce="loss",
+                 heads="shared"):
         super().__init__()
-        if rdrop_alpha and num_samples < 2:
-            raise ValueError(f"R-Drop compares dropout samples: it needs num_samples >= 2, got {num_samples}")
-        if diversity not in DIVERSITIES:
-            raise ValueError(f"diversity must be one of {DIVERSITIES}, got {diversity!r}")
-        if diversity != "none" and num_samples < 2:
-            raise ValueError(f"diversity differs between dropout samples: it needs num_samples >= 2, got {num_samples}")
-        self.head, self.num_samples, self.p, self.rdrop_alpha = head, num_samples, p, rdrop_alpha
+        problem = head_problem(num_samples, p, rdrop_alpha, diversity, reduce, heads)
+        if problem:
+            raise ValueError(problem)
+        self.num_samples, self.p, self.rdrop_alpha, self.reduce = num_samples, p, rdrop_alpha, reduce
         self.pool, self.diversity = pool or nn.Identity(), diversity
+        self.head = head if heads == "shared" else nn.ModuleList([head] + [_fresh_copy(head) for _ in range(num_samples - 1)])
 
     def forward(self, x, target=None, loss_fn=None):
+        logits, loss = self.logits_and_loss(x, target, loss_fn)
+        return logits if target is None or loss_fn is None else (logits, loss)
+
+    def logits_and_loss(self, x, target, loss_fn):
         if not self.training or self.num_samples == 0:
-            logits = self.head(self.pool(x))
+            logits = self._heads_mean(self.pool(x))
             return logits, _loss(loss_fn, logits, target)
         m, batch = self.num_samples, x.shape[0]
         # M copies stacked along the batch dim: F.dropout draws an independent mask per
-        # element, so each copy gets its own mask, and the head runs once on M*B rows.
+        # element, so each copy gets its own mask, and a shared head runs once on M*B rows.
         if self.diversity == "none":  # the copies are equal until dropout: pool once, then copy
             features = _copies(self.pool(x), m).flatten(0, 1)
         else:  # the copies differ before pooling: copy the map, flip/pad each copy, then pool
             features = self.pool(self._diversify(_copies(x, m)).flatten(0, 1))
-        outputs = self.head(F.dropout(features, self.p, training=True))
-        logits = outputs.view(m, batch, *outputs.shape[1:]).mean(0)
-        # Every copy has the same B targets, so a mean-reduced loss over the M*B rows is
-        # exactly the mean of the M per-sample losses (not the loss of the mean logits).
-        targets = None if target is None else target.repeat(m, *[1] * (target.dim() - 1))  # (M*B, ...)
-        loss = _loss(loss_fn, outputs, targets)
-        if loss is not None and self.rdrop_alpha:
-            loss = loss + self.rdrop_alpha / 2 * rdrop_consistency(outputs.view(m, batch, -1))
+        dropped = F.dropout(features, self.p, training=True)
+        if isinstance(self.head, nn.ModuleList):  # sample i through head i
+            outputs = torch.cat([head(rows) for head, rows in zip(self.head, dropped.chunk(m))])
+        else:
+            outputs = self.head(dropped)
+        samples = outputs.view(m, batch, *outputs.shape[1:])
+        logits = samples.mean(0)
+        if target is None or loss_fn is None:
+            return logits, None
+        if self.reduce == "logits":
+            loss = loss_fn(logits, target)
+        elif getattr(loss_fn, "reduction", None) == "mean":
+            # Every sample has the same B targets, so one mean over the M*B rows is the mean of the
+            # M per-sample means (as far as rounding goes), in one call.
+            loss = loss_fn(outputs, target.repeat(m, *[1] * (target.dim() - 1)))
+        else:  # any other reduction, or a plain function: the M losses one by one, then their mean
+            loss = torch.stack([loss_fn(sample, target) for sample in samples]).mean(0)
+        if self.rdrop_alpha:
+            loss = loss + self.rdrop_alpha / 2 * rdrop_consistency(samples.flatten(2))
         return logits, loss
+
+    def _heads_mean(self, features):
+        """The head on the features; separate heads: the mean of their logits."""
+        if isinstance(self.head, nn.ModuleList):
+            return torch.stack([head(features) for head in self.head]).mean(0)
+        return self.head(features)
 
     def _diversify(self, copies):
         """(M, B, C, H, W) copies of the map -> what each sample's pooling sees (see the class docstring)."""
@@ -82,7 +115,40 @@ class MultiSampleDropout(nn.Module):
         return copies
 
 
+def head_problem(num_samples, p, rdrop_alpha=0.0, diversity="none", reduce="loss", heads="shared", pool="avg2"):
+    """What is wrong with these head options, in one line, or None. The one place each rule lives: the class
+    raises it as a ValueError, run.py as its one-line error. `pool`: the ResNet's pooling, whose name says
+    whether a spatial grid survives it (for a head of your own, any pool that keeps one)."""
+    if num_samples < 0:
+        return f"the number of dropout samples (--dropout_num) must be 0 or more, got {num_samples}"
+    if not 0 <= p < 1:
+        return f"the dropout probability (--dropout_p) must be in [0, 1), got {p}"
+    if diversity not in DIVERSITIES:
+        return f"diversity must be one of {', '.join(DIVERSITIES)}, got {diversity!r}"
+    if (reduce, heads) != ("loss", "shared") and (reduce not in REDUCES or heads not in HEADS):
+        return f"reduce must be one of {', '.join(REDUCES)} and heads one of {', '.join(HEADS)}, got {reduce!r}, {heads!r}"
+    for option, active in (("R-Drop (--rdrop_alpha)", rdrop_alpha), ("diversity (--diversity)", diversity != "none"),
+                           ("the mean of logits (--msd_reduce logits)", reduce == "logits"),
+                           ("separate heads (--msd_heads separate)", heads == "separate")):
+        if active and num_samples < 2:
+            return f"{option} needs 2 or more dropout samples (--dropout_num), got {num_samples}"
+    if diversity != "none" and pool == "avg4":  # a global average forgets where a feature was
+        return f"diversity {diversity!r} needs --pool avg2: after the global average of --pool avg4 a flip changes nothing"
+    return None
+
+
 DIVERSITIES = ("none", "flip", "pad", "flip+pad")
+REDUCES = ("loss", "logits")
+HEADS = ("shared", "separate")
+
+
+def _fresh_copy(head):
+    """A copy of head with its own initial weights: every layer that can re-initialise itself does."""
+    copy = deepcopy(head)
+    for layer in copy.modules():
+        if hasattr(layer, "reset_parameters"):
+            layer.reset_parameters()
+    return copy
 
 
 def _copies(x, m):
@@ -135,13 +201,13 @@ class ResNet(nn.Module):
     """
 
     def __init__(self, widths, num_classes, dropout_num, dropout_p, rdrop_alpha=0.0,
-                 head_hidden=0, pool="avg4", diversity="none"):
+                 head_hidden=0, pool="avg4", diversity="none", reduce="loss", heads="shared"):
         super().__init__()
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {tuple(POOLS)}, got {pool!r}")
-        if pool == "avg4" and diversity in DIVERSITIES[1:]:  # a global average forgets where a feature was
-            raise ValueError(f"diversity {diversity!r} needs pool='avg2': after pool='avg4' (a global average) "
-                             "a flip changes nothing")
+        problem = head_problem(dropout_num, dropout_p, rdrop_alpha, diversity, reduce, heads, pool)
+        if problem:
+            raise ValueError(problem)
         self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
         blocks, cin = [], widths[0]
         for width, stride in zip(widths, (1, 2, 2, 2)):
@@ -149,7 +215,8 @@ class ResNet(nn.Module):
             cin = width
         self.blocks = nn.Sequential(*blocks)
         head = classifier_head(cin * (4 // POOLS[pool]) ** 2, head_hidden, num_classes)
-        self.classifier = MultiSampleDropout(head, dropout_num, dropout_p, rdrop_alpha, pooling(pool), diversity)
+        self.classifier = MultiSampleDropout(head, dropout_num, dropout_p, rdrop_alpha, pooling(pool), diversity,
+                                             reduce, heads)
 
     def feature_map(self, x):
         return self.blocks(self.stem(x))  # (B, widths[-1], 4, 4) for 32x32 inputs
@@ -179,7 +246,7 @@ def classifier_head(inputs, hidden, classes):
 
 
 class DropoutMLP(nn.Module):
-    """Seed 001's regression network, 1-3-5-10-5-1 with sigmoids and a final ReLU.
+    """The regression network of the post on torch.nn.Dropout, 1-3-5-10-5-1 with sigmoids and a final ReLU.
 
     Dropout A sits after the 5-unit layer, dropout B after the 10-unit layer. dropout_num=0: neither;
     1: both, as in the post; M >= 2: A as in the post, and B becomes multi-sample dropout whose head is
@@ -198,17 +265,19 @@ class DropoutMLP(nn.Module):
 
 
 MODEL_WIDTHS = {
-    "miniresnet": (32, 64, 64, 128),  # the seed repo's network: 848,810 parameters for 10 classes
+    "miniresnet": (32, 64, 64, 128),  # the blog code's network: 848,810 parameters for 10 classes
     "resnet18": (64, 128, 256, 512),  # the standard CIFAR ResNet-18: 11,173,962 parameters
 }
 
 
 def build_model(name, num_outputs, dropout_num, dropout_p, rdrop_alpha=0.0,
-                head_hidden=0, pool="avg4", diversity="none"):
+                head_hidden=0, pool="avg4", diversity="none", reduce="loss", heads="shared"):
     if name == "mlp":  # the regression demo: one input, one output, squared errors (R-Drop's KL needs classes)
         if rdrop_alpha:
             raise ValueError("R-Drop's term compares class distributions: the regression mlp has none")
-        if (head_hidden, pool, diversity) != (0, "avg4", "none"):
-            raise ValueError("head_hidden, pool and diversity are options of the ResNet head: the mlp has its own")
+        if (head_hidden, pool, diversity, reduce, heads) != (0, "avg4", "none", "loss", "shared"):
+            raise ValueError("head_hidden, pool, diversity, reduce and heads are options of the ResNet head: "
+                             "the mlp has its own")
         return DropoutMLP(dropout_num, dropout_p)
-    return ResNet(MODEL_WIDTHS[name], num_outputs, dropout_num, dropout_p, rdrop_alpha, head_hidden, pool, diversity)
+    return ResNet(MODEL_WIDTHS[name], num_outputs, dropout_num, dropout_p, rdrop_alpha, head_hidden, pool, diversity,
+                  reduce, heads)

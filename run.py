@@ -18,8 +18,9 @@ import signal
 import sys
 from pathlib import Path
 
+import runlock
 import tools
-from experiment import DEFINING, GRID, IMAGE_SETS, LATER_FLAGS, LOG_EVERY
+from experiment import DEFINING, GRID, HEAD_OPTIONS, IMAGE_SETS, OMITTED_AT_DEFAULT, LOG_EVERY
 from tools import UserError
 
 IMAGE_MODELS = ["miniresnet", "resnet18"]  # nn.MODEL_WIDTHS's names (a test keeps them equal), without importing torch
@@ -29,6 +30,9 @@ DEFAULTS = {"images": {"model": "miniresnet", "dropout_p": [0.5], "lr": 0.01, "l
                        "batch_size": 128},
             "quadratic": {"model": "mlp", "dropout_p": [0.4], "lr": 0.005, "lr_milestone": 0, "epochs": 3000,
                           "batch_size": 1}}
+
+
+PATH_FLAGS = ["data_dir", "output_dir", "resume", "eval", "compare"]  # an empty one is refused, never read as 'not given'
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -72,6 +76,11 @@ def build_parser():
                    "windows (stride 2; the one that does not fit is dropped) pool columns {0,1},{2,3} in the first and "
                    "{zero,0},{1,2} in the second: offset by one column. flip+pad: both. Evaluation is one plain pass: "
                    "no dropout, no flip, no padding")
+    p.add_argument("--msd_reduce", choices=["loss", "logits"], default="loss", help="loss: the mean of the M samples' "
+                   "losses (the paper); logits: one loss of the mean of the M samples' logits (the common Kaggle head)")
+    p.add_argument("--msd_heads", choices=["shared", "separate"], default="shared", help="shared: every sample "
+                   "through the same head (the paper); separate: M independently initialised copies of the head, one "
+                   "per sample, and evaluation takes the mean of the M heads' logits")
     p.add_argument("--model", help=f"{', '.join(IMAGE_MODELS)} for the images; mlp (the Dropout post's network) for quadratic "
                    f"{per_dataset('model')}")
     p.add_argument("--dataset", default="cifar10", help=f"{', '.join(IMAGE_SETS)}, or quadratic: the dropout "
@@ -113,6 +122,9 @@ def parse_args(argv):
     argv = split_grid_values(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    for flag in PATH_FLAGS:
+        if getattr(args, flag) == "":
+            raise UserError(f"--{flag} needs a path, got an empty string")
     unset = object()  # not a string, so argparse does not convert it
     parser.set_defaults(**{flag: unset for flag in vars(args)})
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not unset}
@@ -156,10 +168,6 @@ def saved_args(checkpoint, explicit):
 
 
 def check_args(args):
-    if args.dropout_num < 0:
-        raise UserError(f"--dropout_num must be 0 or more, got {args.dropout_num}")
-    if not 0 <= args.dropout_p < 1:
-        raise UserError(f"--dropout_p must be in [0, 1), got {args.dropout_p}")
     if args.dataset not in IMAGE_SETS + ["quadratic"]:
         raise UserError(f"unknown --dataset {args.dataset!r}: use one of {', '.join(IMAGE_SETS)} or quadratic")
     for flag in ("epochs", "batch_size", "lr", "train_size", "test_size"):
@@ -172,13 +180,6 @@ def check_args(args):
         raise UserError(f"--rdrop_alpha must be 0 (off) or a positive number, got {args.rdrop_alpha}")
     if args.head_hidden < 0:
         raise UserError(f"--head_hidden must be 0 (a single linear layer) or a positive width, got {args.head_hidden}")
-    if args.diversity != "none" and args.pool != "avg2":
-        raise UserError(f"--diversity {args.diversity} needs --pool avg2: after the global average of --pool avg4 "
-                        "a flip changes nothing")
-    if args.diversity != "none" and args.dropout_num < 2:
-        raise UserError(f"--diversity makes the dropout samples differ, so it needs --dropout_num 2 or more, got {args.dropout_num}")
-    if args.rdrop_alpha and args.dropout_num < 2:
-        raise UserError(f"--rdrop_alpha compares dropout samples, so it needs --dropout_num 2 or more, got {args.dropout_num}")
     if args.valid_split < 0:
         raise UserError(f"--valid_split must be 0 or more, got {args.valid_split}")
     if args.lr_milestone < 0:
@@ -190,13 +191,19 @@ def check_args(args):
         check_quadratic_args(args)
     elif args.model not in IMAGE_MODELS:
         raise UserError(f"unknown --model {args.model!r}: use one of {', '.join(IMAGE_MODELS)}")
+    from nn import head_problem  # the head's rules live with the head (torch: last, once the cheap checks passed)
+    problem = head_problem(args.dropout_num, args.dropout_p, args.rdrop_alpha, args.diversity, args.msd_reduce,
+                           args.msd_heads, args.pool)
+    if problem:
+        raise UserError(problem)
 
 
 def check_quadratic_args(args):
     """The regression demo has ten fixed points and one network: the image-only flags are errors, not ignored."""
     if args.model != "mlp":
         raise UserError(f"--dataset quadratic trains the post's network, --model mlp, not {args.model!r}")
-    for flag, off in (("train_size", None), ("test_size", None), ("augment", False), *LATER_FLAGS.items()):
+    image_only = [("train_size", None), ("test_size", None), ("augment", False), ("rdrop_alpha", 0.0), ("valid_split", 0)]
+    for flag, off in image_only + [(flag, OMITTED_AT_DEFAULT[flag]) for flag in HEAD_OPTIONS]:
         if getattr(args, flag) != off:
             raise UserError(f"--{flag} is for the image data sets; drop it with --dataset quadratic")
     every = LOG_EVERY["quadratic"]
@@ -204,7 +211,8 @@ def check_quadratic_args(args):
         raise UserError(f"--lr_milestone must be a multiple of {every} with --dataset quadratic, got {args.lr_milestone}")
 
 
-def main(argv=None):
+def main(argv=None, resume_command=None):
+    """resume_command: what an interrupted run says resumes it (study.py gives its own command)."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     torchrun = "RANK" in os.environ  # one worker of several: rank 0 alone prints
     try:
@@ -226,8 +234,10 @@ def main(argv=None):
             for run in runs:
                 if train.stop_requested():
                     raise tools.Interrupted(f"stopped by {tools.STOP.get('signal', 'a signal')} between two runs of the grid")
-                train.train_run(run, Path(args.resume) if args.resume else None)
+                train.report_comparison(*train.train_run(run, Path(args.resume) if args.resume else None))
             return 0
+    except runlock.RunHeld as e:
+        return report(torchrun, f"run.py: {e}", runlock.HELD)
     except UserError as e:
         return report(torchrun, f"run.py: error: {e}", 2)
     except FloatingPointError as e:
@@ -235,7 +245,8 @@ def main(argv=None):
     except (tools.Interrupted, KeyboardInterrupt) as e:  # KeyboardInterrupt: a second Ctrl-C, at once
         resume = shlex.join(a for a in argv if a != "--overwrite")  # rerunning must not start afresh
         launcher = "the same torchrun command with run.py" if torchrun else "python run.py"
-        return report(torchrun, f"run.py: {str(e) or 'stopped at once'}; resume with: {launcher} {resume}",
+        resume_command = resume_command or f"{launcher} {resume}"
+        return report(torchrun, f"run.py: {str(e) or 'stopped at once'}; resume with: {resume_command}",
                       128 + signal.Signals[tools.STOP.get("signal", "SIGINT")].value)
 
 

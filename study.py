@@ -1,152 +1,252 @@
-"""Where does multi-sample dropout help? Six heads and settings, eight samples against one, paired by seed.
+"""The paper's figures, and where multi-sample dropout helps: named studies of many runs, paired by seed.
 
-    python study.py --data_dir ../shared/data/cifar10-jpeg.tar.gz
+    python study.py samples --data_dir ../shared/data/cifar10-jpeg.tar.gz   # error against M = 1 .. 64
+    python study.py samples --compare docs/study-converged                    # redraw from the committed runs
 
-A reduced, labelled protocol of the blog's recipe (5,000 training and 5,000 test images, 10 epochs,
-lr / 10 after epoch 5, fp32; --protocol full: the recipe unchanged), seeds 42 43 44, dropout_num 1
-and 8, for each setting below. Each setting is one grid of run.py into its own folder under
---output_dir; rerunning skips finished runs and resumes unfinished ones. Diversity needs two samples
-or more, so for the flip and pad settings the one-sample reference is --pool avg2 without diversity
-(same seeds: same initial weights, same data order). Then gain.png (the paired difference in final
-valid accuracy, eight samples minus one, with its 95% interval, per setting) and study.md (the same
-as a table, with each setting's accuracies, and diversity against the same head without it).
+A study is data: the runs it needs (a setting's folder, its dropout_num and dropout_p values), the paired
+comparisons it reports, and its figure. The studies of one protocol share one folder, one subfolder per
+setting, so a run that two studies need (dropout_num 1 and 8 at p = 0.5, say) trains once. Each run is one
+run.py command: rerunning skips finished runs and resumes unfinished ones; --workers K trains K at once, each
+taking the next run that no process holds. Then NAME.png and NAME.md, from the finished runs alone.
 """
+import argparse
+import collections
+import os
+import shlex
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import run
+import runlock
 import stats
-import trainingmonitor
-from tools import UserError, atomic_write
+import tools
+from tools import UserError
 
-# --protocol: run.py's flags, and the default --output_dir. reduced fits a 2-core CPU in hours; full is
-# the blog's recipe unchanged. Each has its own folder: the study pairs runs by seed alone.
+# --protocol: run.py's flags. --precision is left to auto (bf16 where the device computes it natively, else
+# fp32) except where a protocol fixes it; a run records what it used, and the tables say where each pair ran.
 PROTOCOLS = {
+    "converged": (["--train_size", "10000", "--epochs", "25", "--lr_milestone", "20"],
+                  "10,000 training images, all 10,000 test images, 25 epochs, lr / 10 after epoch 20: dropout_num=1 "
+                  "ends at training accuracy 0.99 with a flat valid accuracy (the pilot in docs/pilot)"),
     "reduced": (["--train_size", "5000", "--test_size", "5000", "--epochs", "10", "--lr_milestone", "5",
-                 "--precision", "fp32"], "outputs/study"),
-    "full": (["--epochs", "20", "--lr_milestone", "10", "--precision", "fp32"], "outputs/study-full"),
+                 "--precision", "fp32"], "5,000 training and 5,000 test images, 10 epochs, lr / 10 after epoch 5, "
+                "fp32 (far from converged: accuracies of 0.37 to 0.51)"),
+    "full": (["--epochs", "20", "--lr_milestone", "10", "--precision", "fp32"],
+             "the blog's recipe: all 50,000 / 10,000 images, 20 epochs, lr / 10 after epoch 10, fp32"),
+    "smoke": (["--train_size", "200", "--test_size", "100", "--epochs", "2", "--batch_size", "50"],
+              "200 training and 100 test images, 2 epochs: checks that a study runs, measures nothing"),
 }
-# folder: (label, flags, the folder whose dropout_num=1 runs are the reference). Diversity needs two samples or
-# more, so its one-sample reference is --pool avg2 alone: the same weights at the start (diversity has no
-# parameters) and the same data order, seed by seed.
+# folder: (label, run.py flags). Every setting's runs live in their own folder under the protocol's.
 SETTINGS = {
-    "blog-head": ("the blog's head", [], "blog-head"),
-    "hidden512": ("--head_hidden 512", ["--head_hidden", "512"], "hidden512"),
-    "avg2": ("--pool avg2", ["--pool", "avg2"], "avg2"),
-    "avg2-flip": ("--pool avg2 --diversity flip", ["--pool", "avg2", "--diversity", "flip"], "avg2"),
-    "avg2-pad": ("--pool avg2 --diversity pad", ["--pool", "avg2", "--diversity", "pad"], "avg2"),
-    "augment": ("the blog's head, --augment", ["--augment"], "augment"),
+    "blog-head": ("the blog's head", []),
+    "hidden512": ("--head_hidden 512", ["--head_hidden", "512"]),
+    "avg2": ("--pool avg2", ["--pool", "avg2"]),
+    "avg2-flip": ("--pool avg2 --diversity flip", ["--pool", "avg2", "--diversity", "flip"]),
+    "avg2-pad": ("--pool avg2 --diversity pad", ["--pool", "avg2", "--diversity", "pad"]),
+    "augment": ("the blog's head, --augment", ["--augment"]),
+}
+Study = collections.namedtuple("Study", "about seeds runs pairs figure")
+Point = collections.namedtuple("Point", "setting dropout_num dropout_p")  # one setting's runs at one (M, p)
+
+
+def eight_vs(setting, reference="blog-head", m=1):
+    return Point(setting, 8, 0.5), Point(reference, m, 0.5)
+
+
+SAMPLES = [1, 2, 4, 8, 16, 32, 64]
+RATES = [0.1, 0.3, 0.5, 0.7, 0.9]
+STUDIES = {
+    "samples": Study("final valid error against the number of dropout samples M, at p = 0.5", 5,
+                     [("blog-head", SAMPLES, [0.5])],
+                     [(f"M={m} − M=1", Point("blog-head", m, 0.5), Point("blog-head", 1, 0.5)) for m in SAMPLES[1:]],
+                     "samples"),
+    "rate": Study("final valid error against the dropout probability p, for M = 1 and 8", 5,
+                  [("blog-head", [1, 8], RATES)],
+                  [(f"p={p}: M=8 − M=1", Point("blog-head", 8, p), Point("blog-head", 1, p)) for p in RATES], "rate"),
+    "convergence": Study("valid accuracy and training loss epoch by epoch, no dropout, M = 1 and 8", 10,
+                         [("blog-head", [0, 1, 8], [0.5])],
+                         [("M=8 − M=1", *eight_vs("blog-head")), ("M=0 − M=1", Point("blog-head", 0, 0.5),
+                                                                   Point("blog-head", 1, 0.5))], "convergence"),
+    "where": Study("M=8 against M=1 for six heads and settings, and diversity against none", 5,
+                   [("blog-head", [1, 8], [0.5]), ("hidden512", [1, 8], [0.5]), ("avg2", [1, 8], [0.5]),
+                    ("avg2-flip", [8], [0.5]), ("avg2-pad", [8], [0.5]), ("augment", [1, 8], [0.5])],
+                   [(f"{SETTINGS[s][0]}: M=8 − M=1", *eight_vs(s, s)) for s in ("blog-head", "hidden512", "avg2")]
+                   + [(f"{SETTINGS[s][0]}: M=8 − avg2's M=1", *eight_vs(s, "avg2")) for s in ("avg2-flip", "avg2-pad")]
+                   + [(f"{SETTINGS[s][0]}: M=8 − avg2's M=8", *eight_vs(s, "avg2", 8)) for s in ("avg2-flip", "avg2-pad")]
+                   + [(f"{SETTINGS['augment'][0]}: M=8 − M=1", *eight_vs("augment", "augment"))], "gain"),
 }
 
 
 def parse_args(argv):
-    p = run.Parser(prog="study.py", description=__doc__.split("\n")[0])
+    studies = "; ".join(f"{name}: {s.about} ({s.seeds} seeds)" for name, s in STUDIES.items())
+    protocols = "; ".join(f"{name}: {about}" for name, (_, about) in PROTOCOLS.items())
+    p = run.Parser(prog="study.py", description=__doc__.split("\n")[0], formatter_class=run.HelpFormatter)
+    p.add_argument("study", choices=list(STUDIES), metavar="STUDY", help=f"which study: {studies}")
     p.add_argument("--data_dir", default="data", help="as for run.py: torchvision's root, or an image-folder copy")
-    p.add_argument("--protocol", choices=list(PROTOCOLS), default="reduced", help="reduced: 5,000 training and "
-                   "5,000 test images, 10 epochs, lr / 10 after epoch 5; full: the blog's recipe (all images, "
-                   "20 epochs, lr / 10 after epoch 10); fp32 in both")
-    p.add_argument("--output_dir", help="one folder per setting, and gain.png, study.md (default: outputs/study, "
-                   "or outputs/study-full with --protocol full)")
-    p.add_argument("--seed", type=int, nargs="+", default=[42, 43, 44], help="seeds of every setting (a subset "
-                   "lets several processes share the study; the last one to finish draws it whole)")
-    p.add_argument("--compare", metavar="DIR", help="draw gain.png and study.md from the finished runs under DIR "
-                   "(one folder per setting; config.json and metrics.json are enough), without training; no other flag")
+    p.add_argument("--protocol", choices=list(PROTOCOLS), default="converged", help=protocols)
+    p.add_argument("--output_dir", help="one folder per setting, and STUDY.png, STUDY.md (default: outputs/study-PROTOCOL)")
+    p.add_argument("--seed", type=int, nargs="+", help="seeds of every run (default: 42 and up, as many as the "
+                   "study's); a subset lets several processes or machines share a study")
+    p.add_argument("--workers", type=int, default=1, help="runs trained at once, each a run.py process taking the next "
+                   "run no process holds (a GPU fits several; on a CPU they share the cores)")
+    p.add_argument("--compare", metavar="DIR", help="draw STUDY.png and STUDY.md from the finished runs under DIR "
+                   "(config.json and metrics.json are enough), without training; no other flag")
     args = p.parse_args(argv)
-    if args.compare == "":
-        raise UserError("--compare needs the folder of a study, e.g. --compare docs/study-h200")
-    if args.compare and len([a for a in argv if a.startswith("--")]) > 1:
-        raise UserError("--compare draws from the runs' own files and takes no other flag")
-    args.output_dir = args.output_dir or PROTOCOLS[args.protocol][1]
+    if args.compare is not None and (args.compare == "" or len([a for a in argv if a.startswith("--")]) > 1):
+        raise UserError("--compare takes the folder of a study and no other flag, e.g. --compare docs/study-converged")
+    for flag in ("data_dir", "output_dir"):
+        if getattr(args, flag) == "":
+            raise UserError(f"--{flag} needs a path, got an empty string")
+    if args.workers < 1:
+        raise UserError(f"--workers must be 1 or more, got {args.workers}")
+    args.output_dir = args.output_dir or f"outputs/study-{args.protocol}"
+    args.seed = args.seed or list(range(42, 42 + STUDIES[args.study].seeds))
     return args
 
 
-def compared(output_dir):
-    """[(label, {seed: final valid acc} with one sample, with eight, the paired difference of eight against one,
-    and for diversity, against eight samples of the same head without it)] for each setting with runs of both."""
-    found = []
-    for folder, (label, _, reference) in SETTINGS.items():
-        one, eight = final_accuracies(output_dir / reference, 1), final_accuracies(output_dir / folder, 8)
-        without = stats.paired_by_seed(eight, final_accuracies(output_dir / reference, 8)) if reference != folder else None
-        difference = stats.paired_by_seed(eight, one)
-        found += [(label, one, eight, difference, without)] if difference else []
-    return found
+def run_commands(args):
+    """run.py's argv for every run of the study, seeds outermost: the pairs of a seed complete together."""
+    study, commands = STUDIES[args.study], []
+    for seed in args.seed:
+        for setting, samples, rates in study.runs:
+            commands += [["--data_dir", args.data_dir, "--output_dir", str(Path(args.output_dir) / setting),
+                          *PROTOCOLS[args.protocol][0], *SETTINGS[setting][1], "--seed", str(seed),
+                          "--dropout_num", str(m), "--dropout_p", str(p)] for p in rates for m in samples]
+    return commands
 
 
-def final_accuracies(folder, dropout_num):
-    """{seed: final valid accuracy} of the finished runs in folder with this dropout_num; one run per seed."""
+def train_all(args, argv):
+    """Every run of the study, --workers at a time; a run another process holds is left to it."""
+    resume = f"python study.py {shlex.join(argv)}"
+    commands = run_commands(args)
+    if args.workers == 1:  # in this process: a finished run is skipped at once
+        for i, command in enumerate(commands, 1):
+            print(f"study.py: run {i}/{len(commands)}", flush=True)
+            status = run.main(command, resume_command=resume)
+            if status not in (0, runlock.HELD):
+                return status  # run.py said why
+        return 0
+    return train_in_workers(commands, args.workers, Path(args.output_dir) / "logs", resume)
+
+
+def train_in_workers(commands, workers, log_dir, resume):
+    """K run.py processes at once, each run's output in log_dir; a stop request stops them all at a step boundary."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}  # the cores, shared
+    pending, active, failed = list(enumerate(commands, 1)), {}, []
+    with tools.stop_on_signals(second_stops_at_once=False):
+        while (pending and not tools.STOP and not failed) or active:
+            while pending and len(active) < workers and not tools.STOP and not failed:
+                i, command = pending.pop(0)
+                log = open(log_dir / f"run{i:03d}.log", "w")
+                active[i] = (subprocess.Popen([sys.executable, str(Path(run.__file__)), *command], stdout=log,
+                                              stderr=subprocess.STDOUT, env=env), log)
+                print(f"study.py: run {i}/{len(commands)} started (log: {log.name})", flush=True)
+            time.sleep(0.2)
+            for i, (process, log) in list(active.items()):
+                if tools.STOP and process.poll() is None:
+                    process.send_signal(signal.SIGTERM)  # a Ctrl-C reached it already; once more is harmless
+                if process.poll() is not None:
+                    log.close()
+                    del active[i]
+                    held = " (another process trains it)" if process.returncode == runlock.HELD else ""
+                    print(f"study.py: run {i}/{len(commands)} exited {process.returncode}{held}", flush=True)
+                    failed += [log.name] if process.returncode not in (0, runlock.HELD) else []
+    if tools.STOP:
+        raise tools.Interrupted(f"stopped by {tools.STOP['signal']}; resume with: {resume}")
+    if failed:
+        raise UserError(f"{len(failed)} run(s) failed, see {', '.join(failed)}; fix the cause and rerun: {resume}")
+    return 0
+
+
+def collect(output_dir, study):
+    """{Point: {seed: finished run}} for every point of the study that has runs; one run per seed and point."""
+    import trainingmonitor  # matplotlib and numpy: only once there is something to draw
     found = {}
-    for r in trainingmonitor.finished_runs(folder):
-        seed = r["config"]["seed"]
-        if r["config"]["dropout_num"] != dropout_num:
-            continue
-        if seed in found:
-            raise UserError(f"{folder} holds two runs of dropout_num {dropout_num} with seed {seed} ({found[seed]['dir'].name} "
-                            f"and {r['dir'].name}): the study pairs by seed, so keep one protocol's runs per folder")
-        found[seed] = r
-    return {seed: r["history"][-1]["valid_acc"] for seed, r in found.items()}
+    for setting, samples, rates in study.runs:
+        for r in trainingmonitor.finished_runs(Path(output_dir) / setting):
+            c = r["config"]
+            point = Point(setting, c["dropout_num"], c["dropout_p"])
+            if c["dropout_num"] not in samples or c["dropout_p"] not in rates or c.get("rdrop_alpha"):
+                continue
+            other = found.setdefault(point, {}).get(c["seed"])
+            if other:
+                raise UserError(f"{other['dir']} and {r['dir']} are two runs of {setting}, dropout_num {point.dropout_num}, "
+                                f"p {point.dropout_p}, seed {c['seed']}: the study pairs by seed, so keep one protocol's "
+                                "runs per folder")
+            found[point][c["seed"]] = r
+    order = lambda point: (list(SETTINGS).index(point.setting), point.dropout_num, point.dropout_p)
+    return {point: found[point] for point in sorted(found, key=order)}
 
 
-def table(found):
-    lines = ["| setting | final valid acc, 1 sample | 8 samples | seeds paired | Δ 8 samples − 1 [95% CI], "
-             "seeds higher / lower | Δ against 8 samples without diversity |", "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {label} | {trainingmonitor.mean_std(list(one.values()))} | {trainingmonitor.mean_std(list(eight.values()))} "
-              f"| {d['n']} | {difference_cell(d)} | {difference_cell(without)} |" for label, one, eight, d, without in found]
-    return "\n".join(lines + [
-        "", "Final valid accuracy: mean ± std over seeds. Δ: final valid accuracy of dropout_num=8 minus dropout_num=1, "
-        "seed by seed (the same initial weights and data order; for flip and pad, the one-sample runs are --pool "
-        "avg2's); the last column compares flip and pad with --pool avg2's eight-sample runs, seed by seed. 95% CI: "
-        "Student t on the paired differences."]) + "\n"
+def where(run):
+    """The machine and precision a run used, as the tables show it."""
+    c = run["config"]
+    return f"{c.get('hardware') or c.get('device', '?')}, {c.get('precision', '?')}"
 
 
-def difference_cell(d):
-    return f"{trainingmonitor.format_difference(d)}, {d['higher']} / {d['lower']}" if d else "-"
+def compare(points, pairs):
+    """[(label, point, reference, paired difference of the final valid accuracy or None, where the pairs ran)]."""
+    found = []
+    for label, point, reference in pairs:
+        mine, theirs = points.get(point, {}), points.get(reference, {})
+        seeds = sorted(mine.keys() & theirs.keys())
+        for seed in seeds:  # both runs of a pair on one kind of device in one precision: else, two draws
+            a, b = mine[seed]["config"], theirs[seed]["config"]
+            if (a["device"].split(":")[0], a["precision"]) != (b["device"].split(":")[0], b["precision"]):
+                raise UserError(f"{mine[seed]['dir']} ran on {where(mine[seed])} and {theirs[seed]['dir']} on "
+                                f"{where(theirs[seed])}: a pair must share its kind of device and precision")
+        final = lambda runs: {s: runs[s]["history"][-1]["valid_acc"] for s in seeds}
+        ran_on = collections.Counter(where(mine[s]) for s in seeds)
+        found.append((label, point, reference, stats.paired_by_seed(final(mine), final(theirs)), ran_on))
+    return found
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
         args = parse_args(argv)
-        return draw(Path(args.compare)) if args.compare else train_and_draw(args)
+        status = 0 if args.compare else train_all(args, argv)
+        return status or draw(Path(args.compare or args.output_dir), args.study)
     except UserError as e:
         print(f"study.py: error: {e}", file=sys.stderr)
         return 2
+    except (tools.Interrupted, KeyboardInterrupt) as e:
+        print(f"study.py: {e or 'stopped'}", file=sys.stderr)
+        return 128 + signal.Signals[tools.STOP.get("signal", "SIGINT")].value
 
 
-def train_and_draw(args):
-    """Each setting's grid into its own folder under --output_dir (finished runs are skipped), then draw()."""
-    output_dir, seeds = Path(args.output_dir), [str(seed) for seed in args.seed]
-    for folder, (label, flags, reference) in SETTINGS.items():
-        print(f"study.py: {label}", flush=True)
-        samples = ["8"] if reference != folder else ["1", "8"]  # its reference's folder has the one-sample runs
-        status = run.main(["--data_dir", args.data_dir, "--output_dir", output_dir / folder, *PROTOCOLS[args.protocol][0],
-                           "--seed", *seeds, "--dropout_num", *samples, *flags])
-        if status:
-            return status  # run.py said why, and how to resume: rerun this command
-    return draw(output_dir)
-
-
-def draw(output_dir):
-    """gain.png and study.md from the finished runs under output_dir, titled with what those runs share."""
-    found = compared(output_dir)
-    if not found:
-        raise UserError(f"{output_dir} holds no setting with finished runs of dropout_num 1 and 8; run the study first")
+def draw(output_dir, name):
+    """NAME.png and NAME.md from the finished runs under output_dir."""
+    import studyfigures
+    study = STUDIES[name]
+    points = collect(output_dir, study)
+    pairs = [pair for pair in compare(points, study.pairs) if pair[3]]
+    if not pairs:
+        raise UserError(f"{output_dir} holds no finished pair of runs for the {name} study; run it first")
+    caption = studyfigures.caption(points, protocol_of(points))
     try:
-        trainingmonitor.plot_gain(output_dir / "gain.png", [(label, d) for label, _, _, d, _ in found], caption(output_dir))
-        atomic_write(output_dir / "study.md", lambda tmp: Path(tmp).write_text(table(found)))
+        studyfigures.FIGURES[study.figure](output_dir / f"{name}.png", points, pairs, caption)
+        tools.atomic_write(output_dir / f"{name}.md",
+                           lambda tmp: Path(tmp).write_text(studyfigures.table(name, study, points, pairs, caption)))
     except OSError as e:
         raise UserError(f"cannot write the study's figure or table in {output_dir} ({e.strerror or e}); choose another folder")
-    print(f"study.py: wrote {output_dir / 'gain.png'} and {output_dir / 'study.md'}")
+    print(f"study.py: wrote {output_dir / (name + '.png')} and {output_dir / (name + '.md')}")
     return 0
 
 
-def caption(output_dir):
-    """'5000/5000 images, 10 epochs, fp32, seeds 42 43 44, cpu': the protocol as the runs themselves recorded it."""
-    configs = [r["config"] for folder in SETTINGS for r in trainingmonitor.finished_runs(output_dir / folder)]
-    values = {key: "/".join(sorted({str(c.get(key, "?")) for c in configs}))
-              for key in ("train_images", "valid_images", "epochs", "precision", "device")}
-    seeds = " ".join(str(s) for s in sorted({c["seed"] for c in configs}))
-    return (f"{values['train_images']}/{values['valid_images']} images, {values['epochs']} epochs, "
-            f"{values['precision']}, seeds {seeds}, {values['device']}")
+def protocol_of(points):
+    """The protocol whose flags every run matches, by its own config (or 'custom')."""
+    configs = [r["config"] for runs in points.values() for r in runs.values()]
+    for name, (flags, _) in PROTOCOLS.items():
+        wanted = vars(run.with_dataset_defaults(run.build_parser().parse_args(flags)))
+        keys = ("train_size", "test_size", "epochs", "lr_milestone", "batch_size")
+        if all(c.get(k) == wanted[k] for c in configs for k in keys):
+            return name
+    return "custom"
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import distributed
 import experiment
 import hardware
 import progressbar
+import runlock
 import tools
 import trainingmonitor
 from checkpointing import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
@@ -30,23 +31,40 @@ EVAL_BATCH = 1000  # images per evaluation step; no gradients, so larger than tr
 
 
 def train_run(args, run_dir=None):
-    """Train one run of the grid (or continue it), then redraw its setup's comparison."""
+    """Train one run of the grid (or continue it) under its lock; returns (its folder, its setup's name)."""
     device = distributed.local_device(hardware.pick_device(args.device))
     hardware.configure_determinism(args.deterministic, device)
-    check_ranks(args, device)
+    config, default_dir, setup = identity(args, device)
+    hardware.configure_precision(config["precision"])
+    run_dir = run_dir or default_dir
+    if not finished(run_dir, config, args):  # a finished run is skipped even where nothing can be written
+        check_ranks(args, device)
+        tools.check_writable(run_dir.parent)
+        with runlock.hold(run_dir, distributed.rank()):
+            if not finished(run_dir, config, args):  # another process may have finished it while we waited
+                train(args, config, run_dir, device, None if args.overwrite else resumable_checkpoint(run_dir, config))
+    return run_dir, setup
+
+
+def identity(args, device):
+    """(the run's defining values, its folder under --output_dir, its setup's name)."""
     config = {**vars(args), "precision": precision_for(args, device), "data_source": datasource.data_source(args),
               "world_size": distributed.world()}
-    hardware.configure_precision(config["precision"])
     run_name, setup = experiment.run_identity(config)
-    run_dir = run_dir or Path(args.output_dir) / run_name
-    output_dir = run_dir.parent  # where the comparison goes: beside the run, also for --resume
-    tools.check_writable(output_dir)
-    checkpoint = None if args.overwrite else previous_checkpoint(run_dir, config)
-    if checkpoint and checkpoint["epoch"] >= args.epochs:
-        say(f"{run_dir} already holds this run, finished at epoch {checkpoint['epoch']}: nothing to do "
-            f"(--epochs above {checkpoint['epoch']} continues it, --overwrite starts it afresh)")
-        return report_comparison(output_dir, setup, run_dir)
+    return config, Path(args.output_dir) / run_name, setup
 
+
+def finished(run_dir, config, args):
+    """Whether run_dir holds this run up to --epochs: by its checkpoint, or by its metrics alone (a committed run)."""
+    epochs = 0 if args.overwrite else epochs_done(run_dir, config)
+    if epochs >= args.epochs:
+        say(f"{run_dir} already holds this run, finished at epoch {epochs}: nothing to do "
+            f"(--epochs above {epochs} continues it, --overwrite starts it afresh)")
+    return epochs >= args.epochs
+
+
+def train(args, config, run_dir, device, checkpoint):
+    """Set up, resume, loop over the epochs, save a row and a checkpoint after each."""
     # Data: the whole (sub)sets as uint8 tensors on the device; --data_seed alone picks the images.
     splits, num_outputs = datasource.load_splits(args, device)
     (train_x, train_y), (valid_x, valid_y) = splits["train"], splits["valid"]
@@ -75,9 +93,9 @@ def train_run(args, run_dir=None):
         set_rng_state(checkpoint["rank_rng"][distributed.rank()] if "rank_rng" in checkpoint else checkpoint["rng"], generator)
         history, first_epoch = checkpoint["history"], checkpoint["epoch"] + 1
     commit, dirty = tools.git_state()
-    config.update(run_dir=str(run_dir), setup=setup, device=str(device), threads=torch.get_num_threads(),
-                  torch=str(torch.__version__), torchvision=version("torchvision"), numpy=np.__version__,
-                  cudnn_tf32=torch.backends.cudnn.allow_tf32,  # runs before fp32 turned it off had it on CUDA
+    config.update(run_dir=str(run_dir), setup=experiment.run_identity(config)[1], device=str(device), hardware=hardware.describe(device),
+                  threads=torch.get_num_threads(), torch=str(torch.__version__), torchvision=version("torchvision"),
+                  numpy=np.__version__, **hardware.tf32_state(device),
                   git_commit=commit, git_dirty=dirty, train_images=len(train_y), valid_images=len(valid_y),
                   test_images=len(splits["test"][1]))
     say(f"{run_dir}: {args.model}, dropout_num={args.dropout_num}, p={args.dropout_p}, "
@@ -122,7 +140,6 @@ def train_run(args, run_dir=None):
             save_epoch(run_dir, config, history, test, prediction, redraw, {
                 "epoch": last, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rank_rng[0],
                 "history": history, "config": config, **({"rank_rng": rank_rng} if len(rank_rng) > 1 else {})})
-    report_comparison(output_dir, setup, run_dir)
 
 
 def train_epoch(model, optimizer, loss_fn, batches, autocast, bar):
@@ -176,7 +193,7 @@ def evaluate(model, x, y, autocast, prepare, loss_fn):
     xs, ys = x[mine], y[mine]
     with torch.inference_mode(), autocast:
         for i in range(0, len(ys), EVAL_BATCH):
-            logits, _ = model(prepare(xs[i:i + EVAL_BATCH]))
+            logits = model(prepare(xs[i:i + EVAL_BATCH]))
             loss += summed_loss(logits.float(), ys[i:i + EVAL_BATCH], reduction="sum")
             if classify:
                 correct += (logits.argmax(1) == ys[i:i + EVAL_BATCH]).sum()
@@ -207,13 +224,30 @@ def save_epoch(run_dir, config, history, test, prediction, redraw, checkpoint):
                         f"checkpoint there is intact: make room and rerun the command to resume from it") from None
 
 
-def previous_checkpoint(run_dir, config):
-    """The run's last checkpoint if it has one, after checking it is the same experiment."""
+def epochs_done(run_dir, config):
+    """The epochs run_dir holds of this run (0: none), after checking it is the same experiment. A folder with
+    metrics but no checkpoint (a committed run, say) counts: it is never taken for a fresh run."""
+    if (run_dir / "last.pt").exists():
+        checkpoint = load_checkpoint(run_dir / "last.pt")
+        experiment.check_same_experiment(checkpoint["config"], config, run_dir / "last.pt")
+        return checkpoint["epoch"]
+    if not (run_dir / "metrics.json").exists():
+        return 0
+    experiment.check_same_experiment(tools.read_json(run_dir / "config.json"), config, run_dir / "config.json")
+    history = tools.read_json(run_dir / "metrics.json")
+    return history[-1]["epoch"] if history else 0
+
+
+def resumable_checkpoint(run_dir, config):
+    """The checkpoint to continue from (None: a fresh run); metrics without a checkpoint are refused, not replaced."""
     path = run_dir / "last.pt"
     if not path.exists():
+        if (run_dir / "metrics.json").exists():
+            raise UserError(f"{run_dir} holds metrics up to epoch {epochs_done(run_dir, config)} of this run but no "
+                            "checkpoint (last.pt) to continue from: use another --output_dir, or --overwrite to train "
+                            "it afresh (deleting them)")
         return None
     checkpoint = load_checkpoint(path)
-    experiment.check_same_experiment(checkpoint["config"], config, path)
     saved = checkpoint["config"]
     if saved.get("world_size", 1) != config["world_size"]:  # each rank's RNG state is in the checkpoint
         raise UserError(f"{path} was trained by {saved.get('world_size', 1)} rank(s), this command runs "
@@ -225,10 +259,13 @@ def previous_checkpoint(run_dir, config):
     return checkpoint
 
 
-def report_comparison(output_dir, setup, run_dir):
-    """Rank 0 redraws the setup's comparison."""
+def report_comparison(run_dir, setup):
+    """Rank 0 redraws the comparison of run_dir's setup, beside it."""
     if distributed.is_main():
-        compare_dir, count = trainingmonitor.compare_setup(output_dir, setup)
+        try:
+            compare_dir, count = trainingmonitor.compare_setup(run_dir.parent, setup)
+        except OSError as e:  # only a run found finished gets here with an unwritable folder: a read-only copy
+            return print(f"done: {run_dir}; comparison not redrawn ({e.strerror or e})")
         print(f"done: {run_dir}; comparison of {count} finished run(s) in {compare_dir}")
 
 
@@ -300,7 +337,7 @@ def evaluate_saved_run(args, checkpoint):
 def make_model(args, num_outputs, device):
     """The run's network on the device, channels_last: the layout the CPU and GPU convolutions are fastest in."""
     model = build_model(args.model, num_outputs, args.dropout_num, args.dropout_p, args.rdrop_alpha,
-                        args.head_hidden, args.pool, args.diversity)
+                        args.head_hidden, args.pool, args.diversity, args.msd_reduce, args.msd_heads)
     return model.to(device, memory_format=torch.channels_last)
 
 
@@ -324,7 +361,7 @@ def regression_prediction(model, splits, autocast):
     model.eval()
     (x, y), (grid_x, grid_y) = splits["train"], splits["test"]
     with torch.inference_mode(), autocast:  # as evaluate() computes it, so the figure matches valid_loss
-        prediction = model(grid_x)[0].float()
+        prediction = model(grid_x).float()
     as_list = lambda t: t.flatten().tolist()
     return {"train_x": as_list(x), "train_y": as_list(y), "x": as_list(grid_x), "target": as_list(grid_y),
             "prediction": as_list(prediction)}

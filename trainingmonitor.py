@@ -8,7 +8,7 @@ import matplotlib
 import numpy as np
 
 import stats
-from experiment import LATER_FLAGS, run_identity, setup_flags
+from experiment import HEAD_OPTIONS, OMITTED_AT_DEFAULT, run_identity, setup_flags
 from tools import UserError, atomic_write, check_writable, read_json, write_json
 
 matplotlib.use("Agg")  # headless: files only, no window
@@ -40,7 +40,7 @@ def plot_run(run_dir, history):
 
 
 def plot_prediction(run_dir, prediction):
-    """prediction.png, seed 001's figure: the training points, y = x^2 and the eval-mode prediction."""
+    """prediction.png, the dropout post's figure: the training points, y = x^2 and the eval-mode prediction."""
     fig, ax = plt.subplots(figsize=(6, 4))
     _draw_regression_data(ax, prediction)
     ax.plot(prediction["x"], prediction["prediction"], label="prediction (dropout off)")
@@ -140,7 +140,7 @@ def short_setup(setup, runs):
     c, s = runs[0]["config"], setup
     schedule = f"lr {s['lr']}" + (f", /10 after {s['lr_milestone']}" if s["lr_milestone"] else "")
     images = f"{c.get('train_images', s['train_size'] or 'all')}/{c.get('test_images', s['test_size'] or 'all')} img"
-    head = [f"{k} {s[k]}" for k in ("head_hidden", "pool", "diversity") if s.get(k, LATER_FLAGS[k]) != LATER_FLAGS[k]]
+    head = [f"{k} {s[k]}" for k in HEAD_OPTIONS if s.get(k, OMITTED_AT_DEFAULT[k]) != OMITTED_AT_DEFAULT[k]]
     return ", ".join([s["model"], s["dataset"], images, f"{max(r['config']['epochs'] for r in runs)} ep", schedule,
                       f"batch {s['batch_size']}", s["precision"]] + ["augment"] * bool(s["augment"]) + head)
 

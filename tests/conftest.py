@@ -17,9 +17,11 @@ SHARED_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 @pytest.fixture(autouse=True, scope="session")
 def private_cache(tmp_path_factory):
-    """Decoded arrays go to a temporary folder, not the repo's data/cache."""
+    """Decoded arrays go to a temporary folder, not the repo's data/cache: this process's, and its subprocesses'."""
+    cache = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(datasource, "CACHE_DIR", tmp_path_factory.mktemp("cache"))
+        mp.setattr(datasource, "CACHE_DIR", cache)
+        mp.setenv("MSD_CACHE_DIR", str(cache))
         yield
 
 

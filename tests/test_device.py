@@ -80,4 +80,6 @@ def test_an_fp32_run_trains_and_records_without_tf32(small_cifar, tmp_path, caps
     rc, _, _ = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path, "--epochs", 1, "--batch_size", 100,
                    "--precision", "fp32")
     (config,) = [json.loads(p.read_text()) for p in tmp_path.glob("*/config.json")]
-    assert rc == 0 and torch.backends.cudnn.allow_tf32 is False and config["cudnn_tf32"] is False
+    assert rc == 0 and torch.backends.cudnn.allow_tf32 is False and "cudnn_tf32" not in config  # a CPU run: moot
+    assert hardware.tf32_state(torch.device("cuda")) == {"cudnn_tf32": False}  # what a CUDA run records
+    assert config["hardware"] == hardware.describe(torch.device("cpu")) and "family" in config["hardware"]

@@ -41,8 +41,8 @@ def test_shapes(dropout_num, batch):
     features, target = batch
     logits, loss = make(dropout_num)(features, target, tnn.CrossEntropyLoss())
     assert logits.shape == (B, C) and loss.shape == ()
-    logits, loss = make(dropout_num)(features)
-    assert logits.shape == (B, C) and loss is None
+    logits = make(dropout_num)(features)  # no target: the logits alone, a tensor (nn.Sequential-ready)
+    assert isinstance(logits, torch.Tensor) and logits.shape == (B, C)
 
 
 @pytest.mark.parametrize("dropout_num", [0, 1, 2, 8])
@@ -177,7 +177,7 @@ def test_model_contract(dropout_num):
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     logits, loss = model(x, y, tnn.CrossEntropyLoss())
     assert logits.shape == (4, 10) and loss.shape == () and torch.isfinite(loss)
-    assert model.eval()(x)[1] is None
+    assert model.eval()(x).shape == (4, 10)
 
 
 def test_evaluation_is_the_same_network_for_every_dropout_num():
@@ -186,11 +186,11 @@ def test_evaluation_is_the_same_network_for_every_dropout_num():
     for dropout_num in (1, 8):
         model = build_model("miniresnet", 10, dropout_num, 0.5).eval()
         model.load_state_dict(reference.state_dict())
-        assert torch.equal(model(x)[0], reference(x)[0])
+        assert torch.equal(model(x), reference(x))
 
 
 def test_rdrop_without_two_samples_or_classes_is_refused():
-    with pytest.raises(ValueError, match="num_samples >= 2"):
+    with pytest.raises(ValueError, match="needs 2 or more dropout samples"):
         make(1, rdrop_alpha=1.0)
     with pytest.raises(ValueError, match="class distributions"):
         build_model("mlp", 1, 8, 0.4, rdrop_alpha=1.0)
@@ -274,7 +274,7 @@ def test_defaults_are_todays_network(dropout_num):
     assert fmap.shape == (2, 128, 4, 4)
     features = F.avg_pool2d(fmap, 4).flatten(1)
     assert torch.equal(model.features(x), features)
-    assert torch.equal(model(x)[0], linear(features))
+    assert torch.equal(model(x), linear(features))
     # training: pool once, then M copies of the pooled features, one dropout over them, the Linear
     model.train()
     torch.manual_seed(3)
@@ -322,7 +322,7 @@ def test_each_sample_pools_its_flipped_or_padded_map(diversity, m, expected):
     # evaluation: one plain pass, no flip, no padding, the head once on the B rows
     msd.eval()
     msd.head.calls = 0
-    logits, _ = msd(column_map())
+    logits = msd(column_map())
     assert msd.head.calls == 1 and torch.equal(logits, torch.tensor([PLAIN, PLAIN]))
 
 
@@ -357,16 +357,16 @@ def test_training_with_diversity_differs_from_without():
         model = build(dict(pool="avg2", diversity=diversity), dropout_num=4, p=0.0).eval()
         model.classifier.train()  # batch norm fixed, so the backbone's map is the same for every option
         losses[diversity] = model(IMAGES, LABELS, tnn.CrossEntropyLoss())[1]
-    assert torch.allclose(losses["none"], F.cross_entropy(build(dict(pool="avg2")).eval()(IMAGES)[0], LABELS))
+    assert torch.allclose(losses["none"], F.cross_entropy(build(dict(pool="avg2")).eval()(IMAGES), LABELS))
     assert len({round(loss.item(), 6) for loss in losses.values()}) == 4
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(diversity="flip"), "pool='avg2'"),  # the default pool is avg4
-    (dict(pool="avg4", diversity="pad"), "pool='avg2'"),
-    (dict(pool="avg4", diversity="flip+pad"), "pool='avg2'"),
-    (dict(pool="avg2", diversity="flip", dropout_num=1), "num_samples >= 2"),
-    (dict(pool="avg2", diversity="pad", dropout_num=0), "num_samples >= 2"),
+    (dict(diversity="flip"), "needs --pool avg2"),  # the default pool is avg4
+    (dict(pool="avg4", diversity="pad"), "needs --pool avg2"),
+    (dict(pool="avg4", diversity="flip+pad"), "needs --pool avg2"),
+    (dict(pool="avg2", diversity="flip", dropout_num=1), "needs 2 or more dropout samples"),
+    (dict(pool="avg2", diversity="pad", dropout_num=0), "needs 2 or more dropout samples"),
     (dict(pool="max"), "pool must be one of"),
     (dict(pool="avg2", diversity="rotate"), "diversity must be one of"),
     (dict(diversity="rotate"), "diversity must be one of"),
@@ -383,3 +383,93 @@ def test_mlp_refuses_head_options(kwargs):
     with pytest.raises(ValueError, match="options of the ResNet head"):
         build_model("mlp", 1, 8, 0.4, **kwargs)
     build_model("mlp", 1, 8, 0.4, **DEFAULTS)  # the defaults are fine
+
+
+# --- the head's contract for any model, and its variants ----------------------------------------
+
+def test_the_head_sits_in_a_sequential_and_replaces_a_linear(batch):
+    features, target = batch
+    torch.manual_seed(0)
+    model = tnn.Sequential(tnn.Linear(D, D), tnn.ReLU(), MultiSampleDropout(tnn.Linear(D, C), 8, 0.5))
+    for train in (True, False):
+        assert model.train(train)(features).shape == (B, C)
+    logits, loss = model[2](model[1](model[0](features)), target, tnn.CrossEntropyLoss())
+    assert logits.shape == (B, C) and loss.shape == ()
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+@pytest.mark.parametrize("heads", ["shared", "separate"])
+def test_the_loss_is_the_mean_of_the_m_losses_whatever_the_reduction(reduction, heads):
+    torch.manual_seed(3)
+    x, y = torch.randn(3, 4), torch.tensor([0, 2, 1])  # tiny: B = 3, F = 4, C = 3
+    msd = MultiSampleDropout(RecordingHead(tnn.Linear(4, 3)), 2, 0.5, heads=heads) if heads == "shared" else \
+        MultiSampleDropout(tnn.Linear(4, 3), 2, 0.5, heads=heads)
+    torch.manual_seed(4)
+    _, loss = msd(x, y, tnn.CrossEntropyLoss(reduction=reduction))
+    torch.manual_seed(4)  # the same masks again, by hand
+    dropped = F.dropout(x.expand(2, 3, 4).flatten(0, 1), 0.5, training=True).view(2, 3, 4)
+    heads_ = [msd.head.head] * 2 if heads == "shared" else list(msd.head)
+    by_hand = [F.cross_entropy(h(d), y, reduction=reduction) for h, d in zip(heads_, dropped)]
+    assert torch.allclose(loss, (by_hand[0] + by_hand[1]) / 2, rtol=1e-6)
+
+
+def test_a_plain_loss_function_works_too(batch):
+    features, target = batch
+    logits, loss = make(8)(features, target, F.cross_entropy)  # no .reduction attribute: the M losses one by one
+    assert torch.allclose(loss, make(8)(features, target, tnn.CrossEntropyLoss())[1], rtol=1e-6)
+
+
+def test_mean_of_logits_is_the_linear_head_of_the_mean_masked_features_and_one_loss(batch):
+    features, target = batch
+    torch.manual_seed(0)
+    msd = MultiSampleDropout(RecordingHead(), 8, 0.5, reduce="logits")
+    logits, loss = msd(features, target, tnn.CrossEntropyLoss())
+    mean_features = msd.head.input.view(8, B, D).mean(0)  # the 8 masked copies the head saw, averaged
+    assert torch.allclose(logits, msd.head.head(mean_features), rtol=1e-5, atol=1e-6)
+    assert torch.equal(loss, F.cross_entropy(logits, target))
+    paper = make(8)(features, target, tnn.CrossEntropyLoss())[1]
+    assert paper - loss > 1e-3  # the mean of losses is larger (Jensen): another objective
+
+
+def test_separate_heads_hold_m_heads_initialised_apart_and_evaluate_their_mean(batch):
+    features, target = batch
+    torch.manual_seed(0)
+    shared = MultiSampleDropout(tnn.Linear(D, C), 8, 0.5)
+    separate = MultiSampleDropout(tnn.Linear(D, C), 8, 0.5, heads="separate")
+    count = lambda module: sum(p.numel() for p in module.parameters())
+    assert count(separate) == 8 * count(shared) == 8 * (D * C + C)
+    weights = [head.weight for head in separate.head]
+    assert all(not torch.equal(a, b) for a, b in itertools.combinations(weights, 2))
+    separate.eval()
+    expected = torch.stack([head(features) for head in separate.head]).mean(0)
+    assert torch.allclose(separate(features), expected, rtol=1e-6)
+    separate.train()
+    torch.manual_seed(5)
+    separate(features, target, tnn.CrossEntropyLoss())[1].backward()
+    assert all(head.weight.grad.abs().sum() > 0 for head in separate.head)  # each head learns from its sample
+
+
+def old_head(msd, x, target, loss_fn):
+    """The head as every run so far computed it: one head call on the M*B rows, a mean-reduced loss over them."""
+    m, batch = msd.num_samples, x.shape[0]
+    outputs = msd.head(F.dropout(msd.pool(x).unsqueeze(0).expand(m, *msd.pool(x).shape).flatten(0, 1), msd.p, training=True))
+    return outputs.view(m, batch, -1).mean(0), loss_fn(outputs, target.repeat(m))
+
+
+@pytest.mark.parametrize("dropout_num", [1, 8])
+def test_the_default_head_computes_the_same_bits_as_before(dropout_num):
+    model = build(DEFAULTS, dropout_num=dropout_num).train()
+    fmap = model.feature_map(IMAGES).detach()
+    torch.manual_seed(6)
+    logits, loss = model.classifier(fmap, LABELS, tnn.CrossEntropyLoss())
+    torch.manual_seed(6)
+    old_logits, old_loss = old_head(model.classifier, fmap, LABELS, tnn.CrossEntropyLoss())
+    assert torch.equal(logits, old_logits) and torch.equal(loss, old_loss)
+
+
+@pytest.mark.parametrize("kwargs", [dict(reduce="logits"), dict(heads="separate")])
+def test_a_variant_needs_two_samples_and_a_known_name(kwargs):
+    with pytest.raises(ValueError, match="needs 2 or more dropout samples"):
+        MultiSampleDropout(tnn.Linear(D, C), 1, 0.5, **kwargs)
+    with pytest.raises(ValueError, match="reduce must be one of"):
+        MultiSampleDropout(tnn.Linear(D, C), 8, 0.5, **{k: "other" for k in kwargs})

@@ -1,4 +1,4 @@
-"""Seed 001's dropout regression (y = x^2 from ten noisy points), with multi-sample dropout: --dataset quadratic."""
+"""The dropout post's regression (y = x^2 from ten noisy points), with multi-sample dropout: --dataset quadratic."""
 import json
 
 import pytest
@@ -49,12 +49,12 @@ def test_setting_p_to_zero_as_the_post_does_leaves_dropout_on_and_eval_switches_
     model = DropoutMLP(1, 0.4).train()
     model.p = 0  # the post's `linear.p = 0`: the Dropout modules copied p = 0.4 when built, and keep it
     x = torch.linspace(0, 10, 50)[:, None]
-    assert not torch.equal(model(x)[0], model(x)[0])  # still random
+    assert not torch.equal(model(x), model(x))  # still random
     model.eval()
-    assert torch.equal(model(x)[0], model(x)[0])
+    assert torch.equal(model(x), model(x))
     body_without_dropout = [layer for layer in model.body if not isinstance(layer, tnn.Dropout)]
     expected = model.head.head(torch.nn.Sequential(*body_without_dropout)(x))
-    assert torch.equal(model(x)[0], expected)
+    assert torch.equal(model(x), expected)
 
 
 @pytest.fixture(scope="module")

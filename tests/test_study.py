@@ -24,8 +24,8 @@ def test_default_head_keeps_the_names_of_earlier_runs_and_other_heads_say_theirs
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--diversity", "flip", "--dropout_num", "8"], "--diversity flip needs --pool avg2"),
-    (["--pool", "avg2", "--diversity", "pad", "--dropout_num", "1"], "needs --dropout_num 2 or more, got 1"),
+    (["--diversity", "flip", "--dropout_num", "8"], "diversity 'flip' needs --pool avg2"),
+    (["--pool", "avg2", "--diversity", "pad", "--dropout_num", "1"], "needs 2 or more dropout samples (--dropout_num), got 1"),
     (["--head_hidden", "-1"], "--head_hidden must be 0"),
     (["--pool", "avg3"], "invalid choice"),
 ])
@@ -44,100 +44,144 @@ def test_every_head_option_trains_from_the_command_line(small_cifar, tmp_path, c
     assert "_r1.0_h64_avg2_flip+pad_s42-" in run_dir.name
 
 
-def write_runs(folder, finals):
-    """Finished runs of dropout_num 1 and 8 whose final valid accuracies are finals[m][seed index]."""
-    for m, values in finals.items():
-        for seed, final in zip((42, 43, 44), values):
-            run = fake_run(m, seed, [0.3, final])
+def write_runs(folder, finals, seeds=(42, 43, 44), precision="fp32", train_size=5000):
+    """Finished runs whose final valid accuracies are finals[(m, p)][seed index] (or finals[m] at p = 0.5)."""
+    for key, values in finals.items():
+        m, p = key if isinstance(key, tuple) else (key, 0.5)
+        for seed, final in zip(seeds, values):
+            run = fake_run(m, seed, [0.3, final], p)
             run["config"].update(epochs=2, dataset="cifar10", model="miniresnet", data_source="x", batch_size=128,
-                                 lr=0.01, lr_milestone=1, augment=False, data_seed=0, train_size=None, test_size=None,
-                                 precision="fp32", train_images=5000, valid_images=5000, device="cpu")
-            (folder / run["dir"].name).mkdir(parents=True)
-            write_json(folder / run["dir"].name / "config.json", run["config"])
-            write_json(folder / run["dir"].name / "metrics.json", run["history"])
+                                 lr=0.01, lr_milestone=1, augment=False, data_seed=0, train_size=train_size,
+                                 test_size=5000, precision=precision, train_images=5000, valid_images=5000, device="cpu",
+                                 hardware="Some CPU (family 1)")
+            name = f"m{m}_p{p}_s{seed}-{precision}"
+            (folder / name).mkdir(parents=True)
+            write_json(folder / name / "config.json", run["config"])
+            write_json(folder / name / "metrics.json", run["history"])
 
 
-def test_the_gains_are_paired_differences_with_a_hand_computed_interval(tmp_path):
+def comparisons(folder, name):
+    return {label: d for label, _, _, d, _ in study.compare(study.collect(folder, study.STUDIES[name]),
+                                                            study.STUDIES[name].pairs) if d}
+
+
+def test_the_comparisons_are_paired_differences_with_a_hand_computed_interval(tmp_path):
     write_runs(tmp_path / "blog-head", {1: [0.50, 0.52, 0.54], 8: [0.51, 0.55, 0.53]})  # differences .01 .03 -.01
     write_runs(tmp_path / "avg2", {1: [0.50, 0.50, 0.50], 8: [0.52, 0.52, 0.52]})
     write_runs(tmp_path / "avg2-flip", {8: [0.49, 0.50, 0.51]})  # paired with avg2's one-sample runs
-    found = {label: (d, without) for label, _, _, d, without in study.compared(tmp_path)}
-    assert set(found) == {"the blog's head", "--pool avg2", "--pool avg2 --diversity flip"}  # no runs: left out
-    assert found["--pool avg2 --diversity flip"][0]["mean"] == pytest.approx(0.0)
+    found = comparisons(tmp_path, "where")
+    assert set(found) == {"the blog's head: M=8 − M=1", "--pool avg2: M=8 − M=1",  # no runs: left out
+                          "--pool avg2 --diversity flip: M=8 − avg2's M=1", "--pool avg2 --diversity flip: M=8 − avg2's M=8"}
+    assert found["--pool avg2 --diversity flip: M=8 − avg2's M=1"]["mean"] == pytest.approx(0.0)
     half = T_975_2DF * 0.02 / np.sqrt(3)
-    assert found["the blog's head"][0]["mean"] == pytest.approx(0.01)
-    assert found["the blog's head"][0]["interval"] == pytest.approx((0.01 - half, 0.01 + half))
-    assert found["--pool avg2"][0]["interval"] == pytest.approx((0.02, 0.02)) and found["--pool avg2"][1] is None
-    flip_without = found["--pool avg2 --diversity flip"][1]  # against avg2's eight samples: -.03 -.02 -.01
+    assert found["the blog's head: M=8 − M=1"]["mean"] == pytest.approx(0.01)
+    assert found["the blog's head: M=8 − M=1"]["interval"] == pytest.approx((0.01 - half, 0.01 + half))
+    assert found["--pool avg2: M=8 − M=1"]["interval"] == pytest.approx((0.02, 0.02))
+    flip_without = found["--pool avg2 --diversity flip: M=8 − avg2's M=8"]  # -.03 -.02 -.01
     assert flip_without["mean"] == pytest.approx(-0.02) and (flip_without["higher"], flip_without["lower"]) == (0, 3)
     assert flip_without["interval"] == pytest.approx((-0.02 - T_975_2DF * 0.01 / np.sqrt(3), -0.02 + T_975_2DF * 0.01 / np.sqrt(3)))
-    table = study.table(study.compared(tmp_path))
-    assert (f"| the blog's head | 0.5200 ± 0.0200 | 0.5300 ± 0.0200 | 3 | +0.0100 [{0.01 - half:+.4f}, "
-            f"{0.01 + half:+.4f}], 2 / 1 | - |") in table
+    assert study.main(["where", "--compare", tmp_path]) == 0
+    table = (tmp_path / "where.md").read_text()
+    assert f"| the blog's head: M=8 − M=1 | 3 | +0.0100 [{0.01 - half:+.4f}, {0.01 + half:+.4f}] | ±{half:.4f} | 2 / 1 | " \
+           "Some CPU (family 1), fp32 ×3 |" in table
+    assert "| flip: M=8 − avg2's M=8 | 3 | -0.0200 [" not in table and "M=8 − avg2's M=8 | 3 | -0.0200 [-0.0448, +0.0048] |" in table
+    assert "| blog-head | 1 | 0.5 | 3 | 0.5200 ± 0.0200 | 0.4800 ± 0.0200 |" in table
+    assert "custom protocol: 5000/5000 images, 2 epochs, fp32; seeds 42-44" in table
 
 
-def test_the_study_runs_each_setting_into_its_folder_and_draws_the_gains(small_cifar, tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(study.PROTOCOLS, "reduced", (["--epochs", "1", "--batch_size", "100", "--precision", "fp32"], "unused"))
-    monkeypatch.setattr(study, "SETTINGS", {k: study.SETTINGS[k] for k in ("avg2", "avg2-flip")})
-    assert study.main(["--data_dir", small_cifar, "--output_dir", tmp_path, "--seed", "1"]) == 0
+def test_an_interval_that_excludes_zero_is_marked_and_more_seeds_show_the_first_five_and_all(tmp_path):
+    seeds = range(42, 52)
+    write_runs(tmp_path / "blog-head", {1: [0.50] * 10, 8: [0.51, 0.52] * 5}, seeds)
+    assert study.main(["convergence", "--compare", tmp_path]) == 0
+    table = (tmp_path / "convergence.md").read_text()
+    assert "| M=8 − M=1 | 10 | +0.0150 [+0.0112, +0.0188] * | ±0.0038 | 10 / 0 |" in table
+    assert "| M=8 − M=1 (first 5 seeds) | 5 | +0.0140 [+0.0072, +0.0208] * |" in table and "seeds 42-51" in table
+    assert "| blog-head | 8 | 10 | 2.0 ± 0.0 | 0 |" in table  # epochs to target 0.49: the second epoch
+    assert (tmp_path / "convergence.png").stat().st_size > 0
+
+
+def test_samples_and_rate_draw_error_against_m_and_p_with_paired_differences(tmp_path):
+    write_runs(tmp_path / "blog-head", {(m, 0.5): [0.5 + 0.001 * m, 0.51 + 0.001 * m] for m in (1, 2, 4, 8, 16, 32, 64)}, (42, 43))
+    write_runs(tmp_path / "blog-head", {(m, p): [0.4 + p / 10 + m / 1000, 0.41 + p / 10]
+                                        for m in (1, 8) for p in (0.1, 0.3, 0.7, 0.9)}, (42, 43))
+    samples = comparisons(tmp_path, "samples")
+    assert samples["M=64 − M=1"]["mean"] == pytest.approx(0.063) and samples["M=2 − M=1"]["n"] == 2
+    rate = comparisons(tmp_path, "rate")
+    assert set(rate) == {f"p={p}: M=8 − M=1" for p in (0.1, 0.3, 0.5, 0.7, 0.9)}
+    assert rate["p=0.9: M=8 − M=1"]["mean"] == pytest.approx(0.0035) and rate["p=0.9: M=8 − M=1"]["interval"] is not None
+    for name in ("samples", "rate"):
+        assert study.main([name, "--compare", tmp_path]) == 0
+        assert (tmp_path / f"{name}.png").stat().st_size > 0
+    assert "| blog-head | 64 | 0.5 | 2 | 0.5690 ± 0.0071 | 0.4310 ± 0.0071 |" in (tmp_path / "samples.md").read_text()
+
+
+def test_a_pair_across_precisions_or_two_runs_of_one_seed_are_refused(tmp_path, capsys):
+    write_runs(tmp_path / "blog-head", {1: [0.50, 0.52, 0.54]})
+    write_runs(tmp_path / "blog-head", {8: [0.51, 0.55, 0.53]}, precision="bf16")
+    assert study.main(["convergence", "--compare", tmp_path]) == 2
+    err = capsys.readouterr().err
+    assert "a pair must share its kind of device and precision" in err and err.count("\n") == 1
+    write_runs(tmp_path / "blog-head", {8: [0.40]}, precision="fp32")  # a second run of m8, seed 42
+    assert study.main(["convergence", "--compare", tmp_path]) == 2
+    err = capsys.readouterr().err
+    assert "m8_p0.5_s42-bf16 and " in err and "two runs of blog-head, dropout_num 8, p 0.5, seed 42" in err
+    assert not (tmp_path / "convergence.md").exists()
+
+
+SMALL_STUDY = study.Study("a small study", 1, [("avg2", [1, 8], [0.5]), ("avg2-flip", [8], [0.5])],
+                          study.STUDIES["where"].pairs, "gain")
+
+
+def test_a_study_runs_each_setting_into_its_folder_then_draws_and_a_rerun_trains_nothing(small_cifar, tmp_path, capsys,
+                                                                                          monkeypatch):
+    monkeypatch.setitem(study.STUDIES, "where", SMALL_STUDY)
+    argv = ["where", "--data_dir", small_cifar, "--output_dir", tmp_path, "--protocol", "smoke", "--seed", "1"]
+    assert study.main(argv) == 0
     assert len(run_dirs(tmp_path / "avg2", 1)) == 1 and not run_dirs(tmp_path / "avg2-flip", 1)  # avg2's is the reference
     assert "_avg2_flip_s1-" in run_dirs(tmp_path / "avg2-flip", 8)[0].name
-    assert (tmp_path / "gain.png").stat().st_size > 0
-    (flip,) = [line for line in (tmp_path / "study.md").read_text().splitlines() if line.startswith("| --pool avg2 --diversity flip |")]
-    one, eight, seeds, difference = flip.split(" | ")[1:5]  # one seed: the difference is eight - one, no interval
-    assert seeds == "1" and "(one seed: no interval), " in difference
-    assert float(difference.split()[0]) == pytest.approx(float(eight) - float(one), abs=1.5e-4)  # each printed to 4 places
-    assert study.main(["--data_dir", small_cifar, "--output_dir", tmp_path, "--seed", "1"]) == 0  # a rerun trains nothing
+    table = (tmp_path / "where.md").read_text()
+    assert (tmp_path / "where.png").stat().st_size > 0 and "smoke protocol: 200/100 images, 2 epochs" in table
+    (row,) = [line for line in table.splitlines() if line.startswith("| --pool avg2 --diversity flip: M=8 − avg2's M=1 |")]
+    assert row.split(" | ")[1:3] == ["1", next(c for c in row.split(" | ") if "(one seed: no interval)" in c)]
+    capsys.readouterr()
+    assert study.main(argv) == 0  # a rerun trains nothing
     assert capsys.readouterr().out.count("nothing to do") == 3
 
 
-def test_the_full_protocol_is_the_blogs_recipe_and_the_reduced_one_says_its_sizes():
+def test_the_protocols_say_their_sizes_and_the_defaults_follow_the_study():
     full = run.build_parser().parse_args(study.PROTOCOLS["full"][0])
     assert (full.epochs, full.lr_milestone, full.train_size, full.test_size, full.precision) == (20, 10, None, None, "fp32")
-    reduced = run.build_parser().parse_args(study.PROTOCOLS["reduced"][0])
-    assert (reduced.epochs, reduced.lr_milestone, reduced.train_size, reduced.test_size) == (10, 5, 5000, 5000)
-    args = study.parse_args(["--protocol", "full", "--seed", "43"])
-    assert args.seed == [43] and args.output_dir == "outputs/study-full"  # its own folder: runs pair by seed alone
-    assert study.parse_args([]).output_dir == "outputs/study"
+    converged = run.build_parser().parse_args(study.PROTOCOLS["converged"][0])
+    assert (converged.train_size, converged.test_size, converged.precision) == (10000, None, "auto")  # all test images
+    args = study.parse_args(["samples", "--protocol", "full"])
+    assert args.seed == [42, 43, 44, 45, 46] and args.output_dir == "outputs/study-full"
+    assert study.parse_args(["convergence"]).seed == list(range(42, 52))
+    commands = study.run_commands(study.parse_args(["rate", "--seed", "7"]))
+    assert len(commands) == 10 and commands[0][-6:] == ["--seed", "7", "--dropout_num", "1", "--dropout_p", "0.1"]
 
 
-def test_compare_draws_the_study_from_committed_files_alone_and_refuses_other_flags(tmp_path, capsys):
-    write_runs(tmp_path / "blog-head", {1: [0.50, 0.52, 0.54], 8: [0.51, 0.55, 0.53]})
-    assert study.main(["--compare", tmp_path]) == 0
-    assert "| the blog's head | 0.5200 ± 0.0200 | 0.5300 ± 0.0200 | 3 | +0.0100 [" in (tmp_path / "study.md").read_text()
-    assert (tmp_path / "gain.png").stat().st_size > 0 and not list((tmp_path / "blog-head").glob("*/last.pt"))
-    assert study.caption(tmp_path) == "5000/5000 images, 2 epochs, fp32, seeds 42 43 44, cpu"
-    capsys.readouterr()
-    for argv, message in [(["--compare", tmp_path, "--seed", "1"], "takes no other flag"),
-                          (["--compare", tmp_path / "empty"], "holds no setting with finished runs")]:
-        assert study.main(argv) == 2
-        err = capsys.readouterr().err
-        assert message in err and err.count("\n") == 1
-
-
-def test_two_runs_of_one_seed_in_a_folder_are_refused_not_silently_paired(tmp_path, capsys):
-    write_runs(tmp_path / "blog-head", {1: [0.50, 0.52, 0.54], 8: [0.51, 0.55, 0.53]})
-    write_runs(tmp_path / "other" / "blog-head", {8: [0.40, 0.41, 0.42]})  # another protocol's run of seed 42
-    (tmp_path / "other" / "blog-head" / "m8_s42").rename(tmp_path / "blog-head" / "m8_s42-other")
-    assert study.main(["--compare", tmp_path]) == 2
+@pytest.mark.parametrize("argv, message", [
+    (["samples", "--compare", "x", "--seed", "1"], "takes the folder of a study and no other flag"),
+    (["samples", "--compare", ""], "takes the folder of a study"),
+    (["samples", "--output_dir", ""], "--output_dir needs a path"),
+    (["samples", "--workers", "0"], "--workers must be 1 or more"),
+    (["nosuch"], "invalid choice"),
+    (["samples", "--compare", "/nonexistent/empty"], "holds no finished pair of runs for the samples study"),
+])
+def test_bad_study_commands_are_one_line_and_exit_2(argv, message, capsys):
+    assert study.main(argv) == 2
     err = capsys.readouterr().err
-    assert "holds two runs of dropout_num 8 with seed 42" in err and err.count("\n") == 1
-    assert not (tmp_path / "study.md").exists()
+    assert message in err and err.count("\n") == 1
 
 
-def test_an_unwritable_figure_is_one_line_and_exit_2(tmp_path, capsys):
+def test_an_unwritable_figure_or_a_truncated_run_file_is_one_line_and_exit_2(tmp_path, capsys):
     write_runs(tmp_path / "blog-head", {1: [0.50, 0.52, 0.54], 8: [0.51, 0.55, 0.53]})
-    (tmp_path / "gain.png").mkdir()  # a folder where the figure goes: writing it fails, as root too
-    assert study.main(["--compare", tmp_path]) == 2
+    (tmp_path / "convergence.png").mkdir()  # a folder where the figure goes: writing it fails, as root too
+    assert study.main(["convergence", "--compare", tmp_path]) == 2
     err = capsys.readouterr().err
     assert err.startswith("study.py: error: cannot write") and err.count("\n") == 1
-
-
-def test_a_truncated_run_file_or_an_empty_folder_name_is_one_line_and_exit_2(tmp_path, capsys):
-    write_runs(tmp_path / "blog-head", {1: [0.50, 0.52, 0.54], 8: [0.51, 0.55, 0.53]})
-    metrics = next((tmp_path / "blog-head").glob("m8_s43/metrics.json"))
+    metrics = next((tmp_path / "blog-head").glob("m8_p0.5_s43*/metrics.json"))
     metrics.write_text(metrics.read_text()[:40])  # cut by hand, or by a copy that failed
-    for argv, message in [(["--compare", tmp_path], "may be truncated"), (["--compare", ""], "--compare needs the folder")]:
-        assert study.main(argv) == 2
-        err = capsys.readouterr().err
-        assert message in err and err.count("\n") == 1
+    assert study.main(["convergence", "--compare", tmp_path]) == 2
+    err = capsys.readouterr().err
+    assert "may be truncated" in err and err.count("\n") == 1

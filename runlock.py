@@ -1,0 +1,45 @@
+"""One run, one trainer: a lock per run folder, held for as long as a process trains it.
+
+The lock is an flock on a hidden file beside the run folder (the folder itself appears only with the
+first saved epoch). The kernel releases it when the process ends, however it ends, so a lock left by
+a killed process never blocks a rerun. The file says who holds it, for the refusal's message.
+"""
+import contextlib
+import datetime
+import fcntl
+import os
+import socket
+from pathlib import Path
+
+from tools import UserError
+
+HELD = 75  # run.py's exit status when another process trains the run (EX_TEMPFAIL: try again later)
+
+
+class RunHeld(UserError):
+    """Another process trains this run; study.py --workers moves on to the next run."""
+
+
+def lock_path(run_dir, rank=0):
+    """Each torchrun rank takes its own: two launches of one run collide on every rank, so all of the second stop."""
+    run_dir = Path(run_dir)
+    return run_dir.parent / f".{run_dir.name}{f'.rank{rank}' if rank else ''}.lock"
+
+
+@contextlib.contextmanager
+def hold(run_dir, rank=0):
+    """Hold run_dir's lock for the block, or raise RunHeld naming the process that holds it."""
+    path = lock_path(run_dir, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise RunHeld(f"{run_dir} is being trained by {holder}; wait for it to finish (a rerun then skips the "
+                          "run), or stop that process") from None
+        f.truncate(0)
+        f.write(f"process {os.getpid()} on {socket.gethostname()} (since {datetime.datetime.now():%Y-%m-%d %H:%M:%S})\n")
+        f.flush()
+        yield  # the flock goes with the file's closing, or with the process

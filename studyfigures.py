@@ -1,0 +1,218 @@
+"""study.py's figures and tables: each study's points (mean +- std over seeds) and paired differences (95% t)."""
+
+import matplotlib
+import numpy as np
+
+import stats
+import trainingmonitor
+from tools import atomic_write
+from trainingmonitor import format_difference, mean_std
+
+matplotlib.use("Agg")  # headless: files only, no window
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+FIRST_SEEDS = 5  # a point whose interval excludes zero gets five more seeds; its table shows the first five and all
+
+
+def name_of(m):
+    return {0: "no dropout", 1: "dropout (M=1)"}.get(m, f"M={m} samples")
+
+
+def finals(runs):
+    """{seed: final valid accuracy}."""
+    return {seed: r["history"][-1]["valid_acc"] for seed, r in runs.items()}
+
+
+def curves(runs, metric):
+    """{seed: per-epoch values} over the epochs every run reached."""
+    n = min(len(r["history"]) for r in runs.values())
+    return {seed: np.array([row[metric] for row in r["history"][:n]]) for seed, r in runs.items()}
+
+
+def caption(points, protocol):
+    """'converged protocol: 10000/10000 images, 30 epochs, bf16; seeds 42-46; cpu': what the runs recorded."""
+    configs = [r["config"] for runs in points.values() for r in runs.values()]
+    values = lambda key: "/".join(sorted({str(c.get(key, "?")) for c in configs}))
+    seeds = sorted({c["seed"] for c in configs})
+    seeds = f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) and len(seeds) > 2 else " ".join(map(str, seeds))
+    return (f"{protocol} protocol: {values('train_images')}/{values('valid_images')} images, {values('epochs')} epochs, "
+            f"{values('precision')}; seeds {seeds}")
+
+
+def table(name, study, points, pairs, caption):
+    """pairs: [(label, point, reference, paired difference, Counter of where the pairs ran)]."""
+    """NAME.md: every point, then every comparison with its interval and where its pairs ran."""
+    lines = [f"#### {name}: {study.about}", "", caption, "",
+             "| setting | M | p | seeds | final valid acc | final valid error |", "|---|---:|---:|---:|---:|---:|"]
+    for point in points:
+        values = np.array(list(finals(points[point]).values()))
+        lines.append(f"| {point.setting} | {point.dropout_num} | {point.dropout_p} | {len(values)} | {mean_std(values)} "
+                     f"| {mean_std(1 - values)} |")
+    lines += ["", "| comparison | seeds paired | Δ final valid acc [95% CI] | 95% half-width | seeds higher / lower "
+              "| pairs ran on |", "|---|---:|---:|---:|---:|---|"]
+    for label, point, reference, d, ran_on in pairs:
+        lines.append(comparison_row(label, d, ran_on))
+        first = first_seeds(points.get(point, {}), points.get(reference, {}))
+        if first:
+            lines.append(comparison_row(f"{label} (first {FIRST_SEEDS} seeds)", first, None))
+    lines += ["", "Δ: the setting's final valid accuracy minus the reference's, seed by seed (a seed gives both the "
+              "same initial weights and data order). 95% CI: Student t on the paired differences. Rule, fixed "
+              f"before the runs: a comparison whose interval excludes 0 (marked *) gets {FIRST_SEEDS} more seeds, "
+              f"and the table then shows the first {FIRST_SEEDS} and all."]
+    if study.figure == "convergence":
+        lines += ["", *epochs_to_target_table(points, pairs)]
+    return "\n".join(lines) + "\n"
+
+
+def comparison_row(label, d, ran_on):
+    half = (d["interval"][1] - d["interval"][0]) / 2 if d["interval"] else None
+    excludes = d["interval"] and (d["interval"][0] > 0 or d["interval"][1] < 0)
+    where = "; ".join(f"{k} ×{n}" for k, n in sorted(ran_on.items())) if ran_on else "(as above)"
+    return (f"| {label} | {d['n']} | {format_difference(d)}{' *' if excludes else ''} | "
+            f"{f'±{half:.4f}' if half is not None else '-'} | {d['higher']} / {d['lower']} | {where} |")
+
+
+def first_seeds(runs, reference_runs):
+    """The comparison over its first FIRST_SEEDS shared seeds, when it has more; else None."""
+    mine, theirs = finals(runs), finals(reference_runs)
+    seeds = sorted(mine.keys() & theirs.keys())
+    if len(seeds) <= FIRST_SEEDS:
+        return None
+    keep = seeds[:FIRST_SEEDS]
+    return stats.paired_by_seed({s: mine[s] for s in keep}, {s: theirs[s] for s in keep})
+
+
+def epochs_to_target(runs, target):
+    """{seed: first epoch whose valid accuracy reaches target, or None}."""
+    reached = {}
+    for seed, r in runs.items():
+        epochs = [row["epoch"] for row in r["history"] if row["valid_acc"] >= target]
+        reached[seed] = epochs[0] if epochs else None
+    return reached
+
+
+def epochs_to_target_table(points, pairs):
+    """Epochs to reach one point below the M=1 runs' mean final valid accuracy, per setting and paired."""
+    reference = pairs[0][2]
+    target = np.mean(list(finals(points.get(reference, {})).values() or [np.nan])) - 0.01
+    lines = [f"Epochs to target: the first epoch whose valid accuracy reaches {target:.4f} (one point below the "
+             "M=1 runs' mean final valid accuracy); runs that never reach it are counted apart and left out of "
+             "the pairs.", "", "| setting | M | runs | epochs to target | never reached |", "|---|---:|---:|---:|---:|"]
+    reached = {point: epochs_to_target(runs, target) for point, runs in sorted(points.items())}
+    for point, epochs in reached.items():
+        hit = [e for e in epochs.values() if e is not None]
+        lines.append(f"| {point.setting} | {point.dropout_num} | {len(epochs)} | "
+                     f"{epochs_mean_std(hit)} | {len(epochs) - len(hit)} |")
+    lines += ["", "| comparison | pairs | Δ epochs to target [95% CI] | seeds sooner / later |", "|---|---:|---:|---:|"]
+    for label, point, ref, _, _ in pairs:
+        mine, theirs = reached.get(point, {}), reached.get(ref, {})
+        both = {s for s in mine.keys() & theirs.keys() if mine[s] is not None and theirs[s] is not None}
+        d = stats.paired_by_seed({s: mine[s] for s in both}, {s: theirs[s] for s in both})
+        if d:
+            interval = f"[{d['interval'][0]:+.2f}, {d['interval'][1]:+.2f}]" if d["interval"] else "(one pair)"
+            lines.append(f"| {label} | {d['n']} | {d['mean']:+.2f} {interval} | {d['lower']} / {d['higher']} |")
+    return lines
+
+
+def epochs_mean_std(values):
+    if not values:
+        return "-"
+    return f"{np.mean(values):.1f}" + (f" ± {np.std(values, ddof=1):.1f}" if len(values) > 1 else "")
+
+
+def error_bars(ax, x, runs_by_x, label, marker="o"):
+    """Final valid error, mean +- std over seeds, against x."""
+    errors = [1 - np.array(list(finals(runs).values())) for runs in runs_by_x]
+    ax.errorbar(x, [e.mean() for e in errors], yerr=[e.std(ddof=1) if len(e) > 1 else 0 for e in errors],
+                capsize=3, marker=marker, label=label)
+
+
+def difference_bars(ax, x, differences, label=None):
+    """Paired differences with their 95% intervals (a bare point where there is one seed), and zero."""
+    means = [d["mean"] for d in differences]
+    low = [d["mean"] - d["interval"][0] if d["interval"] else 0 for d in differences]
+    high = [d["interval"][1] - d["mean"] if d["interval"] else 0 for d in differences]
+    ax.errorbar(x, means, yerr=[low, high], fmt="o", capsize=4, label=label)
+    ax.axhline(0, color="grey", lw=1)
+
+
+def samples_figure(path, points, pairs, caption):
+    """Left: final valid error against M (log2), and under it each M's paired difference from M=1.
+    Right: training loss per epoch, one line per M (the paper's 'fewer iterations')."""
+    fig = plt.figure(figsize=(11, 6.5))
+    grid = fig.add_gridspec(2, 2, height_ratios=[3, 2])
+    top, bottom, right = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[:, 1])
+    ms = sorted(p.dropout_num for p in points)
+    error_bars(top, ms, [points[p] for p in sorted(points)], "mean ± std over seeds")
+    by_m = {point.dropout_num: d for _, point, _, d, _ in pairs}
+    difference_bars(bottom, sorted(by_m), [by_m[m] for m in sorted(by_m)])
+    for ax in (top, bottom):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ms, [str(m) for m in ms])
+    label_axes(top, "", "final valid error (mean ± std)", legend=False)
+    label_axes(bottom, "dropout samples M (log2 axis)", "Δ accuracy vs M=1 (95% CI)", legend=False)
+    for point in sorted(points):
+        trainingmonitor.draw_band(right, epochs_of(points[point]), np.array(list(curves(points[point], "train_loss").values())),
+                                  name_of(point.dropout_num))
+    right.set_yscale("log")
+    label_axes(right, "epoch", "training loss (mean ± std; log axis)")
+    save(fig, path, f"final valid error against the number of dropout samples, and training loss\n{caption}")
+
+
+def epochs_of(runs):
+    return next(iter(curves(runs, "epoch").values())).astype(int)
+
+
+def rate_figure(path, points, pairs, caption):
+    """Final valid error against p for M=1 and M=8, and under it their paired difference against p."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), height_ratios=[3, 2], sharex=True)
+    for m in sorted({p.dropout_num for p in points}):
+        line = sorted(p for p in points if p.dropout_num == m)
+        error_bars(top, [p.dropout_p for p in line], [points[p] for p in line], name_of(m))
+    label_axes(top, "", "final valid error (mean ± std)")
+    by_p = {point.dropout_p: d for _, point, _, d, _ in pairs}
+    difference_bars(bottom, sorted(by_p), [by_p[p] for p in sorted(by_p)])
+    label_axes(bottom, "dropout probability p", "Δ accuracy, M=8 − M=1 (95% CI)", legend=False)
+    save(fig, path, f"final valid error against the dropout probability\n{caption}")
+
+
+def convergence_figure(path, points, pairs, caption):
+    """Epoch by epoch: the paired difference in valid accuracy and in training loss, with a 95% band."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, metric, ylabel in zip(axes, ("valid_acc", "train_loss"), ("Δ valid accuracy", "Δ training loss")):
+        for label, point, ref, _, _ in pairs:
+            mine, theirs = curves(points[point], metric), curves(points[ref], metric)
+            seeds = sorted(mine.keys() & theirs.keys())
+            n = min(len(mine[seeds[0]]), len(theirs[seeds[0]]))
+            per_epoch = [stats.paired_difference([mine[s][e] for s in seeds], [theirs[s][e] for s in seeds]) for e in range(n)]
+            epochs = epochs_of(points[point])[:n]
+            (line,) = ax.plot(epochs, [d["mean"] for d in per_epoch], marker=".", label=f"{label} ({len(seeds)} seeds)")
+            if all(d["interval"] for d in per_epoch):
+                ax.fill_between(epochs, *zip(*[d["interval"] for d in per_epoch]), alpha=0.2, color=line.get_color())
+        ax.axhline(0, color="grey", lw=1)
+        label_axes(ax, "epoch", f"{ylabel} (95% band)")
+    save(fig, path, f"paired differences epoch by epoch (a seed gives both runs the same start and data order)\n{caption}")
+
+
+def gain_figure(path, points, pairs, caption):
+    trainingmonitor.plot_gain(path, [(label, d) for label, _, _, d, _ in pairs], caption)
+
+
+def label_axes(ax, xlabel, ylabel, legend=True):
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    if xlabel == "epoch":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=8)
+
+
+def save(fig, path, title):
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+FIGURES = {"samples": samples_figure, "rate": rate_figure, "convergence": convergence_figure, "gain": gain_figure}

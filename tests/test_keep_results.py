@@ -1,0 +1,109 @@
+"""Nothing a run wrote is replaced without --overwrite, and one run has one trainer at a time."""
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import run
+import runlock
+import study
+import tools
+import train
+import trainingmonitor
+from conftest import ROOT, cli, rows, run_dirs
+
+TINY = ["--epochs", 2, "--train_size", 200, "--test_size", 100, "--batch_size", 50]
+
+
+def run_dir_of(*argv):
+    """The folder run.py would train argv's (single) run into."""
+    args = run.grid(run.parse_args([str(a) for a in argv])[0])[0]
+    return train.identity(args, torch.device("cpu"))[1]
+
+
+def test_a_committed_run_without_checkpoint_is_finished_and_a_partial_one_is_refused(small_cifar, tmp_path, capsys):
+    argv = ["--data_dir", small_cifar, "--output_dir", tmp_path, *TINY, "--dropout_num", 8]
+    assert cli(capsys, *argv)[0] == 0
+    (run_dir,) = run_dirs(tmp_path, 8)
+    before = (run_dir / "metrics.json").read_text()
+    (run_dir / "last.pt").unlink()  # as committed under docs/: config.json and metrics.json alone
+    rc, out, _ = cli(capsys, *argv)
+    assert rc == 0 and "nothing to do" in out and (run_dir / "metrics.json").read_text() == before
+    assert "comparison of 1 finished run" in out  # it still counts
+    rc, _, err = cli(capsys, *argv, "--epochs", 3)  # continue it: there is no checkpoint to do so
+    assert rc == 2 and "holds metrics up to epoch 2 of this run but no checkpoint" in err and err.count("\n") == 1
+    assert (run_dir / "metrics.json").read_text() == before
+    assert cli(capsys, *argv, "--epochs", 3, "--overwrite")[0] == 0  # unless asked
+    assert len(rows(run_dir)) == 3
+
+
+def test_a_finished_grid_on_a_read_only_file_system_is_skipped(small_cifar, tmp_path, capsys, monkeypatch):
+    argv = ["--data_dir", small_cifar, "--output_dir", tmp_path, *TINY, "--dropout_num", 1]
+    assert cli(capsys, *argv)[0] == 0
+
+    def read_only(*args, **kwargs):  # every write the rerun could try fails, as on a read-only mount (root included)
+        raise OSError(30, "Read-only file system")
+    for module, name in ((tools, "atomic_write"), (tools, "check_writable"), (runlock, "hold"),
+                         (trainingmonitor, "compare_setup")):
+        monkeypatch.setattr(module, name, read_only)
+    rc, out, err = cli(capsys, *argv)
+    assert rc == 0 and "nothing to do" in out and "comparison not redrawn (Read-only file system)" in out, err
+
+
+HOLD = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {root!r})
+    import runlock
+    with runlock.hold({run_dir!r}):
+        print("held", flush=True)
+        time.sleep(600)
+""")
+
+
+def test_a_second_trainer_is_refused_naming_the_first_and_a_killed_one_never_blocks(small_cifar, tmp_path, capsys):
+    argv = ["--data_dir", small_cifar, "--output_dir", tmp_path, *TINY, "--dropout_num", 8]
+    run_dir = run_dir_of(*argv)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD.format(root=str(ROOT), run_dir=str(run_dir))],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        rc, _, err = cli(capsys, *argv)
+        assert rc == runlock.HELD and f"is being trained by process {holder.pid} on " in err and err.count("\n") == 1
+        assert not run_dir.exists()
+    finally:
+        holder.kill()  # SIGKILL: no clean-up ran, the lock file stays behind
+        holder.wait()
+    assert runlock.lock_path(run_dir).exists()
+    rc, _, _ = cli(capsys, *argv)
+    assert rc == 0 and len(rows(run_dir)) == 2
+
+
+def test_study_workers_train_each_run_once_and_leave_a_held_run_to_its_holder(small_cifar, tmp_path, capsys, monkeypatch):
+    small = study.Study("three runs", 1, [("avg2", [1, 8], [0.5]), ("avg2-flip", [8], [0.5])],
+                        study.STUDIES["where"].pairs, "gain")
+    monkeypatch.setitem(study.STUDIES, "where", small)
+    argv = ["where", "--data_dir", small_cifar, "--output_dir", tmp_path, "--protocol", "smoke", "--seed", 1, "--workers", 2]
+    commands = study.run_commands(study.parse_args([str(a) for a in argv]))
+    held = run_dir_of(*commands[1])  # avg2, dropout_num 8
+    with runlock.hold(held):  # this process holds it: the workers' run.py processes are refused and move on
+        assert study.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("started") == 3 and "run 2/3 exited 75 (another process trains it)" in out
+    assert not held.exists() and len(run_dirs(tmp_path / "avg2", 1)) == len(run_dirs(tmp_path / "avg2-flip", 8)) == 1
+    logs = sorted((tmp_path / "logs").glob("run*.log"))
+    assert len(logs) == 3 and "is being trained by process" in logs[1].read_text()
+    assert study.main(argv) == 0  # released: the held run trains now, the others are finished
+    assert held.exists() and len(rows(held)) == 2
+    assert sum("nothing to do" in log.read_text() for log in logs) == 2
+    table = (tmp_path / "where.md").read_text()
+    assert "| --pool avg2: M=8 − M=1 | 1 |" in table
+
+
+def test_a_stopped_study_names_the_study_command_that_resumes_it(small_cifar, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(run, "main", lambda argv, resume_command=None: print(f"resume with: {resume_command}") or 130)
+    assert study.main(["samples", "--data_dir", small_cifar, "--output_dir", tmp_path, "--seed", 3]) == 130
+    assert f"resume with: python study.py samples --data_dir {small_cifar} --output_dir {tmp_path} --seed 3" in capsys.readouterr().out
