@@ -28,18 +28,28 @@ def lock_path(run_dir, rank=0):
 
 @contextlib.contextmanager
 def hold(run_dir, rank=0):
-    """Hold run_dir's lock for the block, or raise RunHeld naming the process that holds it."""
+    """Hold run_dir's lock for the block, or raise RunHeld naming the process that holds it. The file goes when
+    the block ends; a killed holder leaves it behind, unlocked, and the next process takes it over."""
     path = lock_path(run_dir, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
+    while True:
+        f = open(path, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
+            f.close()
             raise RunHeld(f"{run_dir} is being trained by {holder}; wait for it to finish (a rerun then skips the "
                           "run), or stop that process") from None
+        if path.exists() and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+            break  # still the file at `path`: not one a finishing holder removed while we opened it
+        f.close()
+    try:
         f.truncate(0)
         f.write(f"process {os.getpid()} on {socket.gethostname()} (since {datetime.datetime.now():%Y-%m-%d %H:%M:%S})\n")
         f.flush()
-        yield  # the flock goes with the file's closing, or with the process
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before the flock goes, so no one takes over a file that is about to vanish
+        f.close()

@@ -32,10 +32,13 @@ def test_bench_writes_every_table_and_the_overhead_plot(tmp_path, capsys):
     assert bench.main(TINY + ["--out", str(tmp_path)]) == 0
     report = (tmp_path / "bench.md").read_text()
     assert "| blog-style" in report and "| project, fp32, M=8" in report and "x (" in report
-    overhead = report.split("### Multi-sample overhead")[1].splitlines()
+    overhead = report.split("### Multi-sample overhead")[1].split("### Variants")[0].splitlines()
     assert [line.split("|")[1].strip() for line in overhead if line.startswith("| ") and "ms" not in line] == \
         [str(m) for m in bench.OVERHEAD_M]
     assert (tmp_path / "overhead.png").stat().st_size > 0
+    variants = [line.split(" | ") for line in report.split("### Variants")[1].splitlines() if line.startswith("| ")][1:]
+    assert [row[0] for row in variants] == ["| " + label for label, _, _, _ in bench.VARIANTS]
+    assert [row[2] for row in variants] == ["1,290", "1,290", "10,320"]  # 128 x 10 + 10; separate heads: M = 8 of them
     # blocks this short are refused no more, but said to be untrustworthy under the table that repeats a setting
     notes = "\n".join(overhead)
     assert "The dropout_num=8 row is the setting of the pipelines table's 'project, " in notes
