@@ -47,6 +47,8 @@ SETTINGS = {
     "avg2-flip": ("--pool avg2 --diversity flip", ["--pool", "avg2", "--diversity", "flip"]),
     "avg2-pad": ("--pool avg2 --diversity pad", ["--pool", "avg2", "--diversity", "pad"]),
     "augment": ("the blog's head, --augment", ["--augment"]),
+    "logits": ("mean of logits", ["--msd_reduce", "logits"]),
+    "separate": ("separate heads", ["--msd_heads", "separate"]),
 }
 Study = collections.namedtuple("Study", "about seeds runs pairs figure")
 Point = collections.namedtuple("Point", "setting dropout_num dropout_p")  # one setting's runs at one (M, p)
@@ -77,6 +79,12 @@ STUDIES = {
                    + [(f"{SETTINGS[s][0]}: M=8 − avg2's M=1", *eight_vs(s, "avg2")) for s in ("avg2-flip", "avg2-pad")]
                    + [(f"{SETTINGS[s][0]}: M=8 − avg2's M=8", *eight_vs(s, "avg2", 8)) for s in ("avg2-flip", "avg2-pad")]
                    + [(f"{SETTINGS['augment'][0]}: M=8 − M=1", *eight_vs("augment", "augment"))], "gain"),
+    "variants": Study("the three heads called multi-sample dropout, M=8, against M=1 and against the paper's", 5,
+                      [("blog-head", [1, 8], [0.5]), ("logits", [8], [0.5]), ("separate", [8], [0.5])],
+                      [("the paper's (mean of losses): M=8 − M=1", *eight_vs("blog-head"))]
+                      + [(f"{SETTINGS[s][0]}: M=8 − M=1", *eight_vs(s)) for s in ("logits", "separate")]
+                      + [(f"{SETTINGS[s][0]} − the paper's, M=8", *eight_vs(s, "blog-head", 8)) for s in ("logits", "separate")],
+                      "gain"),
 }
 
 
@@ -136,25 +144,26 @@ def train_in_workers(commands, workers, log_dir, resume):
     """K run.py processes at once, each run's output in log_dir; a stop request stops them all at a step boundary."""
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}  # the cores, shared
-    pending, active, failed = list(enumerate(commands, 1)), {}, []
+    pending, active, failed, stopping = list(enumerate(commands, 1)), {}, [], set()
     with tools.stop_on_signals(second_stops_at_once=False):
         while (pending and not tools.STOP and not failed) or active:
             while pending and len(active) < workers and not tools.STOP and not failed:
                 i, command = pending.pop(0)
                 log = open(log_dir / f"run{i:03d}.log", "w")
                 active[i] = (subprocess.Popen([sys.executable, str(Path(run.__file__)), *command], stdout=log,
-                                              stderr=subprocess.STDOUT, env=env), log)
+                                              stderr=subprocess.STDOUT, env=env, start_new_session=True), log)
                 print(f"study.py: run {i}/{len(commands)} started (log: {log.name})", flush=True)
             time.sleep(0.2)
             for i, (process, log) in list(active.items()):
-                if tools.STOP and process.poll() is None:
-                    process.send_signal(signal.SIGTERM)  # a Ctrl-C reached it already; once more is harmless
+                if tools.STOP and i not in stopping:  # its own session: a Ctrl-C reaches only us, so we pass it on once
+                    process.send_signal(signal.Signals[tools.STOP["signal"]])
+                    stopping.add(i)
                 if process.poll() is not None:
                     log.close()
                     del active[i]
                     held = " (another process trains it)" if process.returncode == runlock.HELD else ""
                     print(f"study.py: run {i}/{len(commands)} exited {process.returncode}{held}", flush=True)
-                    failed += [log.name] if process.returncode not in (0, runlock.HELD) else []
+                    failed += [log.name] if process.returncode not in (0, runlock.HELD) and i not in stopping else []
     if tools.STOP:
         raise tools.Interrupted(f"stopped by {tools.STOP['signal']}; resume with: {resume}")
     if failed:

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Fill one GPU for about 9 minutes: bench.py on CUDA, then the convergence study on the blog's full recipe
+# (30 runs: dropout_num 0, 1, 8 x seeds 42-51) with --workers, then as much of the samples study as fits.
+# Runs still training at the deadline are stopped at a step boundary; their finished epochs are kept.
+#
+#   bash gpu_study.sh        # DATA=data/cifar10-jpeg.tar.gz, PYTHON=python3, WORKERS=12, BUDGET_S=540
+#
+# Everything lands in outputs/gpu/ (bench-*/, study-full/ with convergence.md/.png and samples.md/.png,
+# times.txt); with $OUT set (a device machine's result folder) also packed as $OUT/gpu.tar.gz, since such a
+# folder takes few files. Commit the runs' config.json and metrics.json, the tables and the figures.
+#
+# Expected run time on one H200: about 9 minutes in all (BUDGET_S). The bench is about 2 minutes (two
+# models, short blocks, peak memory for miniresnet only); the studies get the rest. At the 47 s of device time
+# a full run cost with three processes, 7 minutes hold 9 runs; at the 15 s aimed for with 12 workers, 28.
+# SMOKE=1 runs the same steps on the CPU in a minute, on the smoke protocol (a check of this script).
+set -uo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+DATA=${DATA:-data/cifar10-jpeg.tar.gz}
+WORKERS=${WORKERS:-12}
+BUDGET_S=${BUDGET_S:-540}
+DEST=${DEST:-outputs/gpu}
+if [ "${SMOKE:-0}" = 1 ]; then
+  DEVICE=cpu PROTOCOL=smoke MODELS=(miniresnet) BENCH=(--steps 1 --repeats 2 --warmup 0 --batch_size 8 --memory_steps 0)
+  WORKERS=2
+else
+  DEVICE=cuda PROTOCOL=full MODELS=(miniresnet resnet18) BENCH=(--steps 50 --repeats 5 --warmup 10)
+fi
+export PYTHONUNBUFFERED=1
+deadline=$((SECONDS + BUDGET_S))
+mkdir -p "$DEST"
+log() { echo "gpu_study.sh: $* (at ${SECONDS} s)" | tee -a "$DEST/times.txt"; }
+
+log "start: $($PYTHON -c 'import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")')"
+# Decode the archive once, before several workers would each do it.
+$PYTHON -c "import datasource, sys; datasource.load(sys.argv[1])" "$DATA" || exit 2
+for model in "${MODELS[@]}"; do
+  memory=(); [ "$model" = resnet18 ] && memory=(--memory_steps 0)
+  $PYTHON bench.py --model "$model" --device "$DEVICE" --precision bf16 "${BENCH[@]}" "${memory[@]}" \
+    --out "$DEST/bench-$model" > "$DEST/bench-$model.log" 2>&1
+  log "bench $model: exit $?"
+done
+
+# The studies, against the clock: SIGINT at the deadline stops the workers at a step boundary.
+study_start=$SECONDS
+for study in convergence samples; do
+  left=$((deadline - SECONDS))
+  [ "$left" -gt 30 ] || break
+  timeout -s INT -k 60 "$left" $PYTHON study.py "$study" --protocol "$PROTOCOL" --data_dir "$DATA" \
+    --output_dir "$DEST/study-$PROTOCOL" --workers "$WORKERS" > "$DEST/study-$study.log" 2>&1
+  log "study $study: exit $?"
+done
+study_seconds=$((SECONDS - study_start))
+pkill -f "$PWD/run.py" 2>/dev/null  # a worker that outlived a killed study.py (each runs in its own session)
+for study in convergence samples; do  # whatever finished, drawn (a study with no finished pair says so)
+  $PYTHON study.py "$study" --compare "$DEST/study-$PROTOCOL" >> "$DEST/times.txt" 2>&1
+done
+# Device time per run: the studies' wall time over the runs they trained (unfinished ones by their epochs).
+$PYTHON - "$DEST/study-$PROTOCOL" "$study_seconds" "$WORKERS" <<'EOF' | tee -a "$DEST/times.txt"
+import json, pathlib, sys
+folder, seconds, workers = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+runs = [(json.loads((p.parent / "config.json").read_text()), json.loads(p.read_text())) for p in folder.glob("*/*/metrics.json")]
+finished = sum(len(history) >= config["epochs"] for config, history in runs)
+whole = sum(len(history) / config["epochs"] for config, history in runs)
+print(f"{workers} workers, {seconds} s of studies: {finished} runs finished, {whole:.1f} runs' worth of epochs, "
+      f"{seconds / max(whole, 1e-9):.1f} s of device time per run")
+EOF
+log "end"
+if [ -n "${OUT:-}" ]; then
+  tar czf "$OUT/gpu.tar.gz" --exclude='*.pt' --exclude='logs' -C "$(dirname "$DEST")" "$(basename "$DEST")"
+fi

@@ -1,0 +1,21 @@
+"""The prepared GPU script, in its CPU smoke mode: it must run as it is when a GPU is there."""
+import os
+import subprocess
+import sys
+import tarfile
+
+from conftest import ROOT
+
+
+def test_the_gpu_script_benches_trains_against_the_clock_draws_and_packs(small_cifar, tmp_path):
+    env = {**os.environ, "SMOKE": "1", "DATA": str(small_cifar), "DEST": str(tmp_path / "gpu"), "OUT": str(tmp_path),
+           "BUDGET_S": "50", "PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(ROOT / "gpu_study.sh")], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-500:]
+    times = (tmp_path / "gpu" / "times.txt").read_text()
+    assert "bench miniresnet: exit 0" in times and "study convergence: exit" in times
+    assert "s of device time per run" in times and " runs finished" in times
+    with tarfile.open(tmp_path / "gpu.tar.gz") as packed:
+        names = packed.getnames()
+    assert "gpu/bench-miniresnet/bench.md" in names and not any(n.endswith(".pt") for n in names)
+    assert any(n.startswith("gpu/study-smoke/blog-head/") and n.endswith("/metrics.json") for n in names)
