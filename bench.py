@@ -266,6 +266,7 @@ def peak_memory(args, dropout_num, connection):
     """(Run in a fresh process.) Peak memory of a run the size of the blog's recipe: 50,000 training images on the
     device, --memory_steps training steps, then evaluation of 10,000 test images. Sends the peak while
     training (data on the device included) and the peak of the whole process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     device = pick_device(args.device)
     n_train, n_test = BLOG_RECIPE_IMAGES
     precision = hardware.resolve_precision(args.precision, device)
@@ -284,13 +285,13 @@ def peak_memory_in_fresh_process(args, dropout_num):
     receiver, sender = context.Pipe(duplex=False)
     # daemon: after a Ctrl-C, bench's exit ends the child instead of waiting for it
     process = context.Process(target=peak_memory, args=(args, dropout_num, sender), daemon=True)
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the child inherits this: Ctrl-C is bench's alone
-    try:
-        process.start()
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    process.start()  # it ignores SIGINT from its first line on: a Ctrl-C is bench's to handle
     sender.close()  # the child's copy remains: if it dies, recv() raises EOFError instead of waiting forever
-    peaks = receiver.recv()
+    try:
+        peaks = receiver.recv()
+    except EOFError:  # it died before answering (out of memory, say): bench says so instead of a traceback
+        raise tools.UserError(f"the peak-memory process for dropout_num={dropout_num} ended without an answer "
+                              f"(exit code {process.join() or process.exitcode}); lower --batch_size, or --memory_steps 0")
     process.join()
     return peaks
 
@@ -311,7 +312,7 @@ def plot_overhead(path, ratios, title):
     ax.set(title=title, xlabel="dropout_num (M)", ylabel="step time / step time at M=0")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    tools.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
     return ax  # for the tests
 
@@ -342,15 +343,27 @@ def main(argv=None):
         check_args(args)  # everything is checked before any work
         device = pick_device(args.device)
         check_writable(Path(args.out))
-        measure(args, device, argv, written)
+        with tools.interrupts():
+            measure(args, device, argv, written)
         return 0
     except tools.UserError as e:
         print(f"bench.py: error: {e}", file=sys.stderr)
         return 2
+    except (MemoryError, torch.OutOfMemoryError) as e:
+        print(f"bench.py: error: out of memory ({str(e).splitlines()[0][:120]}); lower --batch_size", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if "alloc" not in str(e):  # a real bug: let its traceback show
+            raise
+        print(f"bench.py: error: out of memory ({str(e).splitlines()[0][:120]}); lower --batch_size", file=sys.stderr)
+        return 2
+    except OSError as e:  # --out unwritable after all, or a name too long for the file system
+        print(f"bench.py: error: cannot write to {args.out} ({e.strerror or e}); choose another --out", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         done = f"wrote only {' and '.join(written)}" if written else "nothing was written"
-        print(f"bench.py: interrupted; {done}", file=sys.stderr)
-        return 130
+        print(f"bench.py: stopped by {tools.STOP.get('signal', 'SIGINT')}; {done}", file=sys.stderr)
+        return tools.stopped_status()
 
 
 def measure(args, device, argv, written):
@@ -434,7 +447,7 @@ def measure(args, device, argv, written):
     out.mkdir(parents=True, exist_ok=True)
     plot_overhead(out / "overhead.png", ratios, f"{args.model}, batch {args.batch_size}, {device.type}, {precision}")
     written.append(str(out / "overhead.png"))
-    (out / "bench.md").write_text("\n".join(report))
+    tools.atomic_write(out / "bench.md", lambda tmp: Path(tmp).write_text("\n".join(report)))
     written.append(str(out / "bench.md"))
     print(f"written: {' and '.join(written)}")
 

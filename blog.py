@@ -11,10 +11,16 @@ import csv
 import sys
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 
+import run
+import tools
 import trainingmonitor
 from tools import UserError, atomic_write
+
+matplotlib.use("Agg")  # files only, no window
+import matplotlib.pyplot as plt  # noqa: E402
 
 BLOG_CSV = Path(__file__).resolve().parent / "docs" / "blog" / "blog_curves.csv"
 SETTINGS = {"no dropout": 0, "1 sample": 1, "8 sample": 8}  # the blog's legend -> dropout_num
@@ -65,7 +71,7 @@ def table_markdown(groups, blog):
 
 def plot(path, groups, blog):
     """Valid accuracy, train loss and valid loss: ours solid (mean, +-1 std band), the blog's dashed, same colour."""
-    fig, axes = trainingmonitor.plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, metric in zip(axes, ("valid_acc", "train_loss", "valid_loss")):
         for colour, g in enumerate(groups):
             trainingmonitor.draw_band(ax, g["epochs"], g["curves"][metric], f"ours, {g['label']}", color=f"C{colour}")
@@ -79,24 +85,40 @@ def plot(path, groups, blog):
                  "the blog's 8-sample losses are another quantity and left out", fontsize=9)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    trainingmonitor.plt.close(fig)
+    plt.close(fig)
+
+
+def parse_args(argv):
+    p = run.Parser(prog="blog.py", description="Write blog.md (final and best valid accuracy, ours beside the blog's "
+                   "figures) and blog_vs_ours.png (the curves overlaid) into RUNS_DIR.")
+    p.add_argument("runs_dir", metavar="RUNS_DIR", help="a folder of finished runs of the blog's recipe, e.g. docs/cifar10-full")
+    args = p.parse_args(argv)
+    if not args.runs_dir:
+        raise UserError("RUNS_DIR needs a path, got an empty string")
+    return Path(args.runs_dir)
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
-        if len(argv) != 1 or argv[0].startswith("-"):
-            raise UserError("usage: python blog.py RUNS_DIR (a folder of finished runs of the blog's recipe)")
-        folder = Path(argv[0])
-        groups = trainingmonitor.group_runs(blog_recipe_runs(folder))
-        blog = blog_curves()
-        atomic_write(folder / "blog.md", lambda tmp: Path(tmp).write_text(table_markdown(groups, blog)))
-        plot(folder / "blog_vs_ours.png", groups, blog)
+        folder = parse_args(argv)
+        with tools.interrupts():
+            groups = trainingmonitor.group_runs(blog_recipe_runs(folder))
+            blog = blog_curves()
+            try:
+                atomic_write(folder / "blog.md", lambda tmp: Path(tmp).write_text(table_markdown(groups, blog)))
+                plot(folder / "blog_vs_ours.png", groups, blog)
+            except OSError as e:
+                raise UserError(f"cannot write blog.md or blog_vs_ours.png in {folder} ({e.strerror or e}); "
+                                "copy the runs to a writable folder") from None
         print(f"wrote {folder / 'blog.md'} and {folder / 'blog_vs_ours.png'}")
         return 0
     except UserError as e:
         print(f"blog.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"blog.py: stopped by {tools.STOP.get('signal', 'SIGINT')}; no file was left half-written", file=sys.stderr)
+        return tools.stopped_status()
 
 
 if __name__ == "__main__":

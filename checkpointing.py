@@ -4,6 +4,7 @@ import random
 import numpy as np
 import torch
 
+import runfiles
 from tools import UserError, atomic_write
 
 
@@ -50,6 +51,7 @@ def save_checkpoint(path, checkpoint):
 def load_checkpoint(path):
     """weights_only=True: a checkpoint file can hold tensors and plain data, never code."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}); rerun with --overwrite to start afresh")
+    return runfiles.check_checkpoint(path, checkpoint)

@@ -14,7 +14,6 @@ import itertools
 import math
 import os
 import shlex
-import signal
 import sys
 from pathlib import Path
 
@@ -215,10 +214,12 @@ def main(argv=None, resume_command=None):
     """resume_command: what an interrupted run says resumes it (study.py gives its own command)."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     torchrun = "RANK" in os.environ  # one worker of several: rank 0 alone prints
+    args = None
     try:
         args, explicit = parse_args(argv)  # --help and flag errors end here, before the slow imports
         if args.compare:
-            return compare(Path(args.compare), explicit)
+            with tools.interrupts():
+                return compare(Path(args.compare), explicit)
         runs = [] if args.eval or args.resume else grid(args)
         for run in runs:  # every run of the grid is checked before any trains
             check_args(run)
@@ -235,6 +236,8 @@ def main(argv=None, resume_command=None):
                 if train.stop_requested():
                     raise tools.Interrupted(f"stopped by {tools.STOP.get('signal', 'a signal')} between two runs of the grid")
                 train.report_comparison(*train.train_run(run, Path(args.resume) if args.resume else None))
+            if train.stop_requested():  # it came during the last run's last save or redraw: that run is whole
+                raise tools.Interrupted(f"stopped by {tools.STOP.get('signal', 'a signal')} as the last run finished (it is complete)")
             return 0
     except runlock.RunHeld as e:
         return report(torchrun, f"run.py: {e}", runlock.HELD)
@@ -246,8 +249,11 @@ def main(argv=None, resume_command=None):
         resume = shlex.join(a for a in argv if a != "--overwrite")  # rerunning must not start afresh
         launcher = "the same torchrun command with run.py" if torchrun else "python run.py"
         resume_command = resume_command or f"{launcher} {resume}"
+        if args and args.compare:
+            return report(torchrun, f"run.py: stopped by {tools.STOP.get('signal', 'SIGINT')}; the comparisons "
+                          "already written are whole, and the one being drawn kept its earlier files", tools.stopped_status())
         return report(torchrun, f"run.py: {str(e) or 'stopped at once'}; resume with: {resume_command}",
-                      128 + signal.Signals[tools.STOP.get("signal", "SIGINT")].value)
+                      tools.stopped_status())
 
 
 def report(torchrun, line, status):
@@ -263,7 +269,10 @@ def compare(folder, explicit):
         raise UserError(f"--compare redraws from the runs' own config.json and takes no other flag; drop "
                         f"{', '.join('--' + f for f in sorted(set(explicit) - {'compare'}))}")
     import trainingmonitor  # matplotlib: imported only for the work that draws
-    return trainingmonitor.compare_all(folder)
+    try:
+        return trainingmonitor.compare_all(folder)
+    except OSError as e:
+        raise UserError(f"cannot write the comparison under {folder} ({e.strerror or e}); choose another folder")
 
 
 if __name__ == "__main__":

@@ -219,13 +219,20 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         status = 0 if args.compare else train_all(args, argv)
-        return status or draw(Path(args.compare or args.output_dir), args.study)
+        if status:
+            return status
+        with tools.interrupts():
+            return draw(Path(args.compare or args.output_dir), args.study)
     except UserError as e:
         print(f"study.py: error: {e}", file=sys.stderr)
         return 2
-    except (tools.Interrupted, KeyboardInterrupt) as e:
-        print(f"study.py: {e or 'stopped'}", file=sys.stderr)
-        return 128 + signal.Signals[tools.STOP.get("signal", "SIGINT")].value
+    except tools.Interrupted as e:
+        print(f"study.py: {e}", file=sys.stderr)
+        return tools.stopped_status()
+    except KeyboardInterrupt:
+        print(f"study.py: stopped by {tools.STOP.get('signal', 'SIGINT')} while drawing; no file was left half-written; "
+              f"draw again with: python study.py {args.study} --compare {args.compare or args.output_dir}", file=sys.stderr)
+        return tools.stopped_status()
 
 
 def draw(output_dir, name):

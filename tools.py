@@ -38,6 +38,28 @@ def stop_on_signals(second_stops_at_once=True):
             signal.signal(s, handler)
 
 
+@contextlib.contextmanager
+def interrupts():
+    """For commands that only read and draw: SIGTERM raises KeyboardInterrupt as SIGINT does, so either stops the
+    command at once and atomic_write removes its temporary file on the way out. STOP records which it was."""
+    def interrupt(signum, frame):
+        STOP["signal"] = signal.Signals(signum).name
+        raise KeyboardInterrupt
+
+    STOP.clear()
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def stopped_status():
+    """The exit status of a command stopped by a signal: 130 for SIGINT, 143 for SIGTERM."""
+    return 128 + signal.Signals[STOP.get("signal", "SIGINT")].value
+
+
 def atomic_write(path, write):
     """Call write(tmp_path), then rename over `path`: a crash leaves the old file whole."""
     path = Path(path)
@@ -62,13 +84,6 @@ def _umask():
 
 def write_json(path, obj):
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
-
-
-def read_json(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:  # our own writes are atomic: this one was cut or edited by hand
-        raise UserError(f"cannot read {path} ({e}); it may be truncated: restore it, or remove its run folder")
 
 
 def check_writable(folder):

@@ -18,6 +18,7 @@ import distributed
 import experiment
 import hardware
 import progressbar
+import runfiles
 import runlock
 import tools
 import trainingmonitor
@@ -233,8 +234,8 @@ def epochs_done(run_dir, config):
         return checkpoint["epoch"]
     if not (run_dir / "metrics.json").exists():
         return 0
-    experiment.check_same_experiment(tools.read_json(run_dir / "config.json"), config, run_dir / "config.json")
-    history = tools.read_json(run_dir / "metrics.json")
+    experiment.check_same_experiment(runfiles.read_config(run_dir / "config.json"), config, run_dir / "config.json")
+    history = runfiles.read_history(run_dir / "metrics.json")
     return history[-1]["epoch"] if history else 0
 
 

@@ -7,9 +7,10 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 
+import runfiles
 import stats
 from experiment import HEAD_OPTIONS, OMITTED_AT_DEFAULT, run_identity, setup_flags
-from tools import UserError, atomic_write, check_writable, read_json, write_json
+from tools import UserError, atomic_write, check_writable, write_json
 
 matplotlib.use("Agg")  # headless: files only, no window
 import matplotlib.pyplot as plt  # noqa: E402
@@ -58,9 +59,9 @@ def finished_runs(output_dir):
     for config_path in sorted(Path(output_dir).glob("*/config.json")):
         run_dir = config_path.parent
         if (run_dir / "metrics.json").exists():
-            config, history = read_json(config_path), read_json(run_dir / "metrics.json")
+            config, history = runfiles.read_config(config_path), runfiles.read_history(run_dir / "metrics.json")
             if history and history[-1]["epoch"] >= config["epochs"]:
-                test, prediction = (read_json(run_dir / f) if (run_dir / f).exists() else None
+                test, prediction = (runfiles.read_json(run_dir / f) if (run_dir / f).exists() else None
                                     for f in ("test.json", "prediction.json"))
                 runs.append({"dir": run_dir, "config": config, "history": history, "test": test, "prediction": prediction})
     return runs
@@ -76,9 +77,21 @@ def compare_setup(output_dir, setup):
     compare_dir.mkdir(parents=True, exist_ok=True)
     with open(compare_dir / ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        runs = [r for r in finished_runs(output_dir) if run_identity(r["config"])[1] == setup]
+        runs = one_per_identity([r for r in finished_runs(output_dir) if run_identity(r["config"])[1] == setup])
         write_comparison(compare_dir, runs, setup_flags(runs[0]["config"]))
     return compare_dir, len(runs)
+
+
+def one_per_identity(runs):
+    """The runs, refused if two are the same run (a copied folder, say): a comparison counts each run once."""
+    seen = {}
+    for r in runs:
+        name = run_identity(r["config"])[0]
+        if name in seen:
+            raise UserError(f"{seen[name]} and {r['dir']} are the same run ({name}): a comparison counts each run "
+                            "once, so move one of them out of the folder")
+        seen[name] = r["dir"]
+    return runs
 
 
 def compare_all(folder):

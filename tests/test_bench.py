@@ -91,7 +91,7 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
     except KeyboardInterrupt:
         pytest.fail("KeyboardInterrupt escaped bench.main")  # and would stop pytest itself
     assert status == 130
-    assert capsys.readouterr().err == "bench.py: interrupted; nothing was written\n"
+    assert capsys.readouterr().err == "bench.py: stopped by SIGINT; nothing was written\n"
     assert not out.exists()
 
 

@@ -38,7 +38,14 @@ def test_the_csv_holds_the_three_settings_of_the_three_figures():
     assert curves[("valid_acc", 1)][-1] == pytest.approx(0.835) and all(len(v) == 20 for v in curves.values())
 
 
-@pytest.mark.parametrize("args, message", [([], "usage"), (["--help"], "usage"), (["EMPTY"], "no finished run")])
+def test_help_says_what_the_command_writes(capsys):
+    with pytest.raises(SystemExit) as exit:
+        blog.main(["--help"])
+    assert exit.value.code == 0 and "Write blog.md" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [([], "arguments are required: RUNS_DIR"), (["a", "b"], "unrecognized"),
+                                           ([""], "needs a path"), (["EMPTY"], "no finished run")])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     args = [tmp_path if a == "EMPTY" else a for a in args]
     assert blog.main(args) == 2

@@ -84,7 +84,7 @@ def test_resume_of_a_folder_without_checkpoint_is_an_error(tmp_path, capsys):
 
 def test_eval_reports_the_saved_model_on_the_test_set(whole, capsys):
     rc, out, _ = cli(capsys, "--eval", whole)
-    last = trainingmonitor.read_json(whole / "metrics.json")[-1]
+    last = runfiles.read_json(whole / "metrics.json")[-1]
     assert rc == 0 and f"accuracy {last['valid_acc']:.4f}" in out and f"loss {last['valid_loss']:.4f}" in out
 
 
@@ -117,9 +117,9 @@ def test_valid_split_holds_out_training_images_and_tests_once(small_cifar, tmp_p
                      "--valid_split", 60)
     assert rc == 0 and "test set, once" in out
     (run_dir,) = run_dirs(tmp_path, 0)
-    config = trainingmonitor.read_json(run_dir / "config.json")
+    config = runfiles.read_json(run_dir / "config.json")
     assert (config["train_images"], config["valid_images"], config["test_images"]) == (240, 60, 100)
-    assert 0 <= trainingmonitor.read_json(run_dir / "test.json")["test_acc"] <= 1
+    assert 0 <= runfiles.read_json(run_dir / "test.json")["test_acc"] <= 1
 
 
 def test_summary_statistics_and_epochs_to_target():
@@ -176,7 +176,7 @@ def test_a_checkpoint_cannot_run_code(whole, tmp_path, capsys, small_cifar):
 
 def saved_epochs(output_dir):
     metrics = list(Path(output_dir).glob("*/metrics.json"))
-    return len(trainingmonitor.read_json(metrics[0])) if metrics else 0
+    return len(runfiles.read_json(metrics[0])) if metrics else 0
 
 
 def test_five_sigkills_at_random_moments_still_end_with_identical_metrics(small_cifar, tmp_path, capsys):

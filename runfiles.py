@@ -1,0 +1,78 @@
+"""A run's files as it left them, checked on reading: config.json, metrics.json and the checkpoint.
+
+Our own writes are atomic, so a damaged file was cut by a failed copy or edited by hand. Each way it can
+be damaged (cut, not UTF-8, a folder in its place, a missing key, a value of the wrong type, a number
+that is not finite) is one clear line naming the file, never a traceback and never a wrong table.
+"""
+import json
+import math
+from pathlib import Path
+
+from tools import UserError
+
+# The keys every reader relies on, and their types (bool is not a number here, though Python says so).
+CONFIG_KEYS = {"model": str, "dataset": str, "dropout_num": int, "dropout_p": (int, float), "seed": int, "epochs": int}
+ROW_KEYS = {"epoch": int, "train_loss": (int, float), "valid_loss": (int, float), "seconds": (int, float)}
+ROW_NUMBERS = ("lr", "train_loss", "train_acc", "valid_loss", "valid_acc", "seconds")
+CHECKPOINT_KEYS = {"epoch": int, "config": dict, "history": list, "model": dict, "optimizer": dict}
+
+
+def damaged(path, problem):
+    return UserError(f"{path}: {problem}; restore it from where it came from, or move its run folder away")
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise damaged(path, f"not valid JSON ({e}): it may be truncated") from None
+    except UnicodeDecodeError:
+        raise damaged(path, "not UTF-8 text") from None
+    except OSError as e:
+        raise damaged(path, f"cannot be read ({e.strerror or e})") from None
+
+
+def check_keys(path, values, keys, what):
+    if not isinstance(values, dict):
+        raise damaged(path, f"{what} is a {type(values).__name__}, not a JSON object")
+    for key, kind in keys.items():
+        if key not in values:
+            raise damaged(path, f"{what} has no {key!r}")
+        if isinstance(values[key], bool) or not isinstance(values[key], kind):
+            raise damaged(path, f"{what}'s {key!r} is {values[key]!r}, not of the type a run writes")
+
+
+def read_config(path):
+    config = read_json(path)
+    check_keys(path, config, CONFIG_KEYS, "the config")
+    return config
+
+
+def check_history(path, history):
+    """Rows with every key a reader needs, numbers that are numbers, and all of them finite."""
+    if not isinstance(history, list):
+        raise damaged(path, f"the metrics are a {type(history).__name__}, not a list of rows")
+    for i, row in enumerate(history, 1):
+        check_keys(path, row, ROW_KEYS, f"row {i}")
+        for key in ROW_NUMBERS:
+            value = row.get(key, 0.0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise damaged(path, f"row {i}'s {key!r} is {value!r}, not a number")
+            if not math.isfinite(value):
+                raise damaged(path, f"row {i}'s {key!r} is {value}: a non-finite metric is not drawn or compared")
+    return history
+
+
+def read_history(path):
+    return check_history(path, read_json(path))
+
+
+def check_checkpoint(path, checkpoint):
+    """A checkpoint torch could read, with what resuming and evaluating take from it."""
+    check_keys(path, checkpoint, CHECKPOINT_KEYS, "the checkpoint")
+    check_keys(path, checkpoint["config"], CONFIG_KEYS, "the checkpoint's config")
+    check_history(path, checkpoint["history"])
+    last = checkpoint["history"][-1]["epoch"] if checkpoint["history"] else 0
+    if last != checkpoint["epoch"]:
+        raise damaged(path, f"the checkpoint says epoch {checkpoint['epoch']} but its metrics end at epoch {last}")
+    return checkpoint
