@@ -21,6 +21,7 @@ from tools import UserError, atomic_write
 
 matplotlib.use("Agg")  # files only, no window
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 BLOG_CSV = Path(__file__).resolve().parent / "docs" / "blog" / "blog_curves.csv"
 SETTINGS = {"no dropout": 0, "1 sample": 1, "8 sample": 8}  # the blog's legend -> dropout_num
@@ -77,8 +78,9 @@ def plot(path, groups, blog):
             trainingmonitor.draw_band(ax, g["epochs"], g["curves"][metric], f"ours, {g['label']}", color=f"C{colour}")
             if metric == "valid_acc" or g["dropout_num"] not in LOSS_NOT_COMPARABLE:
                 ax.plot(range(1, 21), blog[(metric, g["dropout_num"])], ls="--", color=f"C{colour}",
-                        label=f"blog, dropout_num={g['dropout_num']} (1 run)")
+                        label=f"blog, {trainingmonitor.samples_in_words(g['dropout_num'])} (1 run)")
         ax.set(title=metric.replace("_", " "), xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("ours (shared JPEG CIFAR-10 copy) against the blog's figures (official CIFAR-10, read off the pixels); "

@@ -15,10 +15,6 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 FIRST_SEEDS = 5  # a point whose interval excludes zero gets five more seeds; its table shows the first five and all
 
 
-def name_of(m):
-    return {0: "no dropout", 1: "dropout (M=1)"}.get(m, f"M={m} samples")
-
-
 def finals(runs):
     """{seed: final valid accuracy}."""
     return {seed: r["history"][-1]["valid_acc"] for seed, r in runs.items()}
@@ -154,7 +150,7 @@ def samples_figure(path, points, pairs, caption):
     label_axes(bottom, "dropout samples M (log2 axis)", "Δ accuracy vs M=1 (95% CI)", legend=False)
     for point in sorted(points):
         trainingmonitor.draw_band(right, epochs_of(points[point]), np.array(list(curves(points[point], "train_loss").values())),
-                                  name_of(point.dropout_num))
+                                  trainingmonitor.samples_in_words(point.dropout_num))
     right.set_yscale("log")
     label_axes(right, "epoch", "training loss (mean ± std; log axis)")
     save(fig, path, f"final valid error against the number of dropout samples, and training loss\n{caption}")
@@ -169,7 +165,7 @@ def rate_figure(path, points, pairs, caption):
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), height_ratios=[3, 2], sharex=True)
     for m in sorted({p.dropout_num for p in points}):
         line = sorted(p for p in points if p.dropout_num == m)
-        error_bars(top, [p.dropout_p for p in line], [points[p] for p in line], name_of(m))
+        error_bars(top, [p.dropout_p for p in line], [points[p] for p in line], trainingmonitor.samples_in_words(m))
     label_axes(top, "", "final valid error (mean ± std)")
     by_p = {point.dropout_p: d for _, point, _, d, _ in pairs}
     difference_bars(bottom, sorted(by_p), [by_p[p] for p in sorted(by_p)])

@@ -29,6 +29,8 @@ from tools import UserError
 
 REDRAW_S = 10  # seconds between redraws of a run's figures (~0.3 s each); the last row always redraws
 EVAL_BATCH = 1000  # images per evaluation step; no gradients, so larger than training's
+EVAL_CHOICES = ("test_size", "precision")  # they choose how --eval evaluates, not which run it is (--device too)
+COMMAND_ONLY = ("resume", "eval", "compare")  # what the command did, not what the run is: kept out of config.json
 
 
 def train_run(args, run_dir=None):
@@ -49,7 +51,8 @@ def train_run(args, run_dir=None):
 
 def identity(args, device):
     """(the run's defining values, its folder under --output_dir, its setup's name)."""
-    config = {**vars(args), "precision": precision_for(args, device), "data_source": datasource.data_source(args),
+    flags = {k: v for k, v in vars(args).items() if k not in COMMAND_ONLY}
+    config = {**flags, "precision": precision_for(args, device), "data_source": datasource.data_source(args),
               "world_size": distributed.world()}
     run_name, setup = experiment.run_identity(config)
     return config, Path(args.output_dir) / run_name, setup
@@ -213,7 +216,7 @@ def save_epoch(run_dir, config, history, test, prediction, redraw, checkpoint):
         if prediction:
             tools.write_json(run_dir / "prediction.json", prediction)
         if redraw:
-            trainingmonitor.plot_run(run_dir, history)
+            trainingmonitor.plot_run(run_dir, history, config)
             if prediction:
                 trainingmonitor.plot_prediction(run_dir, prediction)
         if test:  # the test set, once, after the epochs were chosen on the validation set
@@ -322,8 +325,12 @@ def evaluate_saved_run(args, checkpoint):
     device = hardware.pick_device(args.device)
     config = {**vars(args), "precision": precision_for(args, device), "data_source": source}
     hardware.configure_precision(config["precision"])
-    experiment.check_same_experiment(checkpoint["config"], config, Path(args.eval) / "last.pt",
-                                     "drop the flag: --eval evaluates the run as it was trained")
+    trained = checkpoint["config"]
+    chosen = {flag: config[flag] for flag in EVAL_CHOICES if config[flag] != trained.get(flag)}
+    experiment.check_same_experiment(trained, {**config, **{flag: trained.get(flag) for flag in chosen}},
+                                     Path(args.eval) / "last.pt", "drop the flag: --eval evaluates the run as it was trained")
+    for flag, value in chosen.items():
+        print(f"--eval with --{flag} {value} (the run was trained with {trained.get(flag)})")
     splits, num_classes = datasource.load_splits(args, device)
     model = make_model(args, num_classes, device)
     model.load_state_dict(checkpoint["model"])

@@ -29,15 +29,30 @@ def write_metrics(run_dir, history):
     write_json(run_dir / "metrics.json", history)
 
 
-def plot_run(run_dir, history):
-    """loss.png and (for a classifier) acc.png: train against valid over epochs."""
+def plot_run(run_dir, history, config):
+    """loss.png and (for a classifier) acc.png: train against valid over epochs, titled with the run's setup."""
     epochs = [row["epoch"] for row in history]
     classify = "valid_acc" in history[0]
+    c = config
+    setup = (f"{c['model']}, {c['dataset']}, {samples_in_words(c['dropout_num'])} (p={c['dropout_p']}), seed {c['seed']}, "
+             f"{c.get('train_images', '?')} img, {c['precision']}")
     for metric, label in (("loss", "cross-entropy loss" if classify else "mean squared error"), ("acc", "accuracy"))[:1 + classify]:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for split in ("train", "valid"):
-            ax.plot(epochs, [row[f"{split}_{metric}"] for row in history], marker=".", label=split)
-        _save(fig, ax, run_dir / f"{metric}.png", f"{run_dir.name}: {metric}", "epoch", label)
+        curves = [[row[f"{split}_{metric}"] for row in history] for split in ("train", "valid")]
+        for split, values in zip(("train", "valid"), curves):
+            ax.plot(epochs, values, marker=".", label=split)
+        if metric == "loss":
+            keep_in_view(ax, curves)
+        _save(fig, ax, run_dir / f"{metric}.png", f"{metric}\n{setup}", "epoch", label)
+
+
+def keep_in_view(ax, curves):
+    """A first epoch that explodes (a loss of 33, or 3112 on a small subset) would flatten every later one:
+    then the axis ends a little above the later epochs, and the first point leaves the picture."""
+    curves = [np.asarray(c, float) for c in curves]
+    later = max(c[1:].max() for c in curves) if len(curves[0]) > 1 else 0
+    if later > 0 and max(c[0] for c in curves) > 3 * later:
+        ax.set_ylim(0, later * 1.15)  # losses are not negative
 
 
 def plot_prediction(run_dir, prediction):
@@ -120,6 +135,8 @@ def write_comparison(out_dir, runs, setup):
         fig, ax = plt.subplots(figsize=(6, 4))
         for g in groups:
             draw_band(ax, g["epochs"], g["curves"][metric], g["label"])
+        if metric.endswith("loss"):
+            keep_in_view(ax, [g["curves"][metric].mean(0) for g in groups])
         _save(fig, ax, out_dir / f"{metric}.png", f"{label}\n{short}", "epoch", label)
     fig, ax = plt.subplots(figsize=(6, 4))
     for g in groups:  # the speed claim is about wall-clock as much as epochs
@@ -294,10 +311,16 @@ def group_runs(runs):
         curves = {k: np.array([[row[k] for row in r["history"][:n]] for r in members])
                   for k in FIELDS if all(k in r["history"][0] for r in members)}
         name = f"dropout_num={m}" + (f", p={p}" if several_p else "") + (f", R-Drop α={alpha}" if alpha else "")
+        words = samples_in_words(m) + (f", p={p}" if several_p else "") + (f", R-Drop α={alpha}" if alpha else "")
         groups.append({"dropout_p": p, "dropout_num": m, "rdrop_alpha": alpha, "runs": members, "curves": curves,
                        "epochs": curves["epoch"][0], "name": name,
-                       "label": f"{name} ({len(members)} seed{'s' * (len(members) > 1)})"})
+                       "label": f"{words} ({len(members)} seed{'s' * (len(members) > 1)})"})
     return groups
+
+
+def samples_in_words(dropout_num):
+    """For legends: 'no dropout', 'dropout' (one sample), '8 samples'."""
+    return {0: "no dropout", 1: "dropout"}.get(dropout_num, f"{dropout_num} samples")
 
 
 def _target(group, groups):

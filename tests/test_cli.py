@@ -39,8 +39,9 @@ def test_each_run_writes_metrics_config_curves_and_checkpoint(trained):
         assert config["dropout_num"] == m and config["device"] == str(hardware.pick_device("auto"))
         assert config["precision"] == hardware.resolve_precision("auto", hardware.pick_device("auto"))
         assert config["train_images"] == 300 and config["test_images"] == 100
-        for key in ("torch", "torchvision", "numpy", "threads", "git_commit", "git_dirty", "data_source"):
+        for key in ("torch", "torchvision", "numpy", "threads", "git_commit", "git_dirty", "data_source", "hardware"):
             assert key in config
+        assert not {"resume", "eval", "compare"} & set(config)  # what a command did, not what the run is
         for name in ("loss.png", "acc.png", "last.pt"):
             assert (run_dir / name).stat().st_size > 1000
 
@@ -211,13 +212,9 @@ def test_the_model_names_of_the_flags_are_the_networks_nn_builds():
 
 
 @pytest.mark.parametrize("flags, refused", [(["--dataset", "cifar100"], "--dataset"), (["--dataset", "svhn"], "--dataset"),
-                                            (["--model", "resnet18"], "--model"), (["--precision", "bf16"], "--precision"),
-                                            (["--test_size", "50"], "--test_size")])
+                                            (["--model", "resnet18"], "--model"), (["--dropout_p", "0.3"], "--dropout_p")])
 def test_eval_refuses_flags_that_contradict_the_run(trained, capsys, flags, refused):
     (run_dir,) = run_dirs(trained, 8)
-    saved = json.loads((run_dir / "config.json").read_text())
-    if flags[0] == "--precision" and saved["precision"] == "bf16":
-        flags = ["--precision", "fp32"]
     rc, out, err = cli(capsys, "--eval", run_dir, *flags)
     assert rc == 2 and f"its {refused} is" in err and "--eval evaluates the run as it was trained" in err
     assert err.count("\n") == 1 and out == ""
@@ -229,6 +226,14 @@ def test_eval_accepts_flags_that_cannot_change_the_evaluation(trained, capsys):
     rc, out, err = cli(capsys, "--eval", run_dir, "--device", "cpu", "--dataset", "cifar10", "--dropout_num", 8,
                        "--precision", saved["precision"], "--epochs", 99, "--output_dir", "elsewhere")
     assert rc == 0 and err == "" and "epoch 2, 100 test examples" in out
+
+
+def test_eval_may_choose_how_many_test_images_and_the_precision_and_says_so(trained, capsys):
+    (run_dir,) = run_dirs(trained, 8)
+    other = {"bf16": "fp32", "fp32": "bf16"}[json.loads((run_dir / "config.json").read_text())["precision"]]
+    rc, out, err = cli(capsys, "--eval", run_dir, "--test_size", 50, "--precision", other)
+    assert rc == 0 and err == "" and "epoch 2, 50 test examples" in out
+    assert "--eval with --test_size 50 (the run was trained with None)" in out and f"--eval with --precision {other}" in out
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])

@@ -133,3 +133,24 @@ def test_every_figure_title_and_the_summary_say_which_setup_they_compare(tmp_pat
     assert all(title.endswith("\n" + short) for title in titles.values())
     summary = (tmp_path / "summary.md").read_text()
     assert summary.startswith(f"#### {short}\n") and "| data_source | archive-x |" in summary and "| augment | True |" in summary
+
+
+def test_a_runs_figures_are_titled_with_its_setup_and_an_exploding_first_epoch_leaves_the_picture(tmp_path, monkeypatch):
+    titles, limits, real_save = {}, {}, trainingmonitor._save
+
+    def record(fig, ax, path, title, *rest, **options):
+        titles[path.name], limits[path.name] = title, ax.get_ylim()
+        real_save(fig, ax, path, title, *rest, **options)
+    monkeypatch.setattr(trainingmonitor, "_save", record)
+    history = [{"epoch": e, "lr": 0.01, "train_loss": loss, "train_acc": 0.5, "valid_loss": loss, "valid_acc": 0.5,
+                "seconds": 1.0} for e, loss in enumerate([33.4, 1.5, 1.2, 1.0], 1)]
+    config = {"model": "miniresnet", "dataset": "cifar10", "dropout_num": 8, "dropout_p": 0.5, "seed": 42,
+              "train_images": 300, "precision": "fp32"}
+    run_dir = tmp_path / "miniresnet_cifar10_m8_p0.5_s42-0123abcd"
+    run_dir.mkdir()
+    trainingmonitor.plot_run(run_dir, history, config)
+    assert titles["loss.png"] == "loss\nminiresnet, cifar10, 8 samples (p=0.5), seed 42, 300 img, fp32"
+    assert "0123abcd" not in titles["acc.png"]
+    assert limits["loss.png"] == (0, pytest.approx(1.5 * 1.15))  # 33.4 would have flattened 1.5, 1.2 and 1.0
+    trainingmonitor.plot_run(run_dir, history[1:], config)  # no explosion: matplotlib's own limits
+    assert limits["loss.png"][1] < 1.6 and limits["loss.png"][0] > 0.9

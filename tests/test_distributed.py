@@ -88,10 +88,13 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_nothing_happened(tw
     assert "resumed from epoch 1" in result.stdout and rows(killed) == rows(run_dirs(output, 8)[0])
 
 
-def test_resuming_with_another_number_of_ranks_is_refused(two_ranks, small_cifar, capsys):
+def test_resuming_with_another_number_of_ranks_is_refused_but_a_finished_run_is_nothing_to_do(two_ranks, small_cifar,
+                                                                                                  capsys):
     output, _, _ = two_ranks
     rc, _, err = cli(capsys, "--data_dir", small_cifar, "--output_dir", output, *RUN, "--epochs", 3)
     assert rc == 2 and "was trained by 2 rank(s), this command runs 1" in err and err.count("\n") == 1
+    rc, out, _ = cli(capsys, "--data_dir", small_cifar, "--output_dir", output, *RUN, "--epochs", 2)  # finished
+    assert rc == 0 and "nothing to do" in out
 
 
 def test_sync_bn_on_the_cpu_is_refused(small_cifar, tmp_path, capsys):
