@@ -86,12 +86,17 @@ def write_json(path, obj):
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
 
 
-def check_writable(folder):
+def check_writable(folder, flag="--output_dir"):
+    """Refuse a folder that cannot be written, before any work; nothing is left behind (the folder is not made:
+    the first save makes it). A temporary file, not os.access: root passes os.access on a read-only mount."""
+    folder = Path(folder)
+    existing = next(p for p in [folder, *folder.parents] if p.exists())  # where the first mkdir would write
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
+        if not existing.is_dir():
+            raise NotADirectoryError(20, f"{existing} is not a folder")
+        tempfile.TemporaryFile(dir=existing).close()
     except OSError as e:
-        raise UserError(f"cannot write to {folder} ({e.strerror or e}); choose another --output_dir")
+        raise UserError(f"cannot write to {folder} ({e.strerror or e}); choose another {flag}")
 
 
 @functools.cache  # read once: a long grid records the code it started with, even if HEAD moves meanwhile

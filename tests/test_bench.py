@@ -6,23 +6,24 @@ import pytest
 import torch
 
 import bench
+import benchpipelines
 
 
 def test_ratios_are_taken_within_each_round():
     times = {0: [1.0, 2.0, 1.0], 8: [1.1, 2.0, 1.2]}  # round 2 was a slow spell for both
-    assert bench.round_ratios(times, 0) == {0: [1.0, 1.0, 1.0], 8: pytest.approx([1.1, 1.0, 1.2])}
+    assert benchpipelines.round_ratios(times, 0) == {0: [1.0, 1.0, 1.0], 8: pytest.approx([1.1, 1.0, 1.2])}
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the peak can be reset on Linux only")
 def test_peak_memory_resets_and_sees_a_new_allocation():
     cpu = torch.device("cpu")
-    bench.reset_peak_memory(cpu)
-    before = bench.peak_memory_since_reset(cpu)
+    benchpipelines.reset_peak_memory(cpu)
+    before = benchpipelines.peak_memory_since_reset(cpu)
     block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-    assert bench.peak_memory_since_reset(cpu) >= before + 60 * 2**20
+    assert benchpipelines.peak_memory_since_reset(cpu) >= before + 60 * 2**20
     del block
-    bench.reset_peak_memory(cpu)
-    assert bench.peak_memory_since_reset(cpu) < before + 32 * 2**20
+    benchpipelines.reset_peak_memory(cpu)
+    assert benchpipelines.peak_memory_since_reset(cpu) < before + 32 * 2**20
 
 
 TINY = ["--batch_size", "4", "--steps", "1", "--repeats", "2", "--warmup", "0", "--memory_steps", "0", "--device", "cpu"]
@@ -99,3 +100,13 @@ def test_the_overhead_plot_has_no_tick_left_of_zero(tmp_path):
     ax = bench.plot_overhead(tmp_path / "overhead.png", {m: 1.0 for m in bench.OVERHEAD_M}, "title")
     ticks = [*ax.get_xticks(), *ax.get_xticks(minor=True)]
     assert min(ticks) >= 0 and sorted(ticks) == bench.OVERHEAD_M
+
+
+def test_quick_mode_prints_each_table_under_its_heading(tmp_path, capsys):
+    assert bench.main(["--quick", "--batch_size", "4", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    headings = [line for line in out.splitlines() if line.startswith("### ")]
+    assert [h.split(" (")[0] for h in headings] == ["### Pipelines", "### Multi-sample overhead", "### Variants of the head"]
+    overhead = out.split("### Multi-sample overhead")[1].split("###")[0]
+    assert [line.split("|")[1].strip() for line in overhead.splitlines() if line.startswith("| ") and "ms" not in line] == ["0", "8"]
+    assert "median of 3 blocks of 3 steps" in out and "**Too short to trust**" in out  # and it says so

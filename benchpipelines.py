@@ -1,0 +1,233 @@
+"""What bench.py times: the blog-style and this project's training pipelines, side by side, and a run's peak memory.
+
+The blog-style pipeline does what the blog's code does: per-image PIL/ToTensor/Normalize in DataLoader
+workers, NCHW fp32, a Python loop over the dropout samples. The project's is run.py's own loop
+(train.train_epoch) on uint8 data on the device, batched normalisation, channels_last, one head call
+for all samples. The images are random uint8: speed does not depend on what the pictures show.
+"""
+import argparse
+import itertools
+import multiprocessing
+import os
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision import transforms
+
+import datasource
+import hardware
+import tools
+import train
+from nn import build_model
+
+BLOG_RECIPE_IMAGES = (50_000, 10_000)  # CIFAR-10's train and test images, for the memory figure
+# Dense peak TFLOP/s from NVIDIA's datasheets (SXM parts): bf16 tensor cores, and plain fp32 (not TF32,
+# which hardware.configure_precision turns off for fp32).
+PEAK_TFLOPS = {"H100": {"bf16": 989.4, "fp32": 66.9}, "H200": {"bf16": 989.4, "fp32": 66.9},
+               "A100": {"bf16": 312.0, "fp32": 19.5}}
+
+
+class BlogStyleImages(torch.utils.data.Dataset):
+    """What torchvision.datasets.CIFAR10 does per item: a uint8 HWC array -> a PIL image -> the transform."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+class BlogStyleNet(nn.Module):
+    """The blog code's forward: the backbone once, then a Python loop with a head call per dropout sample."""
+
+    def __init__(self, resnet):
+        super().__init__()
+        self.resnet = resnet
+
+    def forward(self, x, target, loss_fn):
+        features, msd = self.resnet.features(x), self.resnet.classifier
+        if msd.num_samples == 0:
+            logits = msd.head(features)
+            return logits, loss_fn(logits, target)
+        outputs = [msd.head(F.dropout(features, msd.p, training=True)) for _ in range(msd.num_samples)]
+        return sum(outputs) / len(outputs), sum(loss_fn(o, target) for o in outputs) / len(outputs)
+
+
+def synthetic_images(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n, dtype=np.int64)
+
+
+def blog_style_pipeline(args, device, dropout_num):
+    """A function that trains n steps the blog code's way and waits for the device."""
+    torch.manual_seed(0)
+    model = BlogStyleNet(build_model(args.model, 10, dropout_num, 0.5)).to(device)
+    optimizer, loss_fn = torch.optim.Adam(model.parameters(), lr=1e-3), nn.CrossEntropyLoss()
+    augment = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if args.augment else []
+    transform = transforms.Compose(augment + [transforms.ToTensor(), transforms.Normalize(*datasource.STATS["cifar10"])])
+    loader = torch.utils.data.DataLoader(
+        BlogStyleImages(*synthetic_images(args.batch_size * (args.warmup + args.repeats * args.steps)), transform),
+        batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=os.cpu_count(),
+        pin_memory=device.type == "cuda", persistent_workers=True)
+    batches = itertools.chain.from_iterable(itertools.repeat(loader))  # epoch after epoch, workers kept
+
+    def train_steps(n):
+        model.train()
+        for xb, yb in itertools.islice(batches, n):
+            logits, loss = model(xb.to(device), yb.to(device), loss_fn)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            loss.item()  # the blog code's progress bar reads the loss every step
+    return train_steps
+
+
+class NoBar:
+    """train.train_epoch's progress bar, silent: it then reads the device once, at the last step."""
+
+    def __init__(self, steps):
+        self.steps, self.enabled = steps, False
+
+    def update(self, *args):
+        pass
+
+    def close(self):
+        pass
+
+
+def project_model(args, device, dropout_num, reduce="loss", heads="shared"):
+    """The network as run.py builds it (train.make_model: same layout), 10 classes, p = 0.5, no R-Drop."""
+    flags = argparse.Namespace(model=args.model, dropout_num=dropout_num, dropout_p=0.5, rdrop_alpha=0.0,
+                               head_hidden=0, pool="avg4", diversity="none",  # the blog's head
+                               msd_reduce=reduce, msd_heads=heads)
+    return train.make_model(flags, 10, device)
+
+
+# The variants that public code calls multi-sample dropout: (label, reduce, heads, objective in one line)
+VARIANTS = [("the paper: shared head, mean of losses", "loss", "shared", "mean over the M samples of CE(head(drop_i(f)), y)"),
+            ("mean of logits (the common Kaggle head)", "logits", "shared", "CE(mean over the M samples of head(drop_i(f)), y)"),
+            ("separate heads", "loss", "separate", "mean over the M samples of CE(head_i(drop_i(f)), y)")]
+
+
+def project_pipeline(args, device, dropout_num, precision, images=None, reduce="loss", heads="shared"):
+    """A function that trains n steps with run.py's own loop (train.train_epoch) and waits for the device."""
+    torch.manual_seed(0)
+    model = project_model(args, device, dropout_num, reduce, heads)
+    optimizer, loss_fn = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True), nn.CrossEntropyLoss()
+    x, y = datasource.to_device(*(images or synthetic_images(args.batch_size * (args.warmup + args.repeats * args.steps))), device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    forward = torch.compile(model) if args.compile else model
+    autocast, prepare = train.autocast_for(device, precision), datasource.input_transform("cifar10", device)
+
+    def train_steps(n):
+        batches = itertools.islice(datasource.train_batches(x, y, args.batch_size, generator, args.augment, prepare), n)
+        train.train_epoch(forward, optimizer, loss_fn, batches, autocast, NoBar(n))
+    train_steps.evaluate = lambda x, y: train.evaluate(forward, x, y, autocast, prepare, loss_fn)
+    return train_steps
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds_per_step(pipelines, args, device):
+    """{name: [seconds per step of each block]}; the pipelines take turns, block after block, so a slow
+    spell of the machine hits all of them in the same round."""
+    for train_steps in pipelines.values():
+        if args.warmup:
+            train_steps(args.warmup)
+    times = {name: [] for name in pipelines}
+    for _ in range(args.repeats):
+        for name, train_steps in pipelines.items():
+            sync(device)
+            start = time.perf_counter()
+            train_steps(args.steps)
+            sync(device)
+            times[name].append((time.perf_counter() - start) / args.steps)
+    return times
+
+
+def round_ratios(times, reference):
+    """{name: [its time / the reference's time, in each round]}: within a round the machine was the same."""
+    return {name: [t / r for t, r in zip(ts, times[reference])] for name, ts in times.items()}
+
+
+def flops_per_image(args, device, precision):
+    """Forward + backward FLOPs of one training step of the project's model, per image."""
+    model = project_model(args, device, args.dropout_num)
+    x = torch.randn(args.batch_size, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.zeros(args.batch_size, dtype=torch.long, device=device)
+    with FlopCounterMode(display=False) as counter, train.autocast_for(device, precision):
+        model(x, y, nn.CrossEntropyLoss())[1].backward()
+    return counter.get_total_flops() / args.batch_size
+
+
+def peak_tflops(device, precision):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak[precision] for key, peak in PEAK_TFLOPS.items() if key in name), None)
+
+
+def reset_peak_memory(device):
+    """Start the peak over; the process's peak resident set can be reset on Linux only."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif sys.platform.startswith("linux"):
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, see `man 5 proc`
+
+
+def peak_memory_since_reset(device):
+    """Bytes. On Linux the process's own VmHWM: ru_maxrss would include the parent's peak across spawn's exec."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    if sys.platform.startswith("linux"):
+        return 1024 * int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # macOS: bytes, and the whole process's peak
+
+
+def peak_memory(args, dropout_num, connection):
+    """(Run in a fresh process.) Peak memory of a run the size of the blog's recipe: 50,000 training images on the
+    device, --memory_steps training steps, then evaluation of 10,000 test images. Sends the peak while
+    training (data on the device included) and the peak of the whole process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    device = hardware.pick_device(args.device)  # bench.py checked it
+    n_train, n_test = BLOG_RECIPE_IMAGES
+    precision = hardware.resolve_precision(args.precision, device)
+    train_steps = project_pipeline(args, device, dropout_num, precision, synthetic_images(n_train))
+    test = datasource.to_device(*synthetic_images(n_test, seed=1), device)
+    making_data = peak_memory_since_reset(device)
+    reset_peak_memory(device)
+    train_steps(args.memory_steps)
+    training = peak_memory_since_reset(device)
+    train_steps.evaluate(*test)
+    connection.send((training, max(making_data, peak_memory_since_reset(device))))
+
+
+def peak_memory_in_fresh_process(args, dropout_num):
+    context = multiprocessing.get_context("spawn")  # a fresh process: nothing left over from the others
+    receiver, sender = context.Pipe(duplex=False)
+    # daemon: after a Ctrl-C, bench's exit ends the child instead of waiting for it
+    process = context.Process(target=peak_memory, args=(args, dropout_num, sender), daemon=True)
+    process.start()  # it ignores SIGINT from its first line on: a Ctrl-C is bench's to handle
+    sender.close()  # the child's copy remains: if it dies, recv() raises EOFError instead of waiting forever
+    try:
+        peaks = receiver.recv()
+    except EOFError:  # it died before answering (out of memory, say): bench says so instead of a traceback
+        raise tools.UserError(f"the peak-memory process for dropout_num={dropout_num} ended without an answer "
+                              f"(exit code {process.join() or process.exitcode}); lower --batch_size, or --memory_steps 0")
+    process.join()
+    return peaks
