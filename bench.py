@@ -58,6 +58,8 @@ def parse_args(argv):
                    "steps after 1 warm-up step, overhead at dropout_num 0 and 8 only, no peak memory (the report says "
                    "its blocks are too short to trust)")
     args = p.parse_args(argv)
+    if not args.out:
+        raise tools.UserError("--out needs a path, got an empty string")
     if args.quick:
         args.steps, args.repeats, args.warmup, args.memory_steps = 3, 3, 1, 0
     return args

@@ -15,6 +15,7 @@ import matplotlib
 import numpy as np
 
 import run
+import runfiles
 import tools
 import trainingmonitor
 from tools import UserError, atomic_write
@@ -41,7 +42,7 @@ def blog_curves(path=BLOG_CSV):
 
 def blog_recipe_runs(folder):
     """The finished runs under folder that follow the blog's recipe, without R-Drop."""
-    runs = [r for r in trainingmonitor.finished_runs(folder)
+    runs = [r for r in runfiles.finished_runs(folder)
             if all(r["config"].get(k) == v for k, v in RECIPE.items()) and not r["config"].get("rdrop_alpha")
             and r["config"]["dropout_num"] in SETTINGS.values()]
     setups = sorted({r["config"]["setup"] for r in runs})

@@ -1,11 +1,13 @@
 """What makes a run resumable bit for bit: its seeds, every RNG state it draws from, and the checkpoint file."""
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
 
+import experiment
 import runfiles
-from tools import UserError, atomic_write
+from tools import UserError
 
 
 def seed_everything(seed):
@@ -44,8 +46,9 @@ def _to_lists(x):
     return [_to_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
 
 
-def save_checkpoint(path, checkpoint):
-    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+def checkpoint_writer(checkpoint):
+    """What tools.atomic_writes calls with the temporary file."""
+    return lambda tmp: torch.save(checkpoint, tmp)
 
 
 def load_checkpoint(path):
@@ -55,3 +58,47 @@ def load_checkpoint(path):
     except Exception as e:
         raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}); rerun with --overwrite to start afresh")
     return runfiles.check_checkpoint(path, checkpoint)
+
+
+def epochs_done(run_dir, config):
+    """The epochs run_dir holds of this run (0: none), after checking it is the same experiment. A folder with
+    metrics but no checkpoint (a committed run, say) counts: it is never taken for a fresh run."""
+    if (run_dir / "last.pt").exists():
+        checkpoint = load_checkpoint(run_dir / "last.pt")
+        experiment.check_same_experiment(checkpoint["config"], config, run_dir / "last.pt")
+        return checkpoint["epoch"]
+    if not (run_dir / "metrics.json").exists():
+        return 0
+    experiment.check_same_experiment(runfiles.read_config(run_dir / "config.json"), config, run_dir / "config.json")
+    history = runfiles.read_history(run_dir / "metrics.json")
+    return history[-1]["epoch"] if history else 0
+
+
+def resumable_checkpoint(run_dir, config):
+    """The checkpoint to continue from (None: a fresh run); metrics without a checkpoint are refused, not replaced."""
+    path = run_dir / "last.pt"
+    if not path.exists():
+        if (run_dir / "metrics.json").exists():
+            raise UserError(f"{run_dir} holds metrics up to epoch {epochs_done(run_dir, config)} of this run but no "
+                            "checkpoint (last.pt) to continue from: use another --output_dir, or --overwrite to train "
+                            "it afresh (deleting them)")
+        return None
+    checkpoint = load_checkpoint(path)
+    saved = checkpoint["config"]
+    if saved.get("world_size", 1) != config["world_size"]:  # each rank's RNG state is in the checkpoint
+        raise UserError(f"{path} was trained by {saved.get('world_size', 1)} rank(s), this command runs "
+                        f"{config['world_size']}: resume it with {saved.get('world_size', 1)} "
+                        "(torchrun --nproc_per_node, or python run.py for 1)")
+    if saved.get("sync_bn", False) != config["sync_bn"]:
+        raise UserError(f"{path} was trained {'with' if saved.get('sync_bn') else 'without'} --sync_bn; "
+                        "resume it the same way")
+    return checkpoint
+
+
+def saved_checkpoint(run_dir):
+    """The checkpoint of a run directory named by hand (--resume, --eval)."""
+    path = Path(run_dir) / "last.pt"
+    if not path.is_file():
+        raise UserError(f"{run_dir} holds no checkpoint (last.pt); give a run directory of an earlier run "
+                        "(outputs/<run name>/, or the --output_dir it used)")
+    return load_checkpoint(path)

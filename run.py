@@ -225,12 +225,13 @@ def main(argv=None, resume_command=None):
             check_args(run)
         if torchrun and args.eval:
             raise UserError("--eval runs in one process: python run.py --eval RUN_DIR")
-        import train  # torch: seconds to import, so only once there is a run to train or evaluate
+        import checkpointing  # torch: seconds to import, so only once there is a run to train or evaluate
+        import train
         with tools.stop_on_signals(second_stops_at_once=not torchrun), train.process_group(args.device):
             if args.eval:
-                return train.evaluate_saved_run(*saved_args(train.saved_checkpoint(args.eval), explicit))
+                return train.evaluate_saved_run(*saved_args(checkpointing.saved_checkpoint(args.eval), explicit))
             if args.resume:
-                runs = [saved_args(train.saved_checkpoint(args.resume), explicit)[0]]
+                runs = [saved_args(checkpointing.saved_checkpoint(args.resume), explicit)[0]]
                 check_args(runs[0])
             for run in runs:
                 if train.stop_requested():

@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+from experiment import run_identity
 from tools import UserError
 
 # The keys every reader relies on, and their types (bool is not a number here, though Python says so).
@@ -76,3 +77,29 @@ def check_checkpoint(path, checkpoint):
     if last != checkpoint["epoch"]:
         raise damaged(path, f"the checkpoint says epoch {checkpoint['epoch']} but its metrics end at epoch {last}")
     return checkpoint
+
+
+def finished_runs(output_dir):
+    """Every run under output_dir that reached the epochs it was asked for: dir, config, history, test."""
+    runs = []
+    for config_path in sorted(Path(output_dir).glob("*/config.json")):
+        run_dir = config_path.parent
+        if (run_dir / "metrics.json").exists():
+            config, history = read_config(config_path), read_history(run_dir / "metrics.json")
+            if history and history[-1]["epoch"] >= config["epochs"]:
+                test, prediction = (read_json(run_dir / f) if (run_dir / f).exists() else None
+                                    for f in ("test.json", "prediction.json"))
+                runs.append({"dir": run_dir, "config": config, "history": history, "test": test, "prediction": prediction})
+    return runs
+
+
+def one_per_identity(runs):
+    """The runs, refused if two are the same run (a copied folder, say): a comparison counts each run once."""
+    seen = {}
+    for r in runs:
+        name = run_identity(r["config"])[0]
+        if name in seen:
+            raise UserError(f"{seen[name]} and {r['dir']} are the same run ({name}): a comparison counts each run "
+                            "once, so move one of them out of the folder")
+        seen[name] = r["dir"]
+    return runs

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import run
+import runfiles
 import runlock
 import stats
 import tools
@@ -173,10 +174,9 @@ def train_in_workers(commands, workers, log_dir, resume):
 
 def collect(output_dir, study):
     """{Point: {seed: finished run}} for every point of the study that has runs; one run per seed and point."""
-    import trainingmonitor  # matplotlib and numpy: only once there is something to draw
     found = {}
     for setting, samples, rates in study.runs:
-        for r in trainingmonitor.finished_runs(Path(output_dir) / setting):
+        for r in runfiles.finished_runs(Path(output_dir) / setting):
             c = r["config"]
             point = Point(setting, c["dropout_num"], c["dropout_p"])
             if c["dropout_num"] not in samples or c["dropout_p"] not in rates or c.get("rdrop_alpha"):

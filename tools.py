@@ -62,17 +62,27 @@ def stopped_status():
 
 def atomic_write(path, write):
     """Call write(tmp_path), then rename over `path`: a crash leaves the old file whole."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    atomic_writes([(path, write)])
+
+
+def atomic_writes(files):
+    """atomic_write for several (path, write) at once: each written and synced to a temporary file first, then all
+    renamed in their order, one right after the other, so that a stop can fall between two only for microseconds."""
+    temps = []
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; the user gets what open() would give
-        write(tmp)
-        with open(tmp, "rb+") as f:  # on disk before the rename, so a power cut cannot leave an empty file
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for path, write in files:
+            fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=".tmp")
+            os.close(fd)
+            temps.append((tmp, path))
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; the user gets what open() would give
+            write(tmp)
+            with open(tmp, "rb+") as f:  # on disk before the rename, so a power cut cannot leave an empty file
+                os.fsync(f.fileno())
+        for tmp, path in temps:
+            os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp, _ in temps:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -83,7 +93,11 @@ def _umask():
 
 
 def write_json(path, obj):
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+    atomic_write(path, json_writer(obj))
+
+
+def json_writer(obj):
+    return lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def check_writable(folder, flag="--output_dir"):

@@ -22,7 +22,8 @@ import runfiles
 import runlock
 import tools
 import trainingmonitor
-from checkpointing import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
+from checkpointing import (checkpoint_writer, epochs_done, load_checkpoint, resumable_checkpoint, rng_state,
+                           saved_checkpoint, seed_everything, set_rng_state)
 from experiment import IMAGE_SETS
 from nn import build_model
 from tools import UserError
@@ -206,61 +207,26 @@ def evaluate(model, x, y, autocast, prepare, loss_fn):
 
 
 def save_epoch(run_dir, config, history, test, prediction, redraw, checkpoint):
-    """Config, metrics, curves (if redraw), test result and the regression's prediction first, the checkpoint last: a
-    run whose checkpoint says 'finished' has all its files, and a run stopped before its first row leaves no folder.
-    A full disk leaves the previous checkpoint whole (temp file + rename)."""
+    """Every file of the row written aside, then renamed into place together, the checkpoint last: so a run's
+    metrics never stand without its checkpoint (but for a finished run's, committed without it), and a run stopped
+    before its first row leaves no run. The curves follow. A full disk leaves the previous row whole."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        tools.write_json(run_dir / "config.json", config)
-        trainingmonitor.write_metrics(run_dir, history)
+        files = [(run_dir / "config.json", tools.json_writer(config)), *trainingmonitor.metrics_files(run_dir, history)]
         if prediction:
-            tools.write_json(run_dir / "prediction.json", prediction)
+            files.append((run_dir / "prediction.json", tools.json_writer(prediction)))
+        if test:  # the test set, once, after the epochs were chosen on the validation set
+            files.append((run_dir / "test.json", tools.json_writer({"epoch": history[-1]["epoch"], "test_loss": test[0],
+                                                                    "test_acc": test[1]})))
+            print(f"test set, once: loss {test[0]:.4f}, accuracy {test[1]:.4f}")
+        tools.atomic_writes(files + [(run_dir / "last.pt", checkpoint_writer(checkpoint))])
         if redraw:
             trainingmonitor.plot_run(run_dir, history, config)
             if prediction:
                 trainingmonitor.plot_prediction(run_dir, prediction)
-        if test:  # the test set, once, after the epochs were chosen on the validation set
-            tools.write_json(run_dir / "test.json", {"epoch": history[-1]["epoch"], "test_loss": test[0], "test_acc": test[1]})
-            print(f"test set, once: loss {test[0]:.4f}, accuracy {test[1]:.4f}")
-        save_checkpoint(run_dir / "last.pt", checkpoint)
     except OSError as e:
         raise UserError(f"could not save epoch {history[-1]['epoch']} in {run_dir} ({e.strerror or e}); the last "
                         f"checkpoint there is intact: make room and rerun the command to resume from it") from None
-
-
-def epochs_done(run_dir, config):
-    """The epochs run_dir holds of this run (0: none), after checking it is the same experiment. A folder with
-    metrics but no checkpoint (a committed run, say) counts: it is never taken for a fresh run."""
-    if (run_dir / "last.pt").exists():
-        checkpoint = load_checkpoint(run_dir / "last.pt")
-        experiment.check_same_experiment(checkpoint["config"], config, run_dir / "last.pt")
-        return checkpoint["epoch"]
-    if not (run_dir / "metrics.json").exists():
-        return 0
-    experiment.check_same_experiment(runfiles.read_config(run_dir / "config.json"), config, run_dir / "config.json")
-    history = runfiles.read_history(run_dir / "metrics.json")
-    return history[-1]["epoch"] if history else 0
-
-
-def resumable_checkpoint(run_dir, config):
-    """The checkpoint to continue from (None: a fresh run); metrics without a checkpoint are refused, not replaced."""
-    path = run_dir / "last.pt"
-    if not path.exists():
-        if (run_dir / "metrics.json").exists():
-            raise UserError(f"{run_dir} holds metrics up to epoch {epochs_done(run_dir, config)} of this run but no "
-                            "checkpoint (last.pt) to continue from: use another --output_dir, or --overwrite to train "
-                            "it afresh (deleting them)")
-        return None
-    checkpoint = load_checkpoint(path)
-    saved = checkpoint["config"]
-    if saved.get("world_size", 1) != config["world_size"]:  # each rank's RNG state is in the checkpoint
-        raise UserError(f"{path} was trained by {saved.get('world_size', 1)} rank(s), this command runs "
-                        f"{config['world_size']}: resume it with {saved.get('world_size', 1)} "
-                        "(torchrun --nproc_per_node, or python run.py for 1)")
-    if saved.get("sync_bn", False) != config["sync_bn"]:
-        raise UserError(f"{path} was trained {'with' if saved.get('sync_bn') else 'without'} --sync_bn; "
-                        "resume it the same way")
-    return checkpoint
 
 
 def report_comparison(run_dir, setup):
@@ -304,15 +270,6 @@ def parallel(model, args, device):
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     return torch.compile(model) if args.compile else model
-
-
-def saved_checkpoint(run_dir):
-    """The checkpoint of a run directory named by hand (--resume, --eval)."""
-    path = Path(run_dir) / "last.pt"
-    if not path.is_file():
-        raise UserError(f"{run_dir} holds no checkpoint (last.pt); give a run directory of an earlier run "
-                        "(outputs/<run name>/, or the --output_dir it used)")
-    return load_checkpoint(path)
 
 
 def evaluate_saved_run(args, checkpoint):

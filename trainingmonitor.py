@@ -10,7 +10,7 @@ import numpy as np
 import runfiles
 import stats
 from experiment import HEAD_OPTIONS, OMITTED_AT_DEFAULT, run_identity, setup_flags
-from tools import UserError, atomic_write, check_writable, write_json
+from tools import UserError, atomic_write, check_writable, json_writer
 
 matplotlib.use("Agg")  # headless: files only, no window
 import matplotlib.pyplot as plt  # noqa: E402
@@ -19,23 +19,23 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 FIELDS = ["epoch", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc", "seconds"]
 
 
-def write_metrics(run_dir, history):
-    """metrics.csv and metrics.json, one row per epoch (or block of epochs), floats at full (repr) precision."""
+def metrics_files(run_dir, history):
+    """[(path, write)] of metrics.csv and metrics.json, one row per epoch (or block of epochs), floats at full
+    (repr) precision: for tools.atomic_writes."""
     out = io.StringIO()
     writer = csv.DictWriter(out, [f for f in FIELDS if f in history[0]], lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
-    atomic_write(run_dir / "metrics.csv", lambda tmp: Path(tmp).write_text(out.getvalue()))
-    write_json(run_dir / "metrics.json", history)
+    return [(run_dir / "metrics.csv", lambda tmp: Path(tmp).write_text(out.getvalue())),
+            (run_dir / "metrics.json", json_writer(history))]
 
 
 def plot_run(run_dir, history, config):
     """loss.png and (for a classifier) acc.png: train against valid over epochs, titled with the run's setup."""
     epochs = [row["epoch"] for row in history]
     classify = "valid_acc" in history[0]
-    c = config
-    setup = (f"{c['model']}, {c['dataset']}, {samples_in_words(c['dropout_num'])} (p={c['dropout_p']}), seed {c['seed']}, "
-             f"{c.get('train_images', '?')} img, {c['precision']}")
+    setup = (f"{config['model']}, {config['dataset']}, {samples_in_words(config['dropout_num'])} (p={config['dropout_p']}), "
+             f"seed {config['seed']}, {config.get('train_images', '?')} img, {config['precision']}")
     for metric, label in (("loss", "cross-entropy loss" if classify else "mean squared error"), ("acc", "accuracy"))[:1 + classify]:
         fig, ax = plt.subplots(figsize=(6, 4))
         curves = [[row[f"{split}_{metric}"] for row in history] for split in ("train", "valid")]
@@ -47,10 +47,9 @@ def plot_run(run_dir, history, config):
 
 
 def keep_in_view(ax, curves):
-    """A first epoch that explodes (a loss of 33, or 3112 on a small subset) would flatten every later one:
-    then the axis ends a little above the later epochs, and the first point leaves the picture."""
-    curves = [np.asarray(c, float) for c in curves]
-    later = max(c[1:].max() for c in curves) if len(curves[0]) > 1 else 0
+    """An exploding first epoch (a loss of 33, or 3112) would flatten the rest: then the axis stops above the rest."""
+    curves = [np.asarray(c, float) for c in curves if len(c) > 1]  # a curve of one epoch has no later epochs
+    later = max((c[1:].max() for c in curves), default=0)
     if later > 0 and max(c[0] for c in curves) > 3 * later:
         ax.set_ylim(0, later * 1.15)  # losses are not negative
 
@@ -68,20 +67,6 @@ def _draw_regression_data(ax, prediction):
     ax.plot(prediction["x"], prediction["target"], color="orange", ls="--", label="y = x²")
 
 
-def finished_runs(output_dir):
-    """Every run under output_dir that reached the epochs it was asked for: dir, config, history, test."""
-    runs = []
-    for config_path in sorted(Path(output_dir).glob("*/config.json")):
-        run_dir = config_path.parent
-        if (run_dir / "metrics.json").exists():
-            config, history = runfiles.read_config(config_path), runfiles.read_history(run_dir / "metrics.json")
-            if history and history[-1]["epoch"] >= config["epochs"]:
-                test, prediction = (runfiles.read_json(run_dir / f) if (run_dir / f).exists() else None
-                                    for f in ("test.json", "prediction.json"))
-                runs.append({"dir": run_dir, "config": config, "history": history, "test": test, "prediction": prediction})
-    return runs
-
-
 def compare_setup(output_dir, setup):
     """Redraw output_dir/compare/<setup>/ from the finished runs of that setup; returns (that folder, their number).
 
@@ -92,26 +77,15 @@ def compare_setup(output_dir, setup):
     compare_dir.mkdir(parents=True, exist_ok=True)
     with open(compare_dir / ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        runs = one_per_identity([r for r in finished_runs(output_dir) if run_identity(r["config"])[1] == setup])
+        runs = runfiles.one_per_identity([r for r in runfiles.finished_runs(output_dir)
+                                          if run_identity(r["config"])[1] == setup])
         write_comparison(compare_dir, runs, setup_flags(runs[0]["config"]))
     return compare_dir, len(runs)
 
 
-def one_per_identity(runs):
-    """The runs, refused if two are the same run (a copied folder, say): a comparison counts each run once."""
-    seen = {}
-    for r in runs:
-        name = run_identity(r["config"])[0]
-        if name in seen:
-            raise UserError(f"{seen[name]} and {r['dir']} are the same run ({name}): a comparison counts each run "
-                            "once, so move one of them out of the folder")
-        seen[name] = r["dir"]
-    return runs
-
-
 def compare_all(folder):
     """run.py --compare: every setup's comparison under folder, from the finished runs alone."""
-    runs = finished_runs(folder) if folder.is_dir() else []
+    runs = runfiles.finished_runs(folder) if folder.is_dir() else []
     if not runs:
         raise UserError(f"{folder} holds no finished runs (folders with config.json and metrics.json up to their "
                         "last epoch); give the --output_dir of a grid")

@@ -109,25 +109,46 @@ def test_a_name_too_long_or_a_read_only_folder_is_one_line(entry, argv, tmp_path
         raise OSError(36, "File name too long")
     for module in (tools, blog, __import__("trainingmonitor"), __import__("studyfigures")):
         monkeypatch.setattr(module, "atomic_write", too_long, raising=False)
-    monkeypatch.setattr(blog, "blog_recipe_runs", __import__("trainingmonitor").finished_runs)  # 2 epochs suffice here
+    monkeypatch.setattr(blog, "blog_recipe_runs", __import__("runfiles").finished_runs)  # 2 epochs suffice here
     main = {"run.py": run.main, "study.py": study.main, "blog.py": blog.main}[entry]
     assert main([a.format(folder=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err
     assert "File name too long" in err and err.count("\n") == 1
 
 
+SLOW_DRAWING = """
+import pathlib, sys, time, matplotlib.figure
+def slow(*args, **kwargs):  # called by tools.atomic_write with its temporary file in place
+    print("drawing", flush=True)
+    time.sleep(30)
+matplotlib.figure.Figure.savefig = pathlib.Path.write_text = slow
+import blog, run, runfiles, study
+blog.blog_recipe_runs = runfiles.finished_runs  # two-epoch runs stand in for the blog's recipe
+main = {"run.py": run.main, "study.py": study.main, "blog.py": blog.main}[sys.argv[1]]
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_while_drawing_is_one_line_its_status_and_no_temporary_file(sig, tmp_path):
+@pytest.mark.parametrize("entry, argv", [("run.py", ["--compare", "{folder}/blog-head"]),
+                                         ("study.py", ["convergence", "--compare", "{folder}"]),
+                                         ("blog.py", ["{folder}/blog-head"])])
+def test_a_signal_while_drawing_is_one_line_its_status_and_no_temporary_file(sig, entry, argv, tmp_path):
     blog_like_runs(tmp_path)
-    code = ("import sys, time, tools, trainingmonitor\n"  # drawing that holds a temporary file open for a while
-            "def slow(out_dir, runs, setup):\n"
-            "    tools.atomic_write(out_dir / 'summary.md', lambda tmp: (print('drawing', flush=True), time.sleep(30)))\n"
-            "trainingmonitor.write_comparison = slow\nimport run\nsys.exit(run.main(['--compare', sys.argv[1]]))")
-    process = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "blog-head")], cwd=ROOT, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen([sys.executable, "-c", SLOW_DRAWING, entry, *[a.format(folder=tmp_path) for a in argv]], cwd=ROOT,
+                               text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert process.stdout.readline().strip() == "drawing"
-    assert list(tmp_path.rglob(".summary.md.*.tmp"))  # the temporary file exists while it draws
+    assert list(tmp_path.rglob("*.tmp"))  # a temporary file exists while it draws
     process.send_signal(sig)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 128 + sig and err.count("\n") == 1 and f"stopped by {sig.name}" in err, err
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_stop_during_the_last_runs_last_redraw_is_said_and_exits_143(small_cifar, tmp_path, capsys, monkeypatch):
+    import tools
+    import train
+    real = train.report_comparison
+    monkeypatch.setattr(train, "report_comparison", lambda *a: (real(*a), tools.STOP.update(signal="SIGTERM")))
+    rc, _, err = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path, "--epochs", 1, "--batch_size", 100)
+    assert rc == 143 and "stopped by SIGTERM as the last run finished (it is complete)" in err and err.count("\n") == 1

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import run
+import runfiles
 import trainingmonitor
 from conftest import ROOT, cli, fake_run, result_tables, rows, run_dirs
 
