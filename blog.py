@@ -67,7 +67,7 @@ def table_markdown(groups, blog):
             lines.append(f"| {g['dropout_num']} | {what} | {blog_value:.3f} | {ours.mean():.4f}{spread} ({len(ours)}) | "
                          f"{ours.mean() - blog_value:+.4f} |")
     lines += ["", "Blog: read off the blog repo's figures (one run each, seed 42, official CIFAR-10, fp32 on a GPU; about "
-              "±0.003). Ours: every finished run of the recipe here, mean ± std over seeds (sample std)."]
+              "±0.003). Ours: every finished run of the recipe in this folder, mean ± std over seeds (sample std)."]
     return "\n".join(lines) + "\n"
 
 
@@ -95,10 +95,7 @@ def parse_args(argv):
     p = run.Parser(prog="blog.py", description="Write blog.md (final and best valid accuracy, ours beside the blog's "
                    "figures) and blog_vs_ours.png (the curves overlaid) into RUNS_DIR.")
     p.add_argument("runs_dir", metavar="RUNS_DIR", help="a folder of finished runs of the blog's recipe, e.g. docs/cifar10-full")
-    args = p.parse_args(argv)
-    if not args.runs_dir:
-        raise UserError("RUNS_DIR needs a path, got an empty string")
-    return Path(args.runs_dir)
+    return Path(tools.require_path(p.parse_args(argv).runs_dir, "RUNS_DIR"))
 
 
 def main(argv=None):

@@ -122,8 +122,7 @@ def parse_args(argv):
     parser = build_parser()
     args = parser.parse_args(argv)
     for flag in PATH_FLAGS:
-        if getattr(args, flag) == "":
-            raise UserError(f"--{flag} needs a path, got an empty string")
+        tools.require_path(getattr(args, flag), f"--{flag}")
     unset = object()  # not a string, so argparse does not convert it
     parser.set_defaults(**{flag: unset for flag in vars(args)})
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not unset}
@@ -229,19 +228,25 @@ def main(argv=None, resume_command=None):
         import train
         with tools.stop_on_signals(second_stops_at_once=not torchrun), train.process_group(args.device):
             if args.eval:
-                return train.evaluate_saved_run(*saved_args(checkpointing.saved_checkpoint(args.eval), explicit))
+                train.evaluate_saved_run(*saved_args(checkpointing.saved_checkpoint(args.eval), explicit))
+                if tools.STOP:
+                    raise tools.Interrupted(f"stopped by {tools.STOP['signal']} during --eval")
+                return 0
             if args.resume:
                 runs = [saved_args(checkpointing.saved_checkpoint(args.resume), explicit)[0]]
                 check_args(runs[0])
+            held = 0
             for run in runs:
                 if train.stop_requested():
                     raise tools.Interrupted(f"stopped by {tools.STOP.get('signal', 'a signal')} between two runs of the grid")
-                train.report_comparison(*train.train_run(run, Path(args.resume) if args.resume else None))
+                try:
+                    train.report_comparison(*train.train_run(run, Path(args.resume) if args.resume else None))
+                except runlock.RunHeld as e:  # another process trains it: on to the next run
+                    held += 1
+                    report(torchrun, f"run.py: {e}", 0)
             if train.stop_requested():  # it came during the last run's last save or redraw: that run is whole
                 raise tools.Interrupted(f"stopped by {tools.STOP.get('signal', 'a signal')} as the last run finished (it is complete)")
-            return 0
-    except runlock.RunHeld as e:
-        return report(torchrun, f"run.py: {e}", runlock.HELD)
+            return runlock.HELD if held else 0
     except UserError as e:
         return report(torchrun, f"run.py: error: {e}", 2)
     except FloatingPointError as e:

@@ -12,7 +12,8 @@ from experiment import run_identity
 from tools import UserError
 
 # The keys every reader relies on, and their types (bool is not a number here, though Python says so).
-CONFIG_KEYS = {"model": str, "dataset": str, "dropout_num": int, "dropout_p": (int, float), "seed": int, "epochs": int}
+CONFIG_KEYS = {"model": str, "dataset": str, "dropout_num": int, "dropout_p": (int, float), "seed": int, "epochs": int,
+               "precision": str, "device": str, "setup": str}
 ROW_KEYS = {"epoch": int, "train_loss": (int, float), "valid_loss": (int, float), "seconds": (int, float)}
 ROW_NUMBERS = ("lr", "train_loss", "train_acc", "valid_loss", "valid_acc", "seconds")
 CHECKPOINT_KEYS = {"epoch": int, "config": dict, "history": list, "model": dict, "optimizer": dict}
@@ -82,7 +83,11 @@ def check_checkpoint(path, checkpoint):
 def finished_runs(output_dir):
     """Every run under output_dir that reached the epochs it was asked for: dir, config, history, test."""
     runs = []
-    for config_path in sorted(Path(output_dir).glob("*/config.json")):
+    try:
+        config_paths = sorted(Path(output_dir).glob("*/config.json"))
+    except OSError as e:  # a name too long for the file system, say: glob ignores only a missing folder
+        raise UserError(f"cannot read {output_dir} ({e.strerror or e}); give another folder") from None
+    for config_path in config_paths:
         run_dir = config_path.parent
         if (run_dir / "metrics.json").exists():
             config, history = read_config(config_path), read_history(run_dir / "metrics.json")
@@ -91,6 +96,11 @@ def finished_runs(output_dir):
                                     for f in ("test.json", "prediction.json"))
                 runs.append({"dir": run_dir, "config": config, "history": history, "test": test, "prediction": prediction})
     return runs
+
+
+def final_accuracies(runs):
+    """{seed: final valid accuracy} of {seed: run}."""
+    return {seed: r["history"][-1]["valid_acc"] for seed, r in runs.items()}
 
 
 def one_per_identity(runs):

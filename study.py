@@ -9,7 +9,6 @@ setting, so a run that two studies need (dropout_num 1 and 8 at p = 0.5, say) tr
 run.py command: rerunning skips finished runs and resumes unfinished ones; --workers K trains K at once, each
 taking the next run that no process holds. Then NAME.png and NAME.md, from the finished runs alone.
 """
-import argparse
 import collections
 import os
 import shlex
@@ -107,8 +106,7 @@ def parse_args(argv):
     if args.compare is not None and (args.compare == "" or len([a for a in argv if a.startswith("--")]) > 1):
         raise UserError("--compare takes the folder of a study and no other flag, e.g. --compare docs/study-converged")
     for flag in ("data_dir", "output_dir"):
-        if getattr(args, flag) == "":
-            raise UserError(f"--{flag} needs a path, got an empty string")
+        tools.require_path(getattr(args, flag), f"--{flag}")
     if args.workers < 1:
         raise UserError(f"--workers must be 1 or more, got {args.workers}")
     args.output_dir = args.output_dir or f"outputs/study-{args.protocol}"
@@ -131,6 +129,7 @@ def train_all(args, argv):
     """Every run of the study, --workers at a time; a run another process holds is left to it."""
     resume = f"python study.py {shlex.join(argv)}"
     commands = run_commands(args)
+    tools.check_writable(Path(args.output_dir))
     if args.workers == 1:  # in this process: a finished run is skipped at once
         for i, command in enumerate(commands, 1):
             print(f"study.py: run {i}/{len(commands)}", flush=True)
@@ -187,6 +186,10 @@ def collect(output_dir, study):
                                 f"p {point.dropout_p}, seed {c['seed']}: the study pairs by seed, so keep one protocol's "
                                 "runs per folder")
             found[point][c["seed"]] = r
+    lengths = {r["config"]["epochs"]: r["dir"] for runs in found.values() for r in runs.values()}
+    if len(lengths) > 1:  # --epochs is not in a run's name: a continued run would be compared at another epoch
+        raise UserError(f"runs of different lengths ({', '.join(f'{e} epochs: {d}' for e, d in sorted(lengths.items()))}): "
+                        "a study compares runs of one protocol; move the others out of the folder")
     order = lambda point: (list(SETTINGS).index(point.setting), point.dropout_num, point.dropout_p)
     return {point: found[point] for point in sorted(found, key=order)}
 
@@ -208,9 +211,9 @@ def compare(points, pairs):
             if (a["device"].split(":")[0], a["precision"]) != (b["device"].split(":")[0], b["precision"]):
                 raise UserError(f"{mine[seed]['dir']} ran on {where(mine[seed])} and {theirs[seed]['dir']} on "
                                 f"{where(theirs[seed])}: a pair must share its kind of device and precision")
-        final = lambda runs: {s: runs[s]["history"][-1]["valid_acc"] for s in seeds}
         ran_on = collections.Counter(where(mine[s]) for s in seeds)
-        found.append((label, point, reference, stats.paired_by_seed(final(mine), final(theirs)), ran_on))
+        found.append((label, point, reference, stats.paired_by_seed(runfiles.final_accuracies(mine),
+                                                                    runfiles.final_accuracies(theirs)), ran_on))
     return found
 
 

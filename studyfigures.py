@@ -3,6 +3,7 @@
 import matplotlib
 import numpy as np
 
+import runfiles
 import stats
 import trainingmonitor
 from tools import atomic_write
@@ -15,9 +16,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 FIRST_SEEDS = 5  # a point whose interval excludes zero gets five more seeds; its table shows the first five and all
 
 
-def finals(runs):
-    """{seed: final valid accuracy}."""
-    return {seed: r["history"][-1]["valid_acc"] for seed, r in runs.items()}
+finals = runfiles.final_accuracies
 
 
 def curves(runs, metric):
@@ -37,8 +36,8 @@ def caption(points, protocol):
 
 
 def table(name, study, points, pairs, caption):
-    """pairs: [(label, point, reference, paired difference, Counter of where the pairs ran)]."""
-    """NAME.md: every point, then every comparison with its interval and where its pairs ran."""
+    """NAME.md: every point, then every comparison with its interval and where its pairs ran.
+    pairs: [(label, point, reference, paired difference, Counter of where the pairs ran)]."""
     lines = [f"#### {name}: {study.about}", "", caption, "",
              "| setting | M | p | seeds | final valid acc | final valid error |", "|---|---:|---:|---:|---:|---:|"]
     for point in points:

@@ -100,12 +100,19 @@ def json_writer(obj):
     return lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n")
 
 
+def require_path(value, flag):
+    """An empty string is refused, never read as 'not given'."""
+    if value == "":
+        raise UserError(f"{flag} needs a path, got an empty string")
+    return value
+
+
 def check_writable(folder, flag="--output_dir"):
     """Refuse a folder that cannot be written, before any work; nothing is left behind (the folder is not made:
     the first save makes it). A temporary file, not os.access: root passes os.access on a read-only mount."""
     folder = Path(folder)
-    existing = next(p for p in [folder, *folder.parents] if p.exists())  # where the first mkdir would write
     try:
+        existing = next(p for p in [folder, *folder.parents] if p.exists())  # where the first mkdir would write
         if not existing.is_dir():
             raise NotADirectoryError(20, f"{existing} is not a folder")
         tempfile.TemporaryFile(dir=existing).close()

@@ -18,12 +18,11 @@ import distributed
 import experiment
 import hardware
 import progressbar
-import runfiles
 import runlock
 import tools
 import trainingmonitor
-from checkpointing import (checkpoint_writer, epochs_done, load_checkpoint, resumable_checkpoint, rng_state,
-                           saved_checkpoint, seed_everything, set_rng_state)
+from checkpointing import (checkpoint_writer, epochs_done, resumable_checkpoint, rng_state, seed_everything,
+                           set_rng_state)
 from experiment import IMAGE_SETS
 from nn import build_model
 from tools import UserError

@@ -20,8 +20,7 @@ FIELDS = ["epoch", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc", "
 
 
 def metrics_files(run_dir, history):
-    """[(path, write)] of metrics.csv and metrics.json, one row per epoch (or block of epochs), floats at full
-    (repr) precision: for tools.atomic_writes."""
+    """[(path, write)] for tools.atomic_writes: metrics.csv and .json, a row per epoch, floats at full precision."""
     out = io.StringIO()
     writer = csv.DictWriter(out, [f for f in FIELDS if f in history[0]], lineterminator="\n")
     writer.writeheader()
@@ -129,11 +128,11 @@ def write_comparison(out_dir, runs, setup):
 
 
 def describe_setup(setup, runs):
-    """summary.md's opening: the flags every run compared here shares, then the epochs and images they ran."""
+    """summary.md's opening: the flags every run of the comparison shares, then the epochs and images they ran."""
     shared = lambda key: ", ".join(sorted({str(r["config"].get(key, "-")) for r in runs}))
-    lines = ["#### " + short_setup(setup, runs), "", "Every run compared here has these defining flags; they differ only in "
-             "seed, dropout_num, dropout_p and R-Drop α.", "", "| flag | value |", "|---|---|"]
-    lines += [f"| {flag} | {value} |" for flag, value in setup.items()]
+    lines = ["#### " + short_setup(setup, runs), "", "Every run of this comparison has these defining flags; they differ only in "
+             "seed, dropout_num, dropout_p and R-Drop α.", "", "| flag | value |", "|---|---|",
+             *[f"| {flag} | {value} |" for flag, value in setup.items()]]
     lines += [f"| epochs | {shared('epochs')} |", f"| images: train / valid / test | {shared('train_images')} / "
               f"{shared('valid_images')} / {shared('test_images')} |", f"| data_dir | {shared('data_dir')} |", ""]
     return "\n".join(lines)

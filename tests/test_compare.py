@@ -110,7 +110,8 @@ def test_compare_of_a_truncated_metrics_file_is_one_line(tmp_path, capsys):
     run_dir = tmp_path / "some_run"
     run_dir.mkdir()
     (run_dir / "config.json").write_text('{"epochs": 2, "model": "miniresnet", "dataset": "cifar10", "seed": 1, '
-                                         '"dropout_num": 1, "dropout_p": 0.5}')
+                                         '"dropout_num": 1, "dropout_p": 0.5, "precision": "fp32", "device": "cpu", '
+                                         '"setup": "miniresnet_cifar10-x"}')
     (run_dir / "metrics.json").write_text('[{"epoch": 1, "valid_')  # a copy cut short
     rc, out, err = cli(capsys, "--compare", tmp_path)
     assert rc == 2 and "may be truncated" in err and len(err.strip().splitlines()) == 1

@@ -20,6 +20,8 @@ DAMAGES = {  # what is done to a finished run's files -> what the one line says
     "config a folder": (lambda run: ((run / "config.json").unlink(), (run / "config.json").mkdir()), "cannot be read"),
     "config without seed": (lambda run: edit(run / "config.json", lambda c: c.pop("seed")), "has no 'seed'"),
     "config without epochs": (lambda run: edit(run / "config.json", lambda c: c.pop("epochs")), "has no 'epochs'"),
+    "config without setup": (lambda run: edit(run / "config.json", lambda c: c.pop("setup")), "has no 'setup'"),
+    "precision null": (lambda run: edit(run / "config.json", lambda c: c.update(precision=None)), "'precision' is None"),
     "epochs a string": (lambda run: edit(run / "config.json", lambda c: c.update(epochs="2")), "'epochs' is '2'"),
     "metrics an object": (lambda run: (run / "metrics.json").write_text('{"epoch": 1}'), "not a list of rows"),
     "a row without epoch": (lambda run: edit(run / "metrics.json", lambda h: h[0].pop("epoch")), "row 1 has no 'epoch'"),
@@ -94,6 +96,26 @@ def test_a_checkpoint_whose_metrics_stop_short_of_its_epoch_is_one_line(small_ci
 def test_an_empty_path_is_refused_not_taken_for_none(argv, capsys, tmp_path):
     rc, _, err = cli(capsys, *argv)
     assert rc == 2 and "needs a path, got an empty string" in err and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("entry", ["run.py", "study.py", "blog.py"])
+def test_a_folder_name_too_long_for_the_file_system_is_one_line(entry, tmp_path, capsys):
+    folder = tmp_path / ("x" * 300)  # over the 255 bytes a name may have
+    main, argv = {"run.py": (run.main, ["--compare", folder]), "study.py": (study.main, ["samples", "--compare", folder]),
+                  "blog.py": (blog.main, [folder])}[entry]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "File name too long" in err and err.count("\n") == 1, err
+
+
+def test_runs_of_different_lengths_in_one_study_are_refused(tmp_path, capsys):
+    blog_like_runs(tmp_path)
+    run_dir = sorted((tmp_path / "blog-head").glob("m1_*"))[0]  # continued to 3 epochs (--epochs is not in the name)
+    edit(run_dir / "config.json", lambda c: c.update(epochs=3))
+    edit(run_dir / "metrics.json", lambda h: h.append({**h[-1], "epoch": 3}))
+    assert study.main(["convergence", "--compare", tmp_path]) == 2
+    err = capsys.readouterr().err
+    assert "runs of different lengths (2 epochs: " in err and f"3 epochs: {run_dir}" in err
 
 
 @pytest.mark.parametrize("entry, argv", [

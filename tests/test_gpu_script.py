@@ -13,9 +13,10 @@ def test_the_gpu_script_benches_trains_against_the_clock_draws_and_packs(small_c
     result = subprocess.run(["bash", str(ROOT / "gpu_study.sh")], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-500:]
     times = (tmp_path / "gpu" / "times.txt").read_text()
-    assert "bench miniresnet: exit 0" in times and "study convergence: exit" in times
+    assert "bench miniresnet bf16: exit 0" in times and "bench miniresnet fp32: exit 0" in times
+    assert "study convergence: exit" in times
     assert "s of device time per run" in times and " runs finished" in times
     with tarfile.open(tmp_path / "gpu.tar.gz") as packed:
         names = packed.getnames()
-    assert "gpu/bench-miniresnet/bench.md" in names and not any(n.endswith(".pt") for n in names)
+    assert "gpu/bench-miniresnet-bf16/bench.md" in names and not any(n.endswith(".pt") for n in names)
     assert any(n.startswith("gpu/study-smoke/blog-head/") and n.endswith("/metrics.json") for n in names)

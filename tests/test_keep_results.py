@@ -1,11 +1,8 @@
 """Nothing a run wrote is replaced without --overwrite, and one run has one trainer at a time."""
-import json
-import shutil
 import subprocess
 import sys
 import textwrap
 
-import pytest
 import torch
 
 import run

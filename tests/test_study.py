@@ -53,7 +53,7 @@ def write_runs(folder, finals, seeds=(42, 43, 44), precision="fp32", train_size=
             run["config"].update(epochs=2, dataset="cifar10", model="miniresnet", data_source="x", batch_size=128,
                                  lr=0.01, lr_milestone=1, augment=False, data_seed=0, train_size=train_size,
                                  test_size=5000, precision=precision, train_images=5000, valid_images=5000, device="cpu",
-                                 hardware="Some CPU (family 1)")
+                                 hardware="Some CPU (family 1)", setup="miniresnet_cifar10-x")
             name = f"m{m}_p{p}_s{seed}-{precision}"
             (folder / name).mkdir(parents=True)
             write_json(folder / name / "config.json", run["config"])
