@@ -6,8 +6,8 @@ import sys
 import pytest
 
 import bench
-from conftest import ROOT
 import benchpipelines
+from conftest import ROOT
 
 
 def test_ratios_are_taken_within_each_round():
