@@ -20,7 +20,6 @@ class Interrupted(Exception):
 STOP = {}  # {'signal': name} once SIGINT or SIGTERM arrived
 
 
-@contextlib.contextmanager
 def stop_on_signals(second_stops_at_once=True):
     """SIGINT/SIGTERM ask the training loop to stop at the next step; a second one stops at once, unless
     second_stops_at_once is off (under torchrun a Ctrl-C reaches a worker twice: from the terminal and the launcher)."""
@@ -29,16 +28,9 @@ def stop_on_signals(second_stops_at_once=True):
             raise KeyboardInterrupt
         STOP["signal"] = signal.Signals(signum).name
 
-    STOP.clear()
-    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    return _on_signals(request_stop)
 
 
-@contextlib.contextmanager
 def interrupts():
     """For commands that only read and draw: SIGTERM raises KeyboardInterrupt as SIGINT does, so either stops the
     command at once and atomic_write removes its temporary file on the way out. STOP records which it was."""
@@ -46,8 +38,14 @@ def interrupts():
         STOP["signal"] = signal.Signals(signum).name
         raise KeyboardInterrupt
 
+    return _on_signals(interrupt)
+
+
+@contextlib.contextmanager
+def _on_signals(handler):
+    """handler for SIGINT and SIGTERM during the block, with STOP cleared first; the previous handlers after."""
     STOP.clear()
-    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
