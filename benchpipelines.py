@@ -94,19 +94,6 @@ def blog_style_pipeline(args, device, dropout_num):
     return train_steps
 
 
-class NoBar:
-    """train.train_epoch's progress bar, silent: it then reads the device once, at the last step."""
-
-    def __init__(self, steps):
-        self.steps, self.enabled = steps, False
-
-    def update(self, *args):
-        pass
-
-    def close(self):
-        pass
-
-
 def project_model(args, device, dropout_num, reduce="loss", heads="shared"):
     """The network as run.py builds it (train.make_model: same layout), 10 classes, p = 0.5, no R-Drop."""
     flags = argparse.Namespace(model=args.model, dropout_num=dropout_num, dropout_p=0.5, rdrop_alpha=0.0,
@@ -133,7 +120,7 @@ def project_pipeline(args, device, dropout_num, precision, images=None, reduce="
 
     def train_steps(n):
         batches = itertools.islice(datasource.train_batches(x, y, args.batch_size, generator, args.augment, prepare), n)
-        train.train_epoch(forward, optimizer, loss_fn, batches, autocast, NoBar(n))
+        train.train_epoch(forward, optimizer, loss_fn, batches, autocast, n)  # one read, at the last step
     train_steps.evaluate = lambda x, y: train.evaluate(forward, x, y, autocast, prepare, loss_fn)
     return train_steps
 

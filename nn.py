@@ -62,8 +62,10 @@ class MultiSampleDropout(nn.Module):
         self.head = head if heads == "shared" else nn.ModuleList([head] + [_fresh_copy(head) for _ in range(num_samples - 1)])
 
     def forward(self, x, target=None, loss_fn=None):
+        if (target is None) != (loss_fn is None):  # one of them alone would silently give no loss
+            raise ValueError("give both target and loss_fn for (logits, loss), or neither for the logits")
         logits, loss = self.logits_and_loss(x, target, loss_fn)
-        return logits if target is None or loss_fn is None else (logits, loss)
+        return logits if target is None else (logits, loss)
 
     def logits_and_loss(self, x, target, loss_fn):
         if not self.training or self.num_samples == 0:

@@ -29,6 +29,7 @@ from tools import UserError
 
 REDRAW_S = 10  # seconds between redraws of a run's figures (~0.3 s each); the last row always redraws
 EVAL_BATCH = 1000  # images per evaluation step; no gradients, so larger than training's
+READS_PER_EPOCH = 20  # device reads an epoch for the progress bar, and for torchrun's ranks to agree on stopping
 EVAL_CHOICES = ("test_size", "precision")  # they choose how --eval evaluates, not which run it is (--device too)
 COMMAND_ONLY = ("resume", "eval", "compare")  # what the command did, not what the run is: kept out of config.json
 
@@ -125,8 +126,10 @@ def train(args, config, run_dir, device, checkpoint):
             train_x, train_y, args.batch_size, generator, args.augment, prepare, distributed.rank(), distributed.world())
             for _ in range(epoch, last + 1))
         bar = progressbar.EpochBar(steps * (last - epoch + 1), last, args.epochs, show=distributed.is_main())
+        # Reading from the device makes the host wait: only to show progress, or for the ranks to agree on stopping
+        reads = READS_PER_EPOCH if bar.enabled or distributed.world() > 1 else 1
         try:
-            train_loss, train_acc = train_epoch(forward, optimizer, loss_fn, batches, autocast, bar)
+            train_loss, train_acc = train_epoch(forward, optimizer, loss_fn, batches, autocast, bar.steps, reads, bar)
         except (FloatingPointError, tools.Interrupted) as e:
             raise type(e)(f"{e} of {span}; {kept_note(run_dir, epoch)}") from None
         distributed.share_buffers(model)
@@ -146,18 +149,17 @@ def train(args, config, run_dir, device, checkpoint):
                 "history": history, "config": config, **({"rank_rng": rank_rng} if len(rank_rng) > 1 else {})})
 
 
-def train_epoch(model, optimizer, loss_fn, batches, autocast, bar):
-    """One pass over the batches; returns (mean loss, accuracy or None for a regression), over every rank's images.
-    Raises FloatingPointError on a non-finite loss, tools.Interrupted on a stop request."""
+def train_epoch(model, optimizer, loss_fn, batches, autocast, steps, reads=1, bar=None):
+    """One pass over the `steps` batches; returns (mean loss, accuracy or None for a regression), over every rank's
+    images. The sums stay on the device and are read `reads` times (the last step's always): each read makes the
+    host wait for the device. Raises FloatingPointError on a non-finite loss, tools.Interrupted on a stop request."""
     model.train()
     classify = isinstance(loss_fn, torch.nn.CrossEntropyLoss)
-    # The sums stay on the device: reading them makes the host wait, so we read them only at bar refreshes
-    # (under torchrun, where the ranks also agree on stopping: at ~20 points an epoch).
     device = next(model.parameters()).device
     loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
     bad_step = torch.full((), -1, device=device)  # the first step whose loss was not finite
     single = distributed.world() == 1
-    refresh = max(1, bar.steps // 20) if bar.enabled or not single else bar.steps  # steps between reads
+    every = max(1, steps // reads)  # steps between reads
     for step, (xb, yb) in enumerate(batches, 1):
         with autocast:
             logits, loss = model(xb, yb, loss_fn)
@@ -169,18 +171,20 @@ def train_epoch(model, optimizer, loss_fn, batches, autocast, bar):
             correct += (logits.detach().argmax(1) == yb).sum()
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
         seen += len(yb)
-        if step % refresh and step != bar.steps and not (tools.STOP and single):
+        if step % every and step != steps and not (tools.STOP and single):
             continue
         stop, bad = distributed.max_across(torch.stack([torch.tensor(float(bool(tools.STOP)), device=device),
                                                         bad_step.float()])).tolist()
-        if stop:
-            bar.close()
-            raise tools.Interrupted(f"stopped by {tools.STOP.get('signal', 'a signal to another rank')} at step {step}")
-        if bad >= 0:
-            bar.close()
+        if stop or bad >= 0:
+            if bar:
+                bar.close()
+            if stop:
+                raise tools.Interrupted(f"stopped by {tools.STOP.get('signal', 'a signal to another rank')} at step {step}")
             raise FloatingPointError(f"non-finite training loss at step {int(bad)}")
-        bar.update(step, loss_sum.item() / seen, correct.item() / seen if classify else None)
-    bar.close()
+        if bar:
+            bar.update(step, loss_sum.item() / seen, correct.item() / seen if classify else None)
+    if bar:
+        bar.close()
     distributed.sum_across(loss_sum), distributed.sum_across(correct)
     seen *= distributed.world()  # every rank takes an equal slice of every batch
     return loss_sum.item() / seen, correct.item() / seen if classify else None

@@ -473,3 +473,9 @@ def test_a_variant_needs_two_samples_and_a_known_name(kwargs):
         MultiSampleDropout(tnn.Linear(D, C), 1, 0.5, **kwargs)
     with pytest.raises(ValueError, match="reduce must be one of"):
         MultiSampleDropout(tnn.Linear(D, C), 8, 0.5, **{k: "other" for k in kwargs})
+
+
+def test_a_target_without_a_loss_function_is_refused_not_ignored(batch):
+    features, target = batch
+    with pytest.raises(ValueError, match="give both target and loss_fn"):
+        make(8)(features, target)
