@@ -224,8 +224,9 @@ def main(argv=None, resume_command=None):
             check_args(run)
         if torchrun and args.eval:
             raise UserError("--eval runs in one process: python run.py --eval RUN_DIR")
-        import checkpointing  # torch: seconds to import, so only once there is a run to train or evaluate
-        import train
+        with tools.interrupts():  # torch takes seconds to import: a stop meanwhile is a stop at once
+            import checkpointing  # only once there is a run to train or evaluate
+            import train
         with tools.stop_on_signals(second_stops_at_once=not torchrun), train.process_group(args.device):
             if args.eval:
                 train.evaluate_saved_run(*saved_args(checkpointing.saved_checkpoint(args.eval), explicit))
