@@ -38,7 +38,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults as a user types them (42, not [42]), except None: those default per data set and say so."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False, argparse.SUPPRESS):
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:  # 0 is shown
             return action.help
         default = " ".join(map(str, action.default)) if isinstance(action.default, list) else action.default
         return f"{action.help} (default: {default})"

@@ -169,6 +169,9 @@ def test_help_shows_every_default(capsys, monkeypatch):
                     "(default: 10 for the images, 0 for quadratic)", "(default: 42)", "(default: auto)",
                     "(default: outputs)", "(default: 0.0)"):
         assert default in help_text
+    entries = {entry.split()[0]: entry for entry in help_text.split("\n  --")[1:]}  # flag: its whole help
+    for flag in ("head_hidden", "data_seed", "valid_split", "diversity", "msd_reduce", "msd_heads"):
+        assert "(default: " in entries[flag], entries[flag]  # 0 is a default too, not 'no default'
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(small_cifar, tmp_path, capsys, monkeypatch):
