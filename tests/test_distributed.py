@@ -112,7 +112,7 @@ def test_comparisons_drawn_at_the_same_moment_are_never_torn(tmp_path):
         run = fake_run(m, seed, [0.5, 0.6])
         run["config"].update(epochs=2, dataset="cifar10", model="miniresnet", data_source="x", batch_size=60, lr=0.01,
                              lr_milestone=1, augment=False, data_seed=0, train_size=None, test_size=None,
-                             precision="fp32", train_images=300, test_images=100)
+                             precision="fp32", train_images=300, test_images=100, device="cpu", setup="x")
         (tmp_path / run["dir"].name).mkdir()
         for name, value in (("config.json", run["config"]), ("metrics.json", run["history"])):
             (tmp_path / run["dir"].name / name).write_text(json.dumps(value))
