@@ -26,13 +26,14 @@ def curves(runs, metric):
 
 
 def caption(points, protocol):
-    """'converged protocol: 10000/10000 images, 30 epochs, bf16; seeds 42-46; cpu': what the runs recorded."""
+    """'converged protocol: 10000/10000 images, 25 epochs, bf16; seeds 42-46': what the runs recorded."""
     configs = [r["config"] for runs in points.values() for r in runs.values()]
     values = lambda key: "/".join(sorted({str(c.get(key, "?")) for c in configs}))
     seeds = sorted({c["seed"] for c in configs})
-    seeds = f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) and len(seeds) > 2 else " ".join(map(str, seeds))
+    consecutive = seeds == list(range(seeds[0], seeds[-1] + 1)) and len(seeds) > 2
+    named = f"{seeds[0]}-{seeds[-1]}" if consecutive else " ".join(map(str, seeds))
     return (f"{protocol} protocol: {values('train_images')}/{values('valid_images')} images, {values('epochs')} epochs, "
-            f"{values('precision')}; seeds {seeds}")
+            f"{values('precision')}; seed{'s' * (len(seeds) > 1)} {named}")
 
 
 def table(name, study, points, pairs, caption):
