@@ -211,7 +211,7 @@ def compare(points, pairs):
             if (a["device"].split(":")[0], a["precision"]) != (b["device"].split(":")[0], b["precision"]):
                 raise UserError(f"{mine[seed]['dir']} ran on {where(mine[seed])} and {theirs[seed]['dir']} on "
                                 f"{where(theirs[seed])}: a pair must share its kind of device and precision")
-        ran_on = collections.Counter(where(mine[s]) for s in seeds)
+        ran_on = collections.Counter(" / ".join(dict.fromkeys([where(mine[s]), where(theirs[s])])) for s in seeds)
         found.append((label, point, reference, stats.paired_by_seed(runfiles.final_accuracies(mine),
                                                                     runfiles.final_accuracies(theirs)), ran_on))
     return found

@@ -197,3 +197,12 @@ def test_an_unwritable_figure_or_a_truncated_run_file_is_one_line_and_exit_2(tmp
     assert study.main(["convergence", "--compare", tmp_path]) == 2
     err = capsys.readouterr().err
     assert "may be truncated" in err and err.count("\n") == 1
+
+
+def test_a_pair_whose_runs_ran_on_two_machines_of_one_kind_names_both(tmp_path):
+    write_runs(tmp_path / "blog-head", {1: [0.50, 0.52, 0.54], 8: [0.51, 0.55, 0.53]})
+    for config in (tmp_path / "blog-head").glob("m8_p0.5_s42-*/config.json"):  # seed 42's M=8 ran elsewhere
+        config.write_text(config.read_text().replace("Some CPU (family 1)", "Other CPU (family 2)"))
+    assert study.main(["convergence", "--compare", tmp_path]) == 0
+    (row,) = [line for line in (tmp_path / "convergence.md").read_text().splitlines() if line.startswith("| M=8 − M=1 |")]
+    assert row.endswith("| Other CPU (family 2), fp32 / Some CPU (family 1), fp32 ×1; Some CPU (family 1), fp32 ×2 |")
