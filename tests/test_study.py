@@ -204,5 +204,5 @@ def test_a_pair_whose_runs_ran_on_two_machines_of_one_kind_names_both(tmp_path):
     for config in (tmp_path / "blog-head").glob("m8_p0.5_s42-*/config.json"):  # seed 42's M=8 ran elsewhere
         config.write_text(config.read_text().replace("Some CPU (family 1)", "Other CPU (family 2)"))
     assert study.main(["convergence", "--compare", tmp_path]) == 0
-    (row,) = [line for line in (tmp_path / "convergence.md").read_text().splitlines() if line.startswith("| M=8 − M=1 |")]
+    row = next(line for line in (tmp_path / "convergence.md").read_text().splitlines() if line.startswith("| M=8 − M=1 |"))
     assert row.endswith("| Other CPU (family 2), fp32 / Some CPU (family 1), fp32 ×1; Some CPU (family 1), fp32 ×2 |")
