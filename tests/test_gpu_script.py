@@ -9,7 +9,7 @@ from conftest import ROOT
 
 def test_the_gpu_script_benches_trains_against_the_clock_draws_and_packs(small_cifar, tmp_path):
     env = {**os.environ, "SMOKE": "1", "DATA": str(small_cifar), "DEST": str(tmp_path / "gpu"), "OUT": str(tmp_path),
-           "BUDGET_S": "80", "PYTHON": sys.executable}
+           "BUDGET_S": "40", "PYTHON": sys.executable}
     result = subprocess.run(["bash", str(ROOT / "gpu_study.sh")], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-500:]
     times = (tmp_path / "gpu" / "times.txt").read_text()
