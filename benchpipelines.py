@@ -28,6 +28,7 @@ import hardware
 import tools
 import train
 from nn import build_model
+from task import CLASSIFICATION
 
 BLOG_RECIPE_IMAGES = (50_000, 10_000)  # CIFAR-10's train and test images, for the memory figure
 # Dense peak TFLOP/s from NVIDIA's datasheets (SXM parts): bf16 tensor cores, and plain fp32 (not TF32,
@@ -112,7 +113,7 @@ def project_pipeline(args, device, dropout_num, precision, images=None, reduce="
     """A function that trains n steps with run.py's own loop (train.train_epoch) and waits for the device."""
     torch.manual_seed(0)
     model = project_model(args, device, dropout_num, reduce, heads)
-    optimizer, loss_fn = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True), nn.CrossEntropyLoss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
     x, y = datasource.to_device(*(images or synthetic_images(args.batch_size * (args.warmup + args.repeats * args.steps))), device)
     generator = torch.Generator(device=device).manual_seed(0)
     forward = torch.compile(model) if args.compile else model
@@ -120,8 +121,8 @@ def project_pipeline(args, device, dropout_num, precision, images=None, reduce="
 
     def train_steps(n):
         batches = itertools.islice(datasource.train_batches(x, y, args.batch_size, generator, args.augment, prepare), n)
-        train.train_epoch(forward, optimizer, loss_fn, batches, autocast, n)  # one read, at the last step
-    train_steps.evaluate = lambda x, y: train.evaluate(forward, x, y, autocast, prepare, loss_fn)
+        train.train_epoch(forward, optimizer, CLASSIFICATION, batches, autocast, n)  # one read, at the last step
+    train_steps.evaluate = lambda x, y: train.evaluate(forward, x, y, autocast, prepare, CLASSIFICATION)
     return train_steps
 
 

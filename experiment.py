@@ -18,7 +18,6 @@ DEFINING = ["dataset", "data_source", "model", "dropout_num", "dropout_p", "batc
 OMITTED_AT_DEFAULT = {"valid_split": 0, "rdrop_alpha": 0.0, "head_hidden": 0, "pool": "avg4", "diversity": "none",
                       "msd_reduce": "loss", "msd_heads": "shared"}
 HEAD_OPTIONS = ["head_hidden", "pool", "diversity", "msd_reduce", "msd_heads"]  # the ResNet head's; none for quadratic
-LOG_EVERY = {"quadratic": 100}  # epochs per table row, metrics row and checkpoint (default 1)
 GRID = ["seed", "dropout_p", "dropout_num", "rdrop_alpha"]  # flags that take several values; runs differing only in these are compared
 
 

@@ -134,7 +134,12 @@ def head_problem(num_samples, p, rdrop_alpha=0.0, diversity="none", reduce="loss
                            ("separate heads (--msd_heads separate)", heads == "separate")):
         if active and num_samples < 2:
             return f"{option} needs 2 or more dropout samples (--dropout_num), got {num_samples}"
-    if diversity != "none" and pool == "avg4":  # a global average forgets where a feature was
+    return pool_problem(pool, diversity)
+
+
+def pool_problem(pool, diversity):
+    """The one rule that needs the ResNet's pooling, or None."""
+    if diversity in DIVERSITIES[1:] and pool == "avg4":  # a global average forgets where a feature was
         return f"diversity {diversity!r} needs --pool avg2: after the global average of --pool avg4 a flip changes nothing"
     return None
 
@@ -207,7 +212,7 @@ class ResNet(nn.Module):
         super().__init__()
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {tuple(POOLS)}, got {pool!r}")
-        problem = head_problem(dropout_num, dropout_p, rdrop_alpha, diversity, reduce, heads, pool)
+        problem = pool_problem(pool, diversity)  # MultiSampleDropout checks the rest of its options
         if problem:
             raise ValueError(problem)
         self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import runlock
 import tools
-from experiment import DEFINING, GRID, HEAD_OPTIONS, IMAGE_SETS, OMITTED_AT_DEFAULT, LOG_EVERY
+from experiment import DEFINING, GRID, HEAD_OPTIONS, IMAGE_SETS, OMITTED_AT_DEFAULT
+from task import REGRESSION
 from tools import UserError
 
 IMAGE_MODELS = ["miniresnet", "resnet18"]  # nn.MODEL_WIDTHS's names (a test keeps them equal), without importing torch
@@ -204,7 +205,7 @@ def check_quadratic_args(args):
     for flag, off in image_only + [(flag, OMITTED_AT_DEFAULT[flag]) for flag in HEAD_OPTIONS]:
         if getattr(args, flag) != off:
             raise UserError(f"--{flag} is for the image data sets; drop it with --dataset quadratic")
-    every = LOG_EVERY["quadratic"]
+    every = REGRESSION.rows_every
     if args.lr_milestone % every:  # the lr is set once per row of `every` epochs
         raise UserError(f"--lr_milestone must be a multiple of {every} with --dataset quadratic, got {args.lr_milestone}")
 

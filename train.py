@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import datasource
 import distributed
@@ -23,8 +22,8 @@ import tools
 import trainingmonitor
 from checkpointing import (checkpoint_writer, epochs_done, resumable_checkpoint, rng_state, seed_everything,
                            set_rng_state)
-from experiment import IMAGE_SETS
 from nn import build_model
+from task import task_of
 from tools import UserError
 
 REDRAW_S = 10  # seconds between redraws of a run's figures (~0.3 s each); the last row always redraws
@@ -84,10 +83,9 @@ def train(args, config, run_dir, device, checkpoint):
     forward = parallel(model, args, device)  # shares model's weights; model is what we save
     evaluator = model if distributed.world() > 1 else forward  # DDP's forward is a collective: ranks evaluate alone
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, foreach=True)  # one op for all tensors; same bits
-    loss_fn = loss_for(args.dataset)
+    task = task_of(args.dataset)
     autocast = autocast_for(device, config["precision"])
     prepare = datasource.input_transform(args.dataset, device)
-    every = experiment.LOG_EVERY.get(args.dataset, 1)
 
     if args.overwrite and run_dir.exists() and distributed.is_main():
         shutil.rmtree(run_dir)
@@ -109,12 +107,12 @@ def train(args, config, run_dir, device, checkpoint):
           f"{device}{f' x {distributed.world()} ranks' if distributed.world() > 1 else ''}, {config['precision']}"
           + (f"; resumed from epoch {checkpoint['epoch']}" if checkpoint else ""))
     if distributed.is_main():
-        progressbar.print_header(classify=args.dataset in IMAGE_SETS)
+        progressbar.print_header(classify=task.classify)
 
-    # A row (metrics, checkpoint) per `every` epochs: one per epoch for images, per 100 for quadratic.
+    # A row (metrics, checkpoint) per task.rows_every epochs: one per epoch for images, per 100 for the regression.
     drawn_at = -math.inf  # when the figures were last drawn: the first row draws them
-    for epoch in range(first_epoch, args.epochs + 1, every):
-        last = min(epoch + every - 1, args.epochs)  # this row covers epochs epoch..last
+    for epoch in range(first_epoch, args.epochs + 1, task.rows_every):
+        last = min(epoch + task.rows_every - 1, args.epochs)  # this row covers epochs epoch..last
         span = f"epoch {epoch}" if last == epoch else f"epochs {epoch}-{last}"
         if tools.STOP:  # a stop requested during evaluation or start-up
             raise tools.Interrupted(f"stopped by {tools.STOP['signal']} before {span}; {kept_note(run_dir, epoch)}")
@@ -129,16 +127,16 @@ def train(args, config, run_dir, device, checkpoint):
         # Reading from the device makes the host wait: only to show progress, or for the ranks to agree on stopping
         reads = READS_PER_EPOCH if bar.enabled or distributed.world() > 1 else 1
         try:
-            train_loss, train_acc = train_epoch(forward, optimizer, loss_fn, batches, autocast, bar.steps, reads, bar)
+            train_loss, train_acc = train_epoch(forward, optimizer, task, batches, autocast, bar.steps, reads, bar)
         except (FloatingPointError, tools.Interrupted) as e:
             raise type(e)(f"{e} of {span}; {kept_note(run_dir, epoch)}") from None
         distributed.share_buffers(model)
-        valid_loss, valid_acc = evaluate(evaluator, valid_x, valid_y, autocast, prepare, loss_fn)
+        valid_loss, valid_acc = evaluate(evaluator, valid_x, valid_y, autocast, prepare, task)
         row = {"epoch": last, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
                "valid_loss": valid_loss, "valid_acc": valid_acc, "seconds": time.perf_counter() - start}
         history.append({k: v for k, v in row.items() if v is not None})  # a regression has no accuracy
-        test = evaluate(evaluator, *splits["test"], autocast, prepare, loss_fn) if args.valid_split and last == args.epochs else None
-        prediction = None if args.dataset in IMAGE_SETS else regression_prediction(evaluator, splits, autocast)
+        test = evaluate(evaluator, *splits["test"], autocast, prepare, task) if args.valid_split and last == args.epochs else None
+        prediction = grid_prediction(evaluator, splits, autocast) if task.predicts_grid else None
         redraw = last == args.epochs or time.perf_counter() - drawn_at >= REDRAW_S
         drawn_at = time.perf_counter() if redraw else drawn_at
         rank_rng = distributed.gather_on_main(rng_state(generator))  # every rank's, so a resume is exact
@@ -149,12 +147,12 @@ def train(args, config, run_dir, device, checkpoint):
                 "history": history, "config": config, **({"rank_rng": rank_rng} if len(rank_rng) > 1 else {})})
 
 
-def train_epoch(model, optimizer, loss_fn, batches, autocast, steps, reads=1, bar=None):
+def train_epoch(model, optimizer, task, batches, autocast, steps, reads=1, bar=None):
     """One pass over the `steps` batches; returns (mean loss, accuracy or None for a regression), over every rank's
     images. The sums stay on the device and are read `reads` times (the last step's always): each read makes the
     host wait for the device. Raises FloatingPointError on a non-finite loss, tools.Interrupted on a stop request."""
     model.train()
-    classify = isinstance(loss_fn, torch.nn.CrossEntropyLoss)
+    loss_fn, classify = task.loss_fn(), task.classify
     device = next(model.parameters()).device
     loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
     bad_step = torch.full((), -1, device=device)  # the first step whose loss was not finite
@@ -190,19 +188,18 @@ def train_epoch(model, optimizer, loss_fn, batches, autocast, steps, reads=1, ba
     return loss_sum.item() / seen, correct.item() / seen if classify else None
 
 
-def evaluate(model, x, y, autocast, prepare, loss_fn):
+def evaluate(model, x, y, autocast, prepare, task):
     """(loss, accuracy or None for a regression) of the single eval-mode pass: dropout off, so comparable
     across dropout_num. Under torchrun each rank evaluates its shard and the sums are added up."""
     model.eval()
-    classify = isinstance(loss_fn, torch.nn.CrossEntropyLoss)
-    summed_loss = F.cross_entropy if classify else F.mse_loss
+    summed_loss, classify = task.loss_fn(reduction="sum"), task.classify
     loss, correct = torch.zeros((), device=x.device), torch.zeros((), device=x.device)
     mine = distributed.shard(len(y))
     xs, ys = x[mine], y[mine]
     with torch.inference_mode(), autocast:
         for i in range(0, len(ys), EVAL_BATCH):
             logits = model(prepare(xs[i:i + EVAL_BATCH]))
-            loss += summed_loss(logits.float(), ys[i:i + EVAL_BATCH], reduction="sum")
+            loss += summed_loss(logits.float(), ys[i:i + EVAL_BATCH])
             if classify:
                 correct += (logits.argmax(1) == ys[i:i + EVAL_BATCH]).sum()
     distributed.sum_across(loss), distributed.sum_across(correct)
@@ -294,9 +291,9 @@ def evaluate_saved_run(args, checkpoint):
     splits, num_classes = datasource.load_splits(args, device)
     model = make_model(args, num_classes, device)
     model.load_state_dict(checkpoint["model"])
-    loss_fn = loss_for(args.dataset)
     autocast = autocast_for(device, config["precision"])
-    loss, acc = evaluate(model, *splits["test"], autocast, datasource.input_transform(args.dataset, device), loss_fn)
+    loss, acc = evaluate(model, *splits["test"], autocast, datasource.input_transform(args.dataset, device),
+                         task_of(args.dataset))
     accuracy = "" if acc is None else f", accuracy {acc:.4f}"
     print(f"{args.eval}: epoch {checkpoint['epoch']}, {len(splits['test'][1])} test examples: loss {loss:.4f}{accuracy}")
     return 0
@@ -309,22 +306,18 @@ def make_model(args, num_outputs, device):
     return model.to(device, memory_format=torch.channels_last)
 
 
-def loss_for(dataset):
-    return torch.nn.CrossEntropyLoss() if dataset in IMAGE_SETS else torch.nn.MSELoss()
-
-
 def autocast_for(device, precision):
     """bf16 autocast for --precision bf16, a no-op context for fp32."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def precision_for(args, device):
-    """--precision resolved for this run. The regression's targets reach 100, too coarse for bf16's 8 bits
-    of mantissa: auto means fp32 there."""
-    return "fp32" if args.dataset == "quadratic" and args.precision == "auto" else hardware.resolve_precision(args.precision, device)
+    """--precision resolved for this run: auto is the task's choice if it has one, else the hardware's."""
+    auto = task_of(args.dataset).auto_precision
+    return auto if auto and args.precision == "auto" else hardware.resolve_precision(args.precision, device)
 
 
-def regression_prediction(model, splits, autocast):
+def grid_prediction(model, splits, autocast):
     """The post's figure as data: its training points, and the eval-mode (dropout off) prediction on the grid."""
     model.eval()
     (x, y), (grid_x, grid_y) = splits["train"], splits["test"]

@@ -10,6 +10,7 @@ import numpy as np
 import runfiles
 import stats
 from experiment import HEAD_OPTIONS, OMITTED_AT_DEFAULT, run_identity, setup_flags
+from task import task_of
 from tools import UserError, atomic_write, check_writable, json_writer
 
 matplotlib.use("Agg")  # headless: files only, no window
@@ -31,11 +32,10 @@ def metrics_files(run_dir, history):
 
 def plot_run(run_dir, history, config):
     """loss.png and (for a classifier) acc.png: train against valid over epochs, titled with the run's setup."""
-    epochs = [row["epoch"] for row in history]
-    classify = "valid_acc" in history[0]
+    epochs, task = [row["epoch"] for row in history], task_of(config["dataset"])
     setup = (f"{config['model']}, {config['dataset']}, {samples_in_words(config['dropout_num'])} (p={config['dropout_p']}), "
              f"seed {config['seed']}, {config.get('train_images', '?')} img, {config['precision']}")
-    for metric, label in (("loss", "cross-entropy loss" if classify else "mean squared error"), ("acc", "accuracy"))[:1 + classify]:
+    for metric, label in (("loss", task.loss_label), ("acc", "accuracy"))[:1 + task.classify]:
         fig, ax = plt.subplots(figsize=(6, 4))
         curves = [[row[f"{split}_{metric}"] for row in history] for split in ("train", "valid")]
         for split, values in zip(("train", "valid"), curves):
@@ -102,7 +102,7 @@ def write_comparison(out_dir, runs, setup):
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     groups, short = group_runs(runs), short_setup(setup, runs)
-    if groups and "valid_acc" not in groups[0]["curves"]:
+    if not task_of(setup["dataset"]).classify:
         return _write_regression_comparison(out_dir, groups, setup, short)
     for metric, label in (("train_loss", "train loss"), ("valid_loss", "valid loss"), ("valid_acc", "valid accuracy")):
         fig, ax = plt.subplots(figsize=(6, 4))
