@@ -117,10 +117,9 @@ class MultiSampleDropout(nn.Module):
         return copies
 
 
-def head_problem(num_samples, p, rdrop_alpha=0.0, diversity="none", reduce="loss", heads="shared", pool="avg2"):
+def head_problem(num_samples, p, rdrop_alpha=0.0, diversity="none", reduce="loss", heads="shared"):
     """What is wrong with these head options, in one line, or None. The one place each rule lives: the class
-    raises it as a ValueError, run.py as its one-line error. `pool`: the ResNet's pooling, whose name says
-    whether a spatial grid survives it (for a head of your own, any pool that keeps one)."""
+    raises it as a ValueError, run.py (through model_problem) as its one-line error."""
     if num_samples < 0:
         return f"the number of dropout samples (--dropout_num) must be 0 or more, got {num_samples}"
     if not 0 <= p < 1:
@@ -134,13 +133,6 @@ def head_problem(num_samples, p, rdrop_alpha=0.0, diversity="none", reduce="loss
                            ("separate heads (--msd_heads separate)", heads == "separate")):
         if active and num_samples < 2:
             return f"{option} needs 2 or more dropout samples (--dropout_num), got {num_samples}"
-    return pool_problem(pool, diversity)
-
-
-def pool_problem(pool, diversity):
-    """The one rule that needs the ResNet's pooling, or None."""
-    if diversity in DIVERSITIES[1:] and pool == "avg4":  # a global average forgets where a feature was
-        return f"diversity {diversity!r} needs --pool avg2: after the global average of --pool avg4 a flip changes nothing"
     return None
 
 
@@ -210,9 +202,7 @@ class ResNet(nn.Module):
     def __init__(self, widths, num_classes, dropout_num, dropout_p, rdrop_alpha=0.0,
                  head_hidden=0, pool="avg4", diversity="none", reduce="loss", heads="shared"):
         super().__init__()
-        if pool not in POOLS:
-            raise ValueError(f"pool must be one of {tuple(POOLS)}, got {pool!r}")
-        problem = pool_problem(pool, diversity)  # MultiSampleDropout checks the rest of its options
+        problem = resnet_head_problem(head_hidden, pool, diversity)  # MultiSampleDropout checks the rest
         if problem:
             raise ValueError(problem)
         self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
@@ -245,8 +235,6 @@ def pooling(name):
 
 
 def classifier_head(inputs, hidden, classes):
-    if hidden < 0:
-        raise ValueError(f"head_hidden must be >= 0 (0: a single Linear), got {hidden}")
     if hidden == 0:  # the original head: state_dict keys classifier.head.weight/bias
         return nn.Linear(inputs, classes)
     return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, classes))
@@ -279,12 +267,42 @@ MODEL_WIDTHS = {
 
 def build_model(name, num_outputs, dropout_num, dropout_p, rdrop_alpha=0.0,
                 head_hidden=0, pool="avg4", diversity="none", reduce="loss", heads="shared"):
-    if name == "mlp":  # the regression demo: one input, one output, squared errors (R-Drop's KL needs classes)
-        if rdrop_alpha:
-            raise ValueError("R-Drop's term compares class distributions: the regression mlp has none")
-        if (head_hidden, pool, diversity, reduce, heads) != (0, "avg4", "none", "loss", "shared"):
-            raise ValueError("head_hidden, pool, diversity, reduce and heads are options of the ResNet head: "
-                             "the mlp has its own")
+    if name == "mlp":
+        problem = mlp_problem(rdrop_alpha, head_hidden, pool, diversity, reduce, heads)
+        if problem:
+            raise ValueError(problem)
         return DropoutMLP(dropout_num, dropout_p)
     return ResNet(MODEL_WIDTHS[name], num_outputs, dropout_num, dropout_p, rdrop_alpha, head_hidden, pool, diversity,
                   reduce, heads)
+
+
+# The rules on the options, each in one place: the constructors raise them as ValueErrors, run.py (model_problem)
+# as its one-line errors.
+
+def model_problem(name, dropout_num, dropout_p, rdrop_alpha=0.0, head_hidden=0, pool="avg4", diversity="none",
+                  reduce="loss", heads="shared"):
+    """What build_model would refuse, in one line, or None."""
+    if name == "mlp":
+        return mlp_problem(rdrop_alpha, head_hidden, pool, diversity, reduce, heads) or head_problem(dropout_num, dropout_p)
+    return (resnet_head_problem(head_hidden, pool, diversity)
+            or head_problem(dropout_num, dropout_p, rdrop_alpha, diversity, reduce, heads))
+
+
+def resnet_head_problem(head_hidden, pool, diversity):
+    if head_hidden < 0:
+        return f"the head's hidden width (--head_hidden) must be 0 (a single linear layer) or more, got {head_hidden}"
+    if pool not in POOLS:
+        return f"the pooling (--pool) must be one of {', '.join(POOLS)}, got {pool!r}"
+    if diversity in DIVERSITIES[1:] and pool == "avg4":  # a global average forgets where a feature was
+        return f"diversity {diversity!r} needs --pool avg2: after the global average of --pool avg4 a flip changes nothing"
+    return None
+
+
+def mlp_problem(rdrop_alpha, head_hidden, pool, diversity, reduce, heads):
+    """The regression's mlp: one output, squared errors, its own head (R-Drop's term needs class distributions)."""
+    if rdrop_alpha:
+        return "R-Drop (--rdrop_alpha) compares class distributions: the regression's mlp has none; drop it"
+    if (head_hidden, pool, diversity, reduce, heads) != (0, "avg4", "none", "loss", "shared"):
+        return ("--head_hidden, --pool, --diversity, --msd_reduce and --msd_heads are options of the ResNet head; "
+                "the regression's mlp has its own: drop them")
+    return None

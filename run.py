@@ -19,7 +19,7 @@ from pathlib import Path
 
 import runlock
 import tools
-from experiment import DEFINING, GRID, HEAD_OPTIONS, IMAGE_SETS, OMITTED_AT_DEFAULT
+from experiment import DEFINING, GRID, IMAGE_SETS
 from task import REGRESSION
 from tools import UserError
 
@@ -177,8 +177,6 @@ def check_args(args):
         raise UserError(f"--lr must be a finite number, got {args.lr}")
     if not (0 <= args.rdrop_alpha < math.inf):
         raise UserError(f"--rdrop_alpha must be 0 (off) or a positive number, got {args.rdrop_alpha}")
-    if args.head_hidden < 0:
-        raise UserError(f"--head_hidden must be 0 (a single linear layer) or a positive width, got {args.head_hidden}")
     if args.valid_split < 0:
         raise UserError(f"--valid_split must be 0 or more, got {args.valid_split}")
     if args.lr_milestone < 0:
@@ -190,19 +188,19 @@ def check_args(args):
         check_quadratic_args(args)
     elif args.model not in IMAGE_MODELS:
         raise UserError(f"unknown --model {args.model!r}: use one of {', '.join(IMAGE_MODELS)}")
-    from nn import head_problem  # the head's rules live with the head (torch: last, once the cheap checks passed)
-    problem = head_problem(args.dropout_num, args.dropout_p, args.rdrop_alpha, args.diversity, args.msd_reduce,
-                           args.msd_heads, args.pool)
+    from nn import model_problem  # the model's rules live with it (torch: last, once the cheap checks passed)
+    problem = model_problem(args.model, args.dropout_num, args.dropout_p, args.rdrop_alpha, args.head_hidden, args.pool,
+                            args.diversity, args.msd_reduce, args.msd_heads)
     if problem:
         raise UserError(problem)
 
 
 def check_quadratic_args(args):
-    """The regression demo has ten fixed points and one network: the image-only flags are errors, not ignored."""
+    """The regression demo has ten fixed points and one network: the image-only data flags are errors, not ignored
+    (the network's own options are nn.model_problem's)."""
     if args.model != "mlp":
         raise UserError(f"--dataset quadratic trains the post's network, --model mlp, not {args.model!r}")
-    image_only = [("train_size", None), ("test_size", None), ("augment", False), ("rdrop_alpha", 0.0), ("valid_split", 0)]
-    for flag, off in image_only + [(flag, OMITTED_AT_DEFAULT[flag]) for flag in HEAD_OPTIONS]:
+    for flag, off in (("train_size", None), ("test_size", None), ("augment", False), ("valid_split", 0)):
         if getattr(args, flag) != off:
             raise UserError(f"--{flag} is for the image data sets; drop it with --dataset quadratic")
     every = REGRESSION.rows_every

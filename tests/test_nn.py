@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn as tnn
 
-from nn import MultiSampleDropout, build_model, pooling, rdrop_consistency
+from nn import MultiSampleDropout, build_model, model_problem, pooling, rdrop_consistency
 
 B, D, C = 64, 16, 10
 
@@ -367,22 +367,25 @@ def test_training_with_diversity_differs_from_without():
     (dict(pool="avg4", diversity="flip+pad"), "needs --pool avg2"),
     (dict(pool="avg2", diversity="flip", dropout_num=1), "needs 2 or more dropout samples"),
     (dict(pool="avg2", diversity="pad", dropout_num=0), "needs 2 or more dropout samples"),
-    (dict(pool="max"), "pool must be one of"),
+    (dict(pool="max"), "pooling \\(--pool\\) must be one of"),
     (dict(pool="avg2", diversity="rotate"), "diversity must be one of"),
     (dict(diversity="rotate"), "diversity must be one of"),
-    (dict(head_hidden=-1), "head_hidden must be >= 0"),
+    (dict(head_hidden=-1), "hidden width \\(--head_hidden\\) must be 0"),
 ])
 def test_refused_head_options(kwargs, message):
     dropout_num = kwargs.pop("dropout_num", 4)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as refused:
         build_model("miniresnet", 10, dropout_num, 0.5, **kwargs)
+    assert model_problem("miniresnet", dropout_num, 0.5, **kwargs) == str(refused.value)  # run.py's line: the same
 
 
 @pytest.mark.parametrize("kwargs", [dict(head_hidden=512), dict(pool="avg2"), dict(diversity="flip")])
 def test_mlp_refuses_head_options(kwargs):
-    with pytest.raises(ValueError, match="options of the ResNet head"):
+    with pytest.raises(ValueError, match="options of the ResNet head") as refused:
         build_model("mlp", 1, 8, 0.4, **kwargs)
+    assert model_problem("mlp", 8, 0.4, **kwargs) == str(refused.value)
     build_model("mlp", 1, 8, 0.4, **DEFAULTS)  # the defaults are fine
+    assert model_problem("mlp", 8, 0.4, **DEFAULTS) is None
 
 
 # --- the head's contract for any model, and its variants ----------------------------------------

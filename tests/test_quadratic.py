@@ -106,6 +106,9 @@ def test_rerun_and_resume_give_the_same_numbers(quadratic_runs, tmp_path, capsys
     (["--model", "miniresnet"], "--dataset quadratic trains the post's network"),
     (["--batch_size", "11"], "--batch_size 11 is larger than the 10 training examples"),
     (["--lr_milestone", "150"], "--lr_milestone must be a multiple of 100 with --dataset quadratic"),
+    (["--rdrop_alpha", "1"], "R-Drop (--rdrop_alpha) compares class distributions: the regression's mlp has none"),
+    (["--pool", "avg2"], "are options of the ResNet head; the regression's mlp has its own: drop them"),
+    (["--head_hidden", "16"], "are options of the ResNet head; the regression's mlp has its own: drop them"),
 ])
 def test_image_flags_are_refused(flags, message, tmp_path, capsys):
     rc, _, err = cli(capsys, *FAST, *flags, "--output_dir", tmp_path)

@@ -26,7 +26,7 @@ def test_default_head_keeps_the_names_of_earlier_runs_and_other_heads_say_theirs
 @pytest.mark.parametrize("flags, message", [
     (["--diversity", "flip", "--dropout_num", "8"], "diversity 'flip' needs --pool avg2"),
     (["--pool", "avg2", "--diversity", "pad", "--dropout_num", "1"], "needs 2 or more dropout samples (--dropout_num), got 1"),
-    (["--head_hidden", "-1"], "--head_hidden must be 0"),
+    (["--head_hidden", "-1"], "(--head_hidden) must be 0 (a single linear layer) or more, got -1"),
     (["--pool", "avg3"], "invalid choice"),
 ])
 def test_refused_head_options_are_one_line_and_exit_2(small_cifar, tmp_path, capsys, flags, message):
