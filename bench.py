@@ -17,7 +17,6 @@ ratios are the median over rounds of the ratio within a round.
 Bad input: one line on stderr and exit 2, before any work. Ctrl-C: one line and exit 130; the files are
 written only at the end.
 """
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -37,11 +36,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 OVERHEAD_M = [0, 1, 2, 4, 8, 16, 32]  # dropout_num values of the overhead table
 QUICK_OVERHEAD_M = [0, 8]  # --quick: the two that say the most
+FULL = {"steps": 5, "warmup": 3, "repeats": 7, "memory_steps": 10}  # the timing defaults
+QUICK = {"steps": 3, "warmup": 1, "repeats": 3, "memory_steps": 0}  # and --quick's
 MIN_STEPS, MIN_REPEATS = 5, 3  # below these, the report says its timings are too short to trust
 
 
 def parse_args(argv):
-    p = run.Parser(prog="bench.py", description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = run.Parser(prog="bench.py", description=__doc__.split("\n")[0], formatter_class=run.HelpFormatter)
     p.add_argument("--model", default="miniresnet", help="miniresnet or resnet18")
     p.add_argument("--batch_size", type=int, default=128, help="training batch")
     p.add_argument("--dropout_num", type=int, default=8, help="dropout samples of the pipeline comparison")
@@ -49,18 +50,20 @@ def parse_args(argv):
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="the 'default' rows' precision")
     p.add_argument("--augment", action="store_true", help="random crop and flip in both pipelines")
     p.add_argument("--compile", action="store_true", help="torch.compile the project's model")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per block (on a GPU, use more: 100)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps before the first block")
-    p.add_argument("--repeats", type=int, default=7, help="timed blocks per pipeline; the median is reported")
-    p.add_argument("--memory_steps", type=int, default=10, help="training steps of each peak-memory run (0: skip)")
+    for flag, help in (("steps", "timed steps per block (on a GPU, use more: 100)"),
+                       ("warmup", "untimed steps before the first block"),
+                       ("repeats", "timed blocks per pipeline; the median is reported"),
+                       ("memory_steps", "training steps of each peak-memory run (0: skip)")):
+        p.add_argument(f"--{flag}", type=int, help=f"{help} (default: {FULL[flag]}; with --quick {QUICK[flag]})")
     p.add_argument("--out", default="outputs/bench", help="folder for bench.md and overhead.png")
     p.add_argument("--quick", action="store_true", help="a first look in about a tenth of the time: 3 blocks of 3 "
                    "steps after 1 warm-up step, overhead at dropout_num 0 and 8 only, no peak memory (the report says "
-                   "its blocks are too short to trust)")
+                   "its blocks are too short to trust); the flags above still choose their own")
     args = p.parse_args(argv)
     tools.require_path(args.out, "--out")
-    if args.quick:
-        args.steps, args.repeats, args.warmup, args.memory_steps = 3, 3, 1, 0
+    for flag, value in (QUICK if args.quick else FULL).items():  # a flag given on the command line wins
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
     return args
 
 

@@ -36,12 +36,14 @@ PATH_FLAGS = ["data_dir", "output_dir", "resume", "eval", "compare"]  # an empty
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults as a user types them (42, not [42]), except None: those default per data set and say so."""
+    """Shows defaults as a user types them (42, not [42]; a switch: off), except None: a flag that defaults per data
+    set says so in its help, and one that names a run or folder has no default."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:  # 0 is shown
+        if action.default is None or action.default == argparse.SUPPRESS:  # 0 is shown
             return action.help
         default = " ".join(map(str, action.default)) if isinstance(action.default, list) else action.default
+        default = "off" if default is False else default
         return f"{action.help} (default: {default})"
 
 
@@ -111,7 +113,8 @@ def build_parser():
                    "batch (SyncBatchNorm) rather than each rank's batch_size/N images")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR; flags given must match it")
     p.add_argument("--eval", metavar="RUN_DIR", help="evaluate RUN_DIR's checkpoint on the test set, without training; "
-                   "flags that define the run must match it (--device, --data_dir of the same data are free)")
+                   "flags that define the run must match it; --device, --test_size, --precision and a --data_dir of the same data "
+                   "choose how it is evaluated")
     p.add_argument("--compare", metavar="DIR", help="redraw the comparison of every setup from the finished runs under "
                    "DIR (their config.json and metrics.json are enough), without training; takes no other flag")
     return p
@@ -228,7 +231,9 @@ def main(argv=None, resume_command=None):
             import train
         with tools.stop_on_signals(second_stops_at_once=not torchrun), train.process_group(args.device):
             if args.eval:
-                train.evaluate_saved_run(*saved_args(checkpointing.saved_checkpoint(args.eval), explicit))
+                evaluation = saved_args(checkpointing.saved_checkpoint(args.eval), explicit)
+                check_args(evaluation[0])  # --test_size 0, say: the same line as for training
+                train.evaluate_saved_run(*evaluation)
                 if tools.STOP:
                     raise tools.Interrupted(f"stopped by {tools.STOP['signal']} during --eval")
                 return 0

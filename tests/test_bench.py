@@ -110,3 +110,10 @@ def test_quick_mode_prints_each_table_under_its_heading(tmp_path, capsys):
     overhead = out.split("### Multi-sample overhead")[1].split("###")[0]
     assert [line.split("|")[1].strip() for line in overhead.splitlines() if line.startswith("| ") and "ms" not in line] == ["0", "8"]
     assert "median of 3 blocks of 3 steps" in out and "**Too short to trust**" in out  # and it says so
+
+
+def test_quick_mode_keeps_the_timing_flags_given_with_it():
+    args = bench.parse_args(["--quick", "--steps", "7"])
+    assert (args.steps, args.repeats, args.warmup, args.memory_steps) == (7, 3, 1, 0)
+    args = bench.parse_args(["--repeats", "2"])
+    assert (args.steps, args.repeats, args.warmup, args.memory_steps) == (5, 2, 3, 10)

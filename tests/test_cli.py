@@ -175,11 +175,11 @@ def test_help_shows_every_default(capsys, monkeypatch):
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(small_cifar, tmp_path, capsys, monkeypatch):
-    class NanAtCall13(torch.nn.CrossEntropyLoss):  # 9 steps an epoch: call 13 is epoch 2, step 4
+    class NanAtCall13(torch.nn.CrossEntropyLoss):  # 9 steps an epoch: training's call 13 is epoch 2, step 4
         calls = 0
 
         def forward(self, logits, target):
-            NanAtCall13.calls += 1
+            NanAtCall13.calls += self.reduction == "mean"  # training's mean; evaluation sums
             return super().forward(logits, target) * (float("nan") if NanAtCall13.calls == 13 else 1.0)
 
     monkeypatch.setattr(torch.nn, "CrossEntropyLoss", NanAtCall13)
@@ -237,6 +237,15 @@ def test_eval_may_choose_how_many_test_images_and_the_precision_and_says_so(trai
     rc, out, err = cli(capsys, "--eval", run_dir, "--test_size", 50, "--precision", other)
     assert rc == 0 and err == "" and "epoch 2, 50 test examples" in out
     assert "--eval with --test_size 50 (the run was trained with None)" in out and f"--eval with --precision {other}" in out
+
+
+
+@pytest.mark.parametrize("flags, message", [(["--test_size", 0], "--test_size must be positive, got 0"),
+                                            (["--test_size", -5], "--test_size must be positive, got -5")])
+def test_eval_checks_its_flags_as_training_does(trained, capsys, flags, message):
+    (run_dir,) = run_dirs(trained, 8)
+    rc, out, err = cli(capsys, "--eval", run_dir, *flags)
+    assert rc == 2 and message in err and err.count("\n") == 1 and out == ""
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
