@@ -12,7 +12,6 @@ class EpochBar:
     """Bar over one epoch's steps with loss, accuracy and ETA; silent without a TTY (CI, nohup)."""
 
     def __init__(self, steps, epoch, epochs, show=True):
-        self.steps = steps
         self.bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", leave=False, unit="step",
                         dynamic_ncols=True, disable=not (show and sys.stderr.isatty()))
 

@@ -1,22 +1,36 @@
-"""A run's files as it left them, checked on reading: config.json, metrics.json and the checkpoint.
+"""A run's metrics files as training writes them, and its files as it left them, checked on reading: config.json,
+metrics.json and the checkpoint.
 
 Our own writes are atomic, so a damaged file was cut by a failed copy or edited by hand. Each way it can
 be damaged (cut, not UTF-8, a folder in its place, a missing key, a value of the wrong type, a number
 that is not finite) is one clear line naming the file, never a traceback and never a wrong table.
 """
+import csv
+import io
 import json
 import math
 from pathlib import Path
 
 from experiment import run_identity
-from tools import UserError
+from tools import UserError, json_writer
 
 # The keys every reader relies on, and their types (bool is not a number here, though Python says so).
 CONFIG_KEYS = {"model": str, "dataset": str, "dropout_num": int, "dropout_p": (int, float), "seed": int, "epochs": int,
                "precision": str, "device": str, "setup": str}
 ROW_KEYS = {"epoch": int, "train_loss": (int, float), "valid_loss": (int, float), "seconds": (int, float)}
-ROW_NUMBERS = ("lr", "train_loss", "train_acc", "valid_loss", "valid_acc", "seconds")
 CHECKPOINT_KEYS = {"epoch": int, "config": dict, "history": list, "model": dict, "optimizer": dict}
+FIELDS = ["epoch", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc", "seconds"]  # a row's, in order
+ROW_NUMBERS = FIELDS[1:]  # the floats, each of which must be finite
+
+
+def metrics_files(run_dir, history):
+    """[(path, write)] for tools.atomic_writes: metrics.csv and .json, a row per epoch, floats at full precision."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, [f for f in FIELDS if f in history[0]], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    return [(run_dir / "metrics.csv", lambda tmp: Path(tmp).write_text(out.getvalue())),
+            (run_dir / "metrics.json", json_writer(history))]
 
 
 def damaged(path, problem):

@@ -17,6 +17,7 @@ import distributed
 import experiment
 import hardware
 import progressbar
+import runfiles
 import runlock
 import tools
 import trainingmonitor
@@ -28,7 +29,7 @@ from tools import UserError
 
 REDRAW_S = 10  # seconds between redraws of a run's figures (~0.3 s each); the last row always redraws
 EVAL_BATCH = 1000  # images per evaluation step; no gradients, so larger than training's
-READS_PER_EPOCH = 20  # device reads an epoch for the progress bar, and for torchrun's ranks to agree on stopping
+READS_PER_ROW = 20  # device reads a row (an epoch for images) for the progress bar, and for torchrun's ranks to agree on stopping
 EVAL_CHOICES = ("test_size", "precision")  # they choose how --eval evaluates, not which run it is (--device too)
 COMMAND_ONLY = ("resume", "eval", "compare")  # what the command did, not what the run is: kept out of config.json
 
@@ -123,11 +124,12 @@ def train(args, config, run_dir, device, checkpoint):
         batches = itertools.chain.from_iterable(datasource.train_batches(
             train_x, train_y, args.batch_size, generator, args.augment, prepare, distributed.rank(), distributed.world())
             for _ in range(epoch, last + 1))
-        bar = progressbar.EpochBar(steps * (last - epoch + 1), last, args.epochs, show=distributed.is_main())
+        row_steps = steps * (last - epoch + 1)
+        bar = progressbar.EpochBar(row_steps, last, args.epochs, show=distributed.is_main())
         # Reading from the device makes the host wait: only to show progress, or for the ranks to agree on stopping
-        reads = READS_PER_EPOCH if bar.enabled or distributed.world() > 1 else 1
+        reads = READS_PER_ROW if bar.enabled or distributed.world() > 1 else 1
         try:
-            train_loss, train_acc = train_epoch(forward, optimizer, task, batches, autocast, bar.steps, reads, bar)
+            train_loss, train_acc = train_epoch(forward, optimizer, task, batches, autocast, row_steps, reads, bar)
         except (FloatingPointError, tools.Interrupted) as e:
             raise type(e)(f"{e} of {span}; {kept_note(run_dir, epoch)}") from None
         distributed.share_buffers(model)
@@ -212,7 +214,7 @@ def save_epoch(run_dir, config, history, test, prediction, redraw, checkpoint):
     before its first row leaves no run. The curves follow. A full disk leaves the previous row whole."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        files = [(run_dir / "config.json", tools.json_writer(config)), *trainingmonitor.metrics_files(run_dir, history)]
+        files = [(run_dir / "config.json", tools.json_writer(config)), *runfiles.metrics_files(run_dir, history)]
         if prediction:
             files.append((run_dir / "prediction.json", tools.json_writer(prediction)))
         if test:  # the test set, once, after the epochs were chosen on the validation set
@@ -223,7 +225,7 @@ def save_epoch(run_dir, config, history, test, prediction, redraw, checkpoint):
         if redraw:
             trainingmonitor.plot_run(run_dir, history, config)
             if prediction:
-                trainingmonitor.plot_prediction(run_dir, prediction)
+                trainingmonitor.plot_prediction(run_dir, prediction, config)
     except OSError as e:
         raise UserError(f"could not save epoch {history[-1]['epoch']} in {run_dir} ({e.strerror or e}); the last "
                         f"checkpoint there is intact: make room and rerun the command to resume from it") from None

@@ -1,7 +1,5 @@
-"""Metrics of a run (CSV, JSON) and the curves: per run, and the runs of one setup overlaid and compared."""
-import csv
+"""The curves: per run, and the runs of one setup overlaid and compared, with their tables."""
 import fcntl
-import io
 from pathlib import Path
 
 import matplotlib
@@ -11,30 +9,16 @@ import runfiles
 import stats
 from experiment import HEAD_OPTIONS, OMITTED_AT_DEFAULT, run_identity, setup_flags
 from task import task_of
-from tools import UserError, atomic_write, check_writable, json_writer
+from runfiles import FIELDS
+from tools import UserError, atomic_write, check_writable
 
 matplotlib.use("Agg")  # headless: files only, no window
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-FIELDS = ["epoch", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc", "seconds"]
-
-
-def metrics_files(run_dir, history):
-    """[(path, write)] for tools.atomic_writes: metrics.csv and .json, a row per epoch, floats at full precision."""
-    out = io.StringIO()
-    writer = csv.DictWriter(out, [f for f in FIELDS if f in history[0]], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    return [(run_dir / "metrics.csv", lambda tmp: Path(tmp).write_text(out.getvalue())),
-            (run_dir / "metrics.json", json_writer(history))]
-
-
 def plot_run(run_dir, history, config):
     """loss.png and (for a classifier) acc.png: train against valid over epochs, titled with the run's setup."""
-    epochs, task = [row["epoch"] for row in history], task_of(config["dataset"])
-    setup = (f"{config['model']}, {config['dataset']}, {samples_in_words(config['dropout_num'])} (p={config['dropout_p']}), "
-             f"seed {config['seed']}, {config.get('train_images', '?')} img, {config['precision']}")
+    epochs, task, setup = [row["epoch"] for row in history], task_of(config["dataset"]), run_title(config)
     for metric, label in (("loss", task.loss_label), ("acc", "accuracy"))[:1 + task.classify]:
         fig, ax = plt.subplots(figsize=(6, 4))
         curves = [[row[f"{split}_{metric}"] for row in history] for split in ("train", "valid")]
@@ -53,12 +37,17 @@ def keep_in_view(ax, curves):
         ax.set_ylim(0, later * 1.15)  # losses are not negative
 
 
-def plot_prediction(run_dir, prediction):
+def run_title(config):
+    return (f"{config['model']}, {config['dataset']}, {samples_in_words(config['dropout_num'])} (p={config['dropout_p']}), "
+            f"seed {config['seed']}, {config.get('train_images', '?')} img, {config['precision']}")
+
+
+def plot_prediction(run_dir, prediction, config):
     """prediction.png, the dropout post's figure: the training points, y = x^2 and the eval-mode prediction."""
     fig, ax = plt.subplots(figsize=(6, 4))
     _draw_regression_data(ax, prediction)
     ax.plot(prediction["x"], prediction["prediction"], label="prediction (dropout off)")
-    _save(fig, ax, run_dir / "prediction.png", f"{run_dir.name}: prediction", "x", "y")
+    _save(fig, ax, run_dir / "prediction.png", f"prediction\n{run_title(config)}", "x", "y")
 
 
 def _draw_regression_data(ax, prediction):
@@ -161,7 +150,7 @@ def _write_regression_comparison(out_dir, groups, setup, short):
     for g in groups:
         for r in g["runs"]:
             ax.plot(r["prediction"]["x"], r["prediction"]["prediction"], alpha=0.8,
-                    label=f"dropout_num={g['dropout_num']}, seed {r['config']['seed']}")
+                    label=f"{samples_in_words(g['dropout_num'])}, seed {r['config']['seed']}")
     _save(fig, ax, out_dir / "predictions.png", f"predictions (dropout off)\n{short}", "x", "y")
     lines = [describe_setup(setup, [r for g in groups for r in g["runs"]]),
              "| dropout_num | p | seeds | epochs | final train MSE | final valid MSE | best valid MSE |",
@@ -332,7 +321,8 @@ def _plot_final_vs(path, groups, key, short):
         line = [g for g in groups if (g[other], g["rdrop_alpha"]) == (value, alpha)]
         finals = [g["curves"]["valid_acc"][:, -1] for g in line]  # at the last epoch all seeds reached
         ax.errorbar([g[key] for g in line], [f.mean() for f in finals], capsize=3, marker="o",
-                    label=f"{other}={value}" + (f", R-Drop α={alpha}" if alpha else ""),
+                    label=(samples_in_words(value) if other == "dropout_num" else f"p={value}")
+                    + (f", R-Drop α={alpha}" if alpha else ""),
                     yerr=[f.std(ddof=1) if len(f) > 1 else 0 for f in finals])
     _save(fig, ax, path, f"final valid accuracy\n{short}", key, "final valid accuracy")
 

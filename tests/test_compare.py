@@ -155,3 +155,20 @@ def test_a_runs_figures_are_titled_with_its_setup_and_an_exploding_first_epoch_l
     assert limits["loss.png"] == (0, pytest.approx(1.5 * 1.15))  # 33.4 would have flattened 1.5, 1.2 and 1.0
     trainingmonitor.plot_run(run_dir, history[1:], config)  # no explosion: matplotlib's own limits
     assert limits["loss.png"][1] < 1.6 and limits["loss.png"][0] > 0.9
+    prediction = {"train_x": [1, 2], "train_y": [1, 4], "x": [0, 1, 2], "target": [0, 1, 4], "prediction": [0, 1, 3]}
+    regression = {**config, "model": "mlp", "dataset": "quadratic", "train_images": 10}
+    trainingmonitor.plot_prediction(run_dir, prediction, regression)
+    assert titles["prediction.png"] == "prediction\nmlp, quadratic, 8 samples (p=0.5), seed 42, 10 img, fp32"
+
+
+def test_the_ablation_legends_are_words(tmp_path, monkeypatch):
+    labels, real_save = {}, trainingmonitor._save
+
+    def record(fig, ax, path, *rest, **options):
+        labels[path.name] = ax.get_legend_handles_labels()[1]
+        real_save(fig, ax, path, *rest, **options)
+    monkeypatch.setattr(trainingmonitor, "_save", record)
+    runs = [fake_run(m, seed, [0.5, 0.6], p) for m in (0, 1, 8) for seed in (1, 2) for p in (0.3, 0.5)]
+    trainingmonitor._plot_final_vs(tmp_path / "m.png", trainingmonitor.group_runs(runs), "dropout_num", "setup")
+    trainingmonitor._plot_final_vs(tmp_path / "p.png", trainingmonitor.group_runs(runs), "dropout_p", "setup")
+    assert labels == {"m.png": ["p=0.3", "p=0.5"], "p.png": ["no dropout", "dropout", "8 samples"]}
