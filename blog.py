@@ -22,7 +22,6 @@ from tools import UserError, atomic_write
 
 matplotlib.use("Agg")  # files only, no window
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 BLOG_CSV = Path(__file__).resolve().parent / "docs" / "blog" / "blog_curves.csv"
 SETTINGS = {"no dropout": 0, "1 sample": 1, "8 sample": 8}  # the blog's legend -> dropout_num
@@ -80,15 +79,18 @@ def plot(path, groups, blog):
             if metric == "valid_acc" or g["dropout_num"] not in LOSS_NOT_COMPARABLE:
                 ax.plot(range(1, 21), blog[(metric, g["dropout_num"])], ls="--", color=f"C{colour}",
                         label=f"blog, {trainingmonitor.samples_in_words(g['dropout_num'])} (1 run)")
-        ax.set(title=metric.replace("_", " "), xlabel="epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("ours (shared JPEG CIFAR-10 copy) against the blog's figures (official CIFAR-10, read off the pixels); "
-                 "the blog's 8-sample losses are another quantity and left out", fontsize=9)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+        ax.set_title(metric.replace("_", " "))
+        trainingmonitor.label_axes(ax, "epoch", "", fontsize=7)
+    trainingmonitor.save_figure(fig, path, f"ours ({data_in_words(groups[0]['runs'][0]['config'])}) against the blog's "
+                                "figures (official CIFAR-10, read off the pixels); the blog's 8-sample losses are another "
+                                "quantity and left out")
+
+
+def data_in_words(config):
+    """The data our runs read: the official release, or the archive or folder of images they were given."""
+    if config.get("data_source", "").startswith("torchvision"):
+        return "official CIFAR-10"
+    return f"CIFAR-10 from {Path(config['data_dir']).name}" if config.get("data_dir") else "CIFAR-10"
 
 
 def parse_args(argv):

@@ -6,12 +6,10 @@ import numpy as np
 import runfiles
 import stats
 import trainingmonitor
-from tools import atomic_write
-from trainingmonitor import format_difference, mean_std
+from trainingmonitor import format_difference, label_axes, mean_std, save_figure
 
 matplotlib.use("Agg")  # headless: files only, no window
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 FIRST_SEEDS = 5  # a point whose interval excludes zero gets five more seeds; its table shows the first five and all
 
@@ -152,8 +150,8 @@ def samples_figure(path, points, pairs, caption):
         trainingmonitor.draw_band(right, epochs_of(points[point]), np.array(list(curves(points[point], "train_loss").values())),
                                   trainingmonitor.samples_in_words(point.dropout_num))
     right.set_yscale("log")
-    label_axes(right, "epoch", "training loss (mean ± std; log axis)")
-    save(fig, path, f"final valid error against the number of dropout samples, and training loss\n{caption}")
+    label_axes(right, "epoch", "training loss (mean ± std; log axis)", fontsize=8)
+    save_figure(fig, path, f"final valid error against the number of dropout samples, and training loss\n{caption}")
 
 
 def epochs_of(runs):
@@ -166,11 +164,11 @@ def rate_figure(path, points, pairs, caption):
     for m in sorted({p.dropout_num for p in points}):
         line = sorted(p for p in points if p.dropout_num == m)
         error_bars(top, [p.dropout_p for p in line], [points[p] for p in line], trainingmonitor.samples_in_words(m))
-    label_axes(top, "", "final valid error (mean ± std)")
+    label_axes(top, "", "final valid error (mean ± std)", fontsize=8)
     by_p = {point.dropout_p: d for _, point, _, d, _ in pairs}
     difference_bars(bottom, sorted(by_p), [by_p[p] for p in sorted(by_p)])
     label_axes(bottom, "dropout probability p", "Δ accuracy, M=8 − M=1 (95% CI)", legend=False)
-    save(fig, path, f"final valid error against the dropout probability\n{caption}")
+    save_figure(fig, path, f"final valid error against the dropout probability\n{caption}")
 
 
 def convergence_figure(path, points, pairs, caption):
@@ -187,28 +185,12 @@ def convergence_figure(path, points, pairs, caption):
             if all(d["interval"] for d in per_epoch):
                 ax.fill_between(epochs, *zip(*[d["interval"] for d in per_epoch]), alpha=0.2, color=line.get_color())
         ax.axhline(0, color="grey", lw=1)
-        label_axes(ax, "epoch", f"{ylabel} (95% band)")
-    save(fig, path, f"paired differences epoch by epoch (a seed gives both runs the same start and data order)\n{caption}")
+        label_axes(ax, "epoch", f"{ylabel} (95% band)", fontsize=8)
+    save_figure(fig, path, f"paired differences epoch by epoch (a seed gives both runs the same start and data order)\n{caption}")
 
 
 def gain_figure(path, points, pairs, caption):
     trainingmonitor.plot_gain(path, [(label, d) for label, _, _, d, _ in pairs], caption)
-
-
-def label_axes(ax, xlabel, ylabel, legend=True):
-    ax.set(xlabel=xlabel, ylabel=ylabel)
-    if xlabel == "epoch":
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    if legend:
-        ax.legend(fontsize=8)
-
-
-def save(fig, path, title):
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
 
 
 FIGURES = {"samples": samples_figure, "rate": rate_figure, "convergence": convergence_figure, "gain": gain_figure}

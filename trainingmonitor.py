@@ -329,12 +329,24 @@ def _plot_final_vs(path, groups, key, short):
 
 def _save(fig, ax, path, title, xlabel, ylabel, legend=True):
     ax.set_title(title, fontsize=9)  # two lines: what is drawn, and the setup it comes from
+    label_axes(ax, xlabel, ylabel, legend)
+    save_figure(fig, path)
+
+
+def label_axes(ax, xlabel, ylabel, legend=True, fontsize=None):
+    """Every figure's axes: names, whole numbers on an epoch or dropout_num axis, a light grid, the legend."""
     ax.set(xlabel=xlabel, ylabel=ylabel)
     if xlabel in ("epoch", "dropout_num"):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     if legend:
-        ax.legend()
+        ax.legend(fontsize=fontsize)
+
+
+def save_figure(fig, path, title=None):
+    """The PNG, replaced whole (never a torn file), with the figure's title over all its axes if given."""
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)

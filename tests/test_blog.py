@@ -58,3 +58,9 @@ def test_runs_of_two_setups_are_refused(tmp_path, capsys):
     write_run(tmp_path, 0, 1, 0.8)
     write_run(tmp_path, 1, 1, 0.8, setup="miniresnet_cifar10-def")
     assert blog.main([tmp_path]) == 2 and "2 setups" in capsys.readouterr().err
+
+
+def test_the_figure_names_the_data_our_runs_read():
+    assert blog.data_in_words({"data_source": "torchvision-cifar10", "data_dir": "data"}) == "official CIFAR-10"
+    assert blog.data_in_words({"data_source": "archive-0123", "data_dir": "../x/cifar10-jpeg.tar.gz"}) == \
+        "CIFAR-10 from cifar10-jpeg.tar.gz"
