@@ -222,7 +222,8 @@ def paired_rows(groups, reference_m):
     for g in groups:
         ref = next((r for r in groups if r["dropout_num"] == reference_m and r["dropout_p"] == g["dropout_p"]
                     and not r["rdrop_alpha"]), None)
-        mine, theirs = _curves_by_seed(g), _curves_by_seed(ref) if ref else {}
+        by_seed = lambda group: {r["config"]["seed"]: c for r, c in zip(group["runs"], group["curves"]["valid_acc"])}
+        mine, theirs = by_seed(g), by_seed(ref) if ref else {}
         if ref is g or not mine.keys() & theirs.keys():
             continue
         n = min(len(g["epochs"]), len(ref["epochs"]))  # the epochs both groups reached
@@ -246,10 +247,6 @@ def plot_gain(path, gains, title):
     ax.set_yticks(rows, [f"{label} ({d['n']} seed{'s' * (d['n'] > 1)})" for label, d in gains], fontsize=8)
     _save(fig, ax, path, f"final valid accuracy minus dropout_num=1's, paired by seed (95% t interval)\n{title}",
           "difference in final valid accuracy", "", legend=False)
-
-
-def _curves_by_seed(group):
-    return {r["config"]["seed"]: curve for r, curve in zip(group["runs"], group["curves"]["valid_acc"])}
 
 
 def format_difference(d):

@@ -6,11 +6,13 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import datasource  # noqa: E402
+from nn import MultiSampleDropout  # noqa: E402
 
 SHARED_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
@@ -77,3 +79,34 @@ def fake_run(m, seed, accs, p=0.5):
 
 def run_dirs(output_dir, dropout_num):
     return sorted(Path(output_dir).glob(f"miniresnet_cifar10_m{dropout_num}_*"))
+
+
+# --- for the head's tests (test_nn.py, test_head_options.py) ---
+
+B, D, C = 64, 16, 10
+
+
+class RecordingHead(torch.nn.Module):
+    """A linear head that counts its calls and keeps its last input and output."""
+
+    def __init__(self, head=None):
+        super().__init__()
+        self.head = head or torch.nn.Linear(D, C)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        self.input, self.output = x, self.head(x)
+        return self.output
+
+
+def make_msd(dropout_num, p=0.5, head=None, train=True, rdrop_alpha=0.0):
+    torch.manual_seed(0)
+    msd = MultiSampleDropout(RecordingHead(head), dropout_num, p, rdrop_alpha)
+    return msd.train(train)
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(B, D, generator=g), torch.randint(0, C, (B,), generator=g)
