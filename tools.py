@@ -90,10 +90,6 @@ def _umask():
     return mask
 
 
-def write_json(path, obj):
-    atomic_write(path, json_writer(obj))
-
-
 def json_writer(obj):
     return lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n")
 

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import datasource  # noqa: E402
+import tools  # noqa: E402
 from nn import MultiSampleDropout  # noqa: E402
 
 SHARED_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -110,3 +111,8 @@ def make_msd(dropout_num, p=0.5, head=None, train=True, rdrop_alpha=0.0):
 def batch():
     g = torch.Generator().manual_seed(1)
     return torch.randn(B, D, generator=g), torch.randint(0, C, (B,), generator=g)
+
+
+def write_json(path, obj):
+    """A run's JSON file as training writes it."""
+    tools.atomic_write(path, tools.json_writer(obj))

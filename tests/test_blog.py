@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import blog
-from tools import write_json
+from conftest import write_json
 
 
 def write_run(folder, m, seed, final_acc, **changes):

@@ -7,8 +7,7 @@ import pytest
 import experiment
 import run
 import study
-from conftest import cli, fake_run, run_dirs
-from tools import write_json
+from conftest import cli, fake_run, run_dirs, write_json
 
 T_975_2DF = 4.302652729749464  # Student t, 97.5th percentile, 2 degrees of freedom
 
