@@ -53,5 +53,6 @@ def check_same_experiment(saved, wanted, path, advice="use another --output_dir 
     saved, wanted = defining_flags(saved), defining_flags(wanted)
     for flag in DEFINING:
         if saved.get(flag) != wanted.get(flag):
-            raise UserError(f"{path} is another experiment: its --{flag} is {saved.get(flag)!r}, "
+            name = "data (--data_dir)" if flag == "data_source" else f"--{flag}"  # the data's identity, not a flag
+            raise UserError(f"{path} is another experiment: its {name} is {saved.get(flag)!r}, "
                             f"this command's {wanted.get(flag)!r}; {advice}")

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import experiment
 import hardware
 import run
 from conftest import ROOT, cli, result_tables, rows, run_dirs
@@ -291,3 +292,11 @@ def test_help_names_the_sources_and_shows_defaults_as_typed(capsys):
     text = capsys.readouterr().out
     assert "seed 00" not in text and "the seed" not in text and "==SUPPRESS==" not in text
     assert "[42]" not in text and "(default: 42)" in text and "--dropout_num=0 1 8" in text.replace("\n", " ")
+
+
+def test_a_run_on_other_data_is_named_by_its_data_flag_not_an_internal_key():
+    saved = {"dataset": "cifar10", "model": "miniresnet", "data_source": "archive-0123"}
+    with pytest.raises(run.UserError, match=r"its data \(--data_dir\) is 'archive-0123', this command's 'torchvision-cifar10'"):
+        experiment.check_same_experiment(saved, {**saved, "data_source": "torchvision-cifar10"}, "RUN/last.pt")
+    with pytest.raises(run.UserError, match="its --model is 'miniresnet', this command's 'resnet18'"):
+        experiment.check_same_experiment(saved, {**saved, "model": "resnet18"}, "RUN/last.pt")
