@@ -96,6 +96,7 @@ def train(args, config, run_dir, device, checkpoint):
         optimizer.load_state_dict(checkpoint["optimizer"])
         set_rng_state(checkpoint["rank_rng"][distributed.rank()] if "rank_rng" in checkpoint else checkpoint["rng"], generator)
         history, first_epoch = checkpoint["history"], checkpoint["epoch"] + 1
+        threads = resume_threads(checkpoint["config"], device)
     commit, dirty = tools.git_state()
     config.update(run_dir=str(run_dir), setup=experiment.run_identity(config)[1], device=str(device), hardware=hardware.describe(device),
                   threads=torch.get_num_threads(), torch=str(torch.__version__), torchvision=version("torchvision"),
@@ -106,7 +107,7 @@ def train(args, config, run_dir, device, checkpoint):
           f"{f'rdrop_alpha={args.rdrop_alpha}, ' if args.rdrop_alpha else ''}seed={args.seed}, "
           f"{len(train_y)} train / {len(valid_y)} {'valid' if args.valid_split else 'test'} examples, "
           f"{device}{f' x {distributed.world()} ranks' if distributed.world() > 1 else ''}, {config['precision']}"
-          + (f"; resumed from epoch {checkpoint['epoch']}" if checkpoint else ""))
+          + (f"; resumed from epoch {checkpoint['epoch']}{threads}" if checkpoint else ""))
     if distributed.is_main():
         progressbar.print_header(classify=task.classify)
 
@@ -249,6 +250,15 @@ def process_group(device_name):
 def stop_requested():
     """Whether a stop was asked of this rank or any other: the ranks agree, so none is left waiting for the rest."""
     return distributed.any_rank(bool(tools.STOP))
+
+
+def resume_threads(saved, device):
+    """On a CPU a run's bits depend on its thread count, so it resumes with the count it began with: '' or a note."""
+    began, now = saved.get("threads"), torch.get_num_threads()
+    if device.type != "cpu" or began in (None, now):
+        return ""
+    torch.set_num_threads(began)
+    return f" with the {began} thread(s) it began with, not this process's {now}"
 
 
 def say(message):

@@ -198,3 +198,20 @@ def test_five_sigkills_at_random_moments_still_end_with_identical_metrics(small_
     rc, out, _ = cli(capsys, *command[2:])
     assert rc == 0 and "resumed from epoch" in out
     assert rows(run_dirs(tmp_path / "killed", 0)[0]) == rows(run_dirs(tmp_path / "whole", 0)[0])
+
+
+def test_a_cpu_run_resumes_with_the_thread_count_it_began_with(whole, small_cifar, tmp_path, capsys):
+    began = torch.get_num_threads()
+    args = ["--data_dir", small_cifar, "--output_dir", tmp_path, *FOUR_EPOCHS]
+    assert cli(capsys, *args, "--epochs", 2)[0] == 0  # the first two of whole's four epochs
+    other = 2 if began == 1 else 1
+    torch.set_num_threads(other)
+    try:
+        rc, out, err = cli(capsys, *args)
+        assert torch.get_num_threads() == began
+    finally:
+        torch.set_num_threads(began)
+    (run_dir,) = run_dirs(tmp_path, 0)
+    assert rc == 0 and f"resumed from epoch 2 with the {began} thread(s) it began with, not this process's {other}" in out
+    assert runfiles.read_config(run_dir / "config.json")["threads"] == began
+    assert rows(run_dir) == rows(whole)
