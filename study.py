@@ -195,9 +195,11 @@ def collect(output_dir, study):
 
 
 def where(run):
-    """The machine and precision a run used, as the tables show it."""
+    """The machine, precision and (on a CPU, where they change the bits) threads a run used, as the tables show it."""
     c = run["config"]
-    return f"{c.get('hardware') or c.get('device', '?')}, {c.get('precision', '?')}"
+    threads = c.get("threads") if str(c.get("device", "")).startswith("cpu") else None
+    return (f"{c.get('hardware') or c.get('device', '?')}, {c.get('precision', '?')}"
+            + (f", {threads} thread{'s' * (threads != 1)}" if threads else ""))
 
 
 def compare(points, pairs):

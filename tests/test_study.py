@@ -205,3 +205,14 @@ def test_a_pair_whose_runs_ran_on_two_machines_of_one_kind_names_both(tmp_path):
     assert study.main(["convergence", "--compare", tmp_path]) == 0
     row = next(line for line in (tmp_path / "convergence.md").read_text().splitlines() if line.startswith("| M=8 − M=1 |"))
     assert row.endswith("| Other CPU (family 2), fp32 / Some CPU (family 1), fp32 ×1; Some CPU (family 1), fp32 ×2 |")
+
+
+def test_a_cpu_pair_names_its_thread_counts_which_change_a_runs_bits(tmp_path):
+    write_runs(tmp_path / "blog-head", {1: [0.50, 0.52, 0.54], 8: [0.51, 0.55, 0.53]})
+    for config in (tmp_path / "blog-head").glob("*/config.json"):  # seed 42's M=8 ran with one thread, the rest two
+        threads = 1 if config.parent.name.startswith("m8_p0.5_s42") else 2
+        config.write_text(config.read_text().replace('"device": "cpu"', f'"device": "cpu", "threads": {threads}'))
+    assert study.main(["convergence", "--compare", tmp_path]) == 0
+    row = next(line for line in (tmp_path / "convergence.md").read_text().splitlines() if line.startswith("| M=8 − M=1 |"))
+    assert row.endswith("| Some CPU (family 1), fp32, 1 thread / Some CPU (family 1), fp32, 2 threads ×1; "
+                        "Some CPU (family 1), fp32, 2 threads ×2 |")
