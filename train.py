@@ -55,8 +55,8 @@ def identity(args, device):
     flags = {k: v for k, v in vars(args).items() if k not in COMMAND_ONLY}
     config = {**flags, "precision": precision_for(args, device), "data_source": datasource.data_source(args),
               "world_size": distributed.world()}
-    run_name, setup = experiment.run_identity(config)
-    return config, Path(args.output_dir) / run_name, setup
+    run_name, config["setup"] = experiment.run_identity(config)  # the setup: which runs it is compared with
+    return config, Path(args.output_dir) / run_name, config["setup"]
 
 
 def finished(run_dir, config, args):
@@ -98,7 +98,7 @@ def train(args, config, run_dir, device, checkpoint):
         history, first_epoch = checkpoint["history"], checkpoint["epoch"] + 1
         threads = resume_threads(checkpoint["config"], device)
     commit, dirty = tools.git_state()
-    config.update(run_dir=str(run_dir), setup=experiment.run_identity(config)[1], device=str(device), hardware=hardware.describe(device),
+    config.update(run_dir=str(run_dir), device=str(device), hardware=hardware.describe(device),
                   threads=torch.get_num_threads(), torch=str(torch.__version__), torchvision=version("torchvision"),
                   numpy=np.__version__, **hardware.tf32_state(device),
                   git_commit=commit, git_dirty=dirty, train_images=len(train_y), valid_images=len(valid_y),
