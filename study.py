@@ -137,14 +137,28 @@ def train_all(args, argv):
             if status not in (0, runlock.HELD):
                 return status  # run.py said why
         return 0
-    return train_in_workers(commands, args.workers, Path(args.output_dir) / "logs", resume)
+    left = [(i, command) for i, command in enumerate(commands, 1) if not finished(command)]
+    print(f"study.py: {len(commands) - len(left)} of {len(commands)} runs are finished; {len(left)} to train, "
+          f"{args.workers} at a time", flush=True)
+    return train_in_workers(left, len(commands), args.workers, Path(args.output_dir) / "logs", resume)
 
 
-def train_in_workers(commands, workers, log_dir, resume):
-    """K run.py processes at once, each run's output in log_dir; a stop request stops them all at a step boundary."""
+def finished(command):
+    """Whether the run is trained to its epochs already: a process started only to say so costs seconds."""
+    import train
+    (args,) = run.grid(run.parse_args(command)[0])
+    try:
+        return train.is_finished(args)
+    except UserError:  # another experiment in its folder, say: its own process says so
+        return False
+
+
+def train_in_workers(numbered, total, workers, log_dir, resume):
+    """K run.py processes at once for the (number, command) pairs, each run's output in log_dir; a stop request
+    stops them all at a step boundary."""
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}  # the cores, shared
-    pending, active, failed, stopping = list(enumerate(commands, 1)), {}, [], set()
+    pending, active, failed, stopping = list(numbered), {}, [], set()
     with tools.stop_on_signals(second_stops_at_once=False):
         while (pending and not tools.STOP and not failed) or active:
             while pending and len(active) < workers and not tools.STOP and not failed:
@@ -152,7 +166,7 @@ def train_in_workers(commands, workers, log_dir, resume):
                 log = open(log_dir / f"run{i:03d}.log", "w")
                 active[i] = (subprocess.Popen([sys.executable, str(Path(run.__file__)), *command], stdout=log,
                                               stderr=subprocess.STDOUT, env=env, start_new_session=True), log)
-                print(f"study.py: run {i}/{len(commands)} started (log: {log.name})", flush=True)
+                print(f"study.py: run {i}/{total} started (log: {log.name})", flush=True)
             time.sleep(0.2)
             for i, (process, log) in list(active.items()):
                 if tools.STOP and i not in stopping:  # its own session: a Ctrl-C reaches only us, so we pass it on once
@@ -162,7 +176,7 @@ def train_in_workers(commands, workers, log_dir, resume):
                     log.close()
                     del active[i]
                     held = " (another process trains it)" if process.returncode == runlock.HELD else ""
-                    print(f"study.py: run {i}/{len(commands)} exited {process.returncode}{held}", flush=True)
+                    print(f"study.py: run {i}/{total} exited {process.returncode}{held}", flush=True)
                     failed += [log.name] if process.returncode not in (0, runlock.HELD) and i not in stopping else []
     if tools.STOP:
         raise tools.Interrupted(f"stopped by {tools.STOP['signal']}; resume with: {resume}")

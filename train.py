@@ -50,6 +50,13 @@ def train_run(args, run_dir=None):
     return run_dir, setup
 
 
+def is_finished(args):
+    """Whether --output_dir holds this run up to --epochs already (checked as train_run checks it, silently)."""
+    device = distributed.local_device(hardware.pick_device(args.device))
+    config, run_dir, _ = identity(args, device)
+    return not args.overwrite and epochs_done(run_dir, config) >= args.epochs
+
+
 def identity(args, device):
     """(the run's defining values, its folder under --output_dir, its setup's name)."""
     flags = {k: v for k, v in vars(args).items() if k not in COMMAND_ONLY}
