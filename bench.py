@@ -10,7 +10,9 @@ Prints, and writes to --out (bench.md, overhead.png):
      default precision;
   2. the multi-sample overhead: step time for dropout_num 0..32, relative to 0;
   3. the head's variants at M = --dropout_num: the paper's, the mean of logits, separate heads;
-  4. peak memory of a run the size of the blog's recipe (50,000 + 10,000 images) per dropout_num.
+  4. peak memory of a run the size of the blog's recipe (50,000 + 10,000 images) per dropout_num;
+  5. with --workers K: images/s of K training processes at once (study.py --workers K), sharing the cores,
+     against one process with all of them.
 The images are random uint8: speed does not depend on what the pictures show. Timings are the
 median over --repeats blocks of --steps steps, the pipelines taking turns, after --warmup steps each;
 ratios are the median over rounds of the ratio within a round.
@@ -27,8 +29,9 @@ import torch
 import hardware
 import run
 import tools
-from benchpipelines import (VARIANTS, blog_style_pipeline, flops_per_image, peak_memory_in_fresh_process, peak_tflops,
-                            project_model, project_pipeline, round_ratios, seconds_per_step)
+from benchpipelines import (VARIANTS, blog_style_pipeline, flops_per_image, images_per_second_at_once,
+                            peak_memory_in_fresh_process, peak_tflops, project_model, project_pipeline, round_ratios,
+                            seconds_per_step)
 from nn import MODEL_WIDTHS
 
 matplotlib.use("Agg")  # files only, no window
@@ -38,6 +41,7 @@ OVERHEAD_M = [0, 1, 2, 4, 8, 16, 32]  # dropout_num values of the overhead table
 QUICK_OVERHEAD_M = [0, 8]  # --quick: the two that say the most
 FULL = {"steps": 5, "warmup": 3, "repeats": 7, "memory_steps": 10}  # the timing defaults
 QUICK = {"steps": 3, "warmup": 1, "repeats": 3, "memory_steps": 0}  # and --quick's
+WORKER_ROUNDS = 3  # rounds of the runs-at-once table, each one process then K, all fresh
 MIN_STEPS, MIN_REPEATS = 5, 3  # below these, the report says its timings are too short to trust
 
 
@@ -55,6 +59,9 @@ def parse_args(argv):
                        ("repeats", "timed blocks per pipeline; the median is reported"),
                        ("memory_steps", "training steps of each peak-memory run (0: skip)")):
         p.add_argument(f"--{flag}", type=int, help=f"{help} (default: {FULL[flag]}; with --quick {QUICK[flag]})")
+    p.add_argument("--workers", type=int, default=0, help="also time this many training processes at once, the "
+                   "cores split between them, against one process with all of them: what study.py --workers gains "
+                   "(0: skip)")
     p.add_argument("--out", default="outputs/bench", help="folder for bench.md and overhead.png")
     p.add_argument("--quick", action="store_true", help="a first look in about a tenth of the time: 3 blocks of 3 "
                    "steps after 1 warm-up step, overhead at dropout_num 0 and 8 only, no peak memory (the report says "
@@ -72,7 +79,7 @@ def check_args(args):
     for flag in ("batch_size", "steps", "repeats"):
         if getattr(args, flag) < 1:
             raise tools.UserError(f"--{flag} must be 1 or more, got {getattr(args, flag)}")
-    for flag in ("warmup", "memory_steps", "dropout_num"):
+    for flag in ("warmup", "memory_steps", "dropout_num", "workers"):
         if getattr(args, flag) < 0:
             raise tools.UserError(f"--{flag} must be 0 or more, got {getattr(args, flag)}")
     if args.model not in MODEL_WIDTHS:
@@ -175,6 +182,8 @@ def measure(args, device, argv, written):
         report += section(*variants_table(args, device, precision))
     if args.memory_steps:
         report += section(*memory_table(args, device))
+    if args.workers:
+        report += section(*workers_table(args, precision))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot_overhead(out / "overhead.png", ratios, f"{args.model}, batch {args.batch_size}, {device.type}, {precision}")
@@ -254,6 +263,24 @@ def memory_table(args, device):
     return (f"### Peak memory ({kind}; 50,000 training images on the device, {args.memory_steps} steps, then "
             "evaluation of 10,000; 'while training' counts from after the data is on the device, the data included; "
             "'of the run' includes making the data and evaluating)"), table
+
+
+def workers_table(args, precision):
+    """5. K training processes at once against one, in rounds of fresh processes; images/s of all together."""
+    counts = {1: tools.threads_per_worker(1), args.workers: tools.threads_per_worker(args.workers)}
+    rates = {k: [] for k in counts}
+    for _ in range(WORKER_ROUNDS):
+        for k, threads in counts.items():
+            rates[k].append(images_per_second_at_once(args, k, threads))
+    gains = {k: [r / one for r, one in zip(rs, rates[1])] for k, rs in rates.items()}
+    table = markdown_table(["training processes at once", "threads each", "images/s, all together",
+                            "vs one process (lowest - highest round)"],
+                           [[str(k), str(counts[k]), f"{statistics.median(rates[k]):,.0f}",
+                             f"{statistics.median(gains[k]):.2f}x ({min(gains[k]):.2f} - {max(gains[k]):.2f})"]
+                            for k in counts])
+    return (f"### Runs at once (project pipeline, {precision}, M={args.dropout_num}; {WORKER_ROUNDS} rounds, each "
+            f"process timing {args.repeats} x {args.steps} steps after {args.warmup} warm-up steps, from the first "
+            "start to the last end)"), table
 
 
 if __name__ == "__main__":

@@ -219,3 +219,41 @@ def peak_memory_in_fresh_process(args, dropout_num):
                               f"(exit code {process.join() or process.exitcode}); lower --batch_size, or --memory_steps 0")
     process.join()
     return peaks
+
+
+def timed_training(args, threads, start, connection):
+    """(Run in a fresh process.) Train --warmup steps, wait at `start` for the processes timed with this one, then
+    train --repeats x --steps steps; send (start, end) in seconds since the epoch, comparable across processes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(threads)
+    device = hardware.pick_device(args.device)  # bench.py checked it
+    train_steps = project_pipeline(args, device, args.dropout_num, hardware.resolve_precision(args.precision, device))
+    if args.warmup:
+        train_steps(args.warmup)
+    start.wait(timeout=600)  # a process that died first breaks it for the others: no endless wait
+    began = time.time()
+    train_steps(args.repeats * args.steps)
+    sync(device)
+    connection.send((began, time.time()))
+
+
+def images_per_second_at_once(args, processes, threads):
+    """Images/s of `processes` fresh processes training at once, `threads` each: all their images over the time
+    from the first one's start to the last one's end."""
+    context = multiprocessing.get_context("spawn")
+    start, pipes, workers = context.Barrier(processes), [], []
+    for _ in range(processes):
+        receiver, sender = context.Pipe(duplex=False)
+        workers.append(context.Process(target=timed_training, args=(args, threads, start, sender), daemon=True))
+        workers[-1].start()
+        sender.close()
+        pipes.append(receiver)
+    try:
+        spans = [receiver.recv() for receiver in pipes]
+    except EOFError:
+        raise tools.UserError("a process of the runs-at-once table ended without an answer; lower --batch_size, "
+                              "or leave out --workers") from None
+    for worker in workers:
+        worker.join()
+    seconds = max(end for _, end in spans) - min(began for began, _ in spans)
+    return processes * args.repeats * args.steps * args.batch_size / seconds

@@ -157,7 +157,7 @@ def train_in_workers(numbered, total, workers, log_dir, resume):
     """K run.py processes at once for the (number, command) pairs, each run's output in log_dir; a stop request
     stops them all at a step boundary."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}  # the cores, shared
+    env = {**os.environ, "OMP_NUM_THREADS": str(tools.threads_per_worker(workers))}  # the cores, shared
     pending, active, failed, stopping = list(numbered), {}, [], set()
     with tools.stop_on_signals(second_stops_at_once=False):
         while (pending and not tools.STOP and not failed) or active:

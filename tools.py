@@ -123,3 +123,8 @@ def git_state():
         return git("rev-parse", "HEAD"), bool(git("status", "--porcelain"))
     except (OSError, subprocess.CalledProcessError):
         return None, None
+
+
+def threads_per_worker(workers):
+    """CPU threads for each of `workers` processes sharing this machine: its cores, split evenly."""
+    return max(1, (os.cpu_count() or 1) // workers)

@@ -7,6 +7,7 @@ import pytest
 
 import bench
 import benchpipelines
+import tools
 from conftest import ROOT
 
 
@@ -46,6 +47,18 @@ def test_bench_writes_every_table_and_the_overhead_plot(tmp_path, capsys):
     assert "**Too short to trust** (--warmup 0: " in notes and "--steps 1: " in notes and "--repeats 2: " in notes
 
 
+def test_workers_times_k_fresh_processes_at_once_against_one(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "WORKER_ROUNDS", 1)  # one round: one process, then two at once
+    monkeypatch.setattr(bench, "OVERHEAD_M", [0])  # the other tables as small as they go
+    assert bench.main(TINY + ["--dropout_num", "0", "--workers", "2", "--out", str(tmp_path)]) == 0
+    section = (tmp_path / "bench.md").read_text().split("### Runs at once")[1]
+    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| ")][1:]
+    assert [(row[0], row[1]) for row in rows] == [("| 1", str(tools.threads_per_worker(1))),
+                                                  ("| 2", str(tools.threads_per_worker(2)))]
+    assert all(float(row[2].replace(",", "")) > 0 for row in rows) and rows[0][3] == "1.00x (1.00 - 1.00) |"
+    assert "### Runs at once" in capsys.readouterr().out
+
+
 def test_only_short_blocks_get_the_too_short_note():
     def note(warmup, steps, repeats):
         return bench.short_blocks_note(argparse.Namespace(warmup=warmup, steps=steps, repeats=repeats))
@@ -61,7 +74,7 @@ def no_work(*args):
 
 @pytest.mark.parametrize("bad", [
     ["--warmup", "-1"], ["--batch_size", "0"], ["--repeats", "0"], ["--steps", "0"], ["--memory_steps", "-1"],
-    ["--dropout_num", "-1"], ["--model", "resnet999"], ["--device", "cuda:99"], ["--device", "nonsense"],
+    ["--dropout_num", "-1"], ["--workers", "-1"], ["--model", "resnet999"], ["--device", "cuda:99"], ["--device", "nonsense"],
     ["--device", "meta"], ["--steps", "many"], ["--precision", "fp8"], ["--no_such_flag"]])
 def test_bad_input_is_one_line_and_exit_2_before_any_work(bad, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(bench, "blog_style_pipeline", no_work)  # the first thing the work builds
