@@ -46,7 +46,11 @@ def train_run(args, run_dir=None):
         tools.check_writable(run_dir.parent)
         with runlock.hold(run_dir, distributed.rank()):
             if not finished(run_dir, config, args):  # another process may have finished it while we waited
-                train(args, config, run_dir, device, None if args.overwrite else resumable_checkpoint(run_dir, config))
+                threads = torch.get_num_threads()  # a resumed run may take its own (resume_threads): not the next run
+                try:
+                    train(args, config, run_dir, device, None if args.overwrite else resumable_checkpoint(run_dir, config))
+                finally:
+                    torch.set_num_threads(threads)
     return run_dir, setup
 
 
