@@ -79,9 +79,11 @@ def check_args(args):
     for flag in ("batch_size", "steps", "repeats"):
         if getattr(args, flag) < 1:
             raise tools.UserError(f"--{flag} must be 1 or more, got {getattr(args, flag)}")
-    for flag in ("warmup", "memory_steps", "dropout_num", "workers"):
+    for flag in ("warmup", "memory_steps", "dropout_num"):
         if getattr(args, flag) < 0:
             raise tools.UserError(f"--{flag} must be 0 or more, got {getattr(args, flag)}")
+    if args.workers < 0 or args.workers == 1:
+        raise tools.UserError(f"--workers must be 0 (skip) or 2 or more, got {args.workers}")
     if args.model not in MODEL_WIDTHS:
         raise tools.UserError(f"unknown --model {args.model!r}: use one of {', '.join(MODEL_WIDTHS)}")
 
@@ -267,7 +269,7 @@ def memory_table(args, device):
 
 def workers_table(args, precision):
     """5. K training processes at once against one, in rounds of fresh processes; images/s of all together."""
-    counts = {1: tools.threads_per_worker(1), args.workers: tools.threads_per_worker(args.workers)}
+    counts = {1: torch.get_num_threads(), args.workers: tools.threads_per_worker(args.workers)}  # as study.py --workers
     rates = {k: [] for k in counts}
     for _ in range(WORKER_ROUNDS):
         for k, threads in counts.items():

@@ -8,6 +8,7 @@ for all samples. The images are random uint8: speed does not depend on what the 
 import argparse
 import itertools
 import multiprocessing
+import multiprocessing.connection
 import os
 import resource
 import signal
@@ -206,19 +207,38 @@ def peak_memory(args, dropout_num, connection):
 
 
 def peak_memory_in_fresh_process(args, dropout_num):
-    context = multiprocessing.get_context("spawn")  # a fresh process: nothing left over from the others
-    receiver, sender = context.Pipe(duplex=False)
-    # daemon: after a Ctrl-C, bench's exit ends the child instead of waiting for it
-    process = context.Process(target=peak_memory, args=(args, dropout_num, sender), daemon=True)
-    process.start()  # it ignores SIGINT from its first line on: a Ctrl-C is bench's to handle
-    sender.close()  # the child's copy remains: if it dies, recv() raises EOFError instead of waiting forever
-    try:
-        peaks = receiver.recv()
-    except EOFError:  # it died before answering (out of memory, say): bench says so instead of a traceback
-        raise tools.UserError(f"the peak-memory process for dropout_num={dropout_num} ended without an answer "
-                              f"(exit code {process.join() or process.exitcode}); lower --batch_size, or --memory_steps 0")
-    process.join()
-    return peaks
+    return answers_of_fresh_processes(peak_memory, [(args, dropout_num)], f"the peak-memory process for dropout_num="
+                                      f"{dropout_num}", "lower --batch_size, or --memory_steps 0")[0]
+
+
+def answers_of_fresh_processes(target, arguments, what, advice):
+    """target(*a, connection) in a fresh process for each a in arguments, all at once; their answers in that order.
+    One that ends without answering (out of memory, say) ends the others, and bench says so in one line."""
+    context = multiprocessing.get_context("spawn")  # fresh processes: nothing left over from the others
+    processes, receivers = [], []
+    for a in arguments:
+        receiver, sender = context.Pipe(duplex=False)
+        # daemon: after a Ctrl-C, bench's exit ends the children instead of waiting for them
+        processes.append(context.Process(target=target, args=(*a, sender), daemon=True))
+        processes[-1].start()  # they ignore SIGINT from their first line on: a Ctrl-C is bench's to handle
+        sender.close()  # the child's copy remains: if it dies, its end reads as closed instead of waiting forever
+        receivers.append(receiver)
+    answers = {}
+    while len(answers) < len(receivers):
+        for ready in multiprocessing.connection.wait([r for i, r in enumerate(receivers) if i not in answers]):
+            i = receivers.index(ready)
+            try:
+                answers[i] = ready.recv()
+            except EOFError:
+                processes[i].join()
+                for process in processes:  # the others may wait for it (timed_training's start), or outlive bench
+                    process.terminate()
+                    process.join()
+                raise tools.UserError(f"{what} ended without an answer (exit code {processes[i].exitcode}); "
+                                      f"{advice}") from None
+    for process in processes:
+        process.join()
+    return [answers[i] for i in range(len(receivers))]
 
 
 def timed_training(args, threads, start, connection):
@@ -230,7 +250,7 @@ def timed_training(args, threads, start, connection):
     train_steps = project_pipeline(args, device, args.dropout_num, hardware.resolve_precision(args.precision, device))
     if args.warmup:
         train_steps(args.warmup)
-    start.wait(timeout=600)  # a process that died first breaks it for the others: no endless wait
+    start.wait()  # if one dies first, bench ends the others
     began = time.time()
     train_steps(args.repeats * args.steps)
     sync(device)
@@ -238,22 +258,13 @@ def timed_training(args, threads, start, connection):
 
 
 def images_per_second_at_once(args, processes, threads):
-    """Images/s of `processes` fresh processes training at once, `threads` each: all their images over the time
-    from the first one's start to the last one's end."""
-    context = multiprocessing.get_context("spawn")
-    start, pipes, workers = context.Barrier(processes), [], []
-    for _ in range(processes):
-        receiver, sender = context.Pipe(duplex=False)
-        workers.append(context.Process(target=timed_training, args=(args, threads, start, sender), daemon=True))
-        workers[-1].start()
-        sender.close()
-        pipes.append(receiver)
-    try:
-        spans = [receiver.recv() for receiver in pipes]
-    except EOFError:
-        raise tools.UserError("a process of the runs-at-once table ended without an answer; lower --batch_size, "
-                              "or leave out --workers") from None
-    for worker in workers:
-        worker.join()
-    seconds = max(end for _, end in spans) - min(began for began, _ in spans)
-    return processes * args.repeats * args.steps * args.batch_size / seconds
+    """Images/s of `processes` fresh processes training at once, `threads` each."""
+    start = multiprocessing.get_context("spawn").Barrier(processes)
+    spans = answers_of_fresh_processes(timed_training, [(args, threads, start)] * processes,
+                                       "a process of the runs-at-once table", "lower --batch_size, or leave out --workers")
+    return images_per_second(spans, args.repeats * args.steps * args.batch_size)
+
+
+def images_per_second(spans, images_each):
+    """All the processes' images over the time from the first one's start to the last one's end."""
+    return len(spans) * images_each / (max(end for _, end in spans) - min(began for began, _ in spans))

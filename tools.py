@@ -126,5 +126,6 @@ def git_state():
 
 
 def threads_per_worker(workers):
-    """CPU threads for each of `workers` processes sharing this machine: its cores, split evenly."""
-    return max(1, (os.cpu_count() or 1) // workers)
+    """CPU threads for each of `workers` processes sharing this machine: the CPUs it may use, split evenly."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cpus // workers)

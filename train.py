@@ -38,7 +38,7 @@ def train_run(args, run_dir=None):
     """Train one run of the grid (or continue it) under its lock; returns (its folder, its setup's name)."""
     device = distributed.local_device(hardware.pick_device(args.device))
     hardware.configure_determinism(args.deterministic, device)
-    config, default_dir, setup = identity(args, device)
+    config, default_dir = identity(args, device)
     hardware.configure_precision(config["precision"])
     run_dir = run_dir or default_dir
     if not finished(run_dir, config, args):  # a finished run is skipped even where nothing can be written
@@ -51,29 +51,29 @@ def train_run(args, run_dir=None):
                     train(args, config, run_dir, device, None if args.overwrite else resumable_checkpoint(run_dir, config))
                 finally:
                     torch.set_num_threads(threads)
-    return run_dir, setup
+    return run_dir, config["setup"]
 
 
 def is_finished(args):
     """Whether --output_dir holds this run up to --epochs already (checked as train_run checks it, silently)."""
     device = distributed.local_device(hardware.pick_device(args.device))
-    config, run_dir, _ = identity(args, device)
-    return not args.overwrite and epochs_done(run_dir, config) >= args.epochs
+    config, run_dir = identity(args, device)
+    return finished(run_dir, config, args, say_so=False)
 
 
 def identity(args, device):
-    """(the run's defining values, its folder under --output_dir, its setup's name)."""
+    """(the run's defining values, with its setup's name, and its folder under --output_dir)."""
     flags = {k: v for k, v in vars(args).items() if k not in COMMAND_ONLY}
     config = {**flags, "precision": precision_for(args, device), "data_source": datasource.data_source(args),
               "world_size": distributed.world()}
     run_name, config["setup"] = experiment.run_identity(config)  # the setup: which runs it is compared with
-    return config, Path(args.output_dir) / run_name, config["setup"]
+    return config, Path(args.output_dir) / run_name
 
 
-def finished(run_dir, config, args):
+def finished(run_dir, config, args, say_so=True):
     """Whether run_dir holds this run up to --epochs: by its checkpoint, or by its metrics alone (a committed run)."""
     epochs = 0 if args.overwrite else epochs_done(run_dir, config)
-    if epochs >= args.epochs:
+    if epochs >= args.epochs and say_so:
         say(f"{run_dir} already holds this run, finished at epoch {epochs}: nothing to do "
             f"(--epochs above {epochs} continues it, --overwrite starts it afresh)")
     return epochs >= args.epochs
@@ -101,13 +101,13 @@ def train(args, config, run_dir, device, checkpoint):
 
     if args.overwrite and run_dir.exists() and distributed.is_main():
         shutil.rmtree(run_dir)
-    history, first_epoch = [], 1
+    history, first_epoch, resume_note = [], 1, ""
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         set_rng_state(checkpoint["rank_rng"][distributed.rank()] if "rank_rng" in checkpoint else checkpoint["rng"], generator)
         history, first_epoch = checkpoint["history"], checkpoint["epoch"] + 1
-        threads = resume_threads(checkpoint["config"], device)
+        resume_note = resume_threads(checkpoint["config"], device)
     commit, dirty = tools.git_state()
     config.update(run_dir=str(run_dir), device=str(device), hardware=hardware.describe(device),
                   threads=torch.get_num_threads(), torch=str(torch.__version__), torchvision=version("torchvision"),
@@ -118,7 +118,7 @@ def train(args, config, run_dir, device, checkpoint):
           f"{f'rdrop_alpha={args.rdrop_alpha}, ' if args.rdrop_alpha else ''}seed={args.seed}, "
           f"{len(train_y)} train / {len(valid_y)} {'valid' if args.valid_split else 'test'} examples, "
           f"{device}{f' x {distributed.world()} ranks' if distributed.world() > 1 else ''}, {config['precision']}"
-          + (f"; resumed from epoch {checkpoint['epoch']}{threads}" if checkpoint else ""))
+          + (f"; resumed from epoch {checkpoint['epoch']}{resume_note}" if checkpoint else ""))
     if distributed.is_main():
         progressbar.print_header(classify=task.classify)
 
@@ -264,9 +264,10 @@ def stop_requested():
 
 
 def resume_threads(saved, device):
-    """On a CPU a run's bits depend on its thread count, so it resumes with the count it began with: '' or a note."""
+    """On a CPU a run's bits depend on its thread count, so on the machine it began on it resumes with the count it
+    began with (elsewhere the bits differ anyway, and the cores may be fewer): '' or a note saying so."""
     began, now = saved.get("threads"), torch.get_num_threads()
-    if device.type != "cpu" or began in (None, now):
+    if device.type != "cpu" or began in (None, now) or saved.get("hardware") != hardware.describe(device):
         return ""
     torch.set_num_threads(began)
     return f" with the {began} thread(s) it began with, not this process's {now}"

@@ -1,9 +1,11 @@
 """bench.py runs end to end and its helpers compute what they say (a smoke test: no timing is asserted)."""
 import argparse
+import multiprocessing
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import bench
 import benchpipelines
@@ -53,10 +55,23 @@ def test_workers_times_k_fresh_processes_at_once_against_one(tmp_path, capsys, m
     assert bench.main(TINY + ["--dropout_num", "0", "--workers", "2", "--out", str(tmp_path)]) == 0
     section = (tmp_path / "bench.md").read_text().split("### Runs at once")[1]
     rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| ")][1:]
-    assert [(row[0], row[1]) for row in rows] == [("| 1", str(tools.threads_per_worker(1))),
+    assert [(row[0], row[1]) for row in rows] == [("| 1", str(torch.get_num_threads())),
                                                   ("| 2", str(tools.threads_per_worker(2)))]
     assert all(float(row[2].replace(",", "")) > 0 for row in rows) and rows[0][3] == "1.00x (1.00 - 1.00) |"
     assert "### Runs at once" in capsys.readouterr().out
+
+
+def test_images_per_second_counts_every_process_from_the_first_start_to_the_last_end():
+    assert benchpipelines.images_per_second([(10.0, 12.0), (11.0, 14.0)], images_each=100) == 200 / 4
+
+
+def test_a_process_that_dies_ends_the_one_waiting_for_it_and_is_one_line(tmp_path):
+    args = bench.parse_args(TINY + ["--dropout_num", "0", "--out", str(tmp_path)])
+    dies = argparse.Namespace(**{**vars(args), "device": "no such device"})  # its pick_device raises at once
+    start = multiprocessing.get_context("spawn").Barrier(2)  # the other waits here for it forever
+    with pytest.raises(tools.UserError, match=r"^the pair ended without an answer \(exit code 1\); try again$"):
+        benchpipelines.answers_of_fresh_processes(benchpipelines.timed_training, [(args, 1, start), (dies, 1, start)],
+                                                  "the pair", "try again")
 
 
 def test_only_short_blocks_get_the_too_short_note():
@@ -74,7 +89,7 @@ def no_work(*args):
 
 @pytest.mark.parametrize("bad", [
     ["--warmup", "-1"], ["--batch_size", "0"], ["--repeats", "0"], ["--steps", "0"], ["--memory_steps", "-1"],
-    ["--dropout_num", "-1"], ["--workers", "-1"], ["--model", "resnet999"], ["--device", "cuda:99"], ["--device", "nonsense"],
+    ["--dropout_num", "-1"], ["--workers", "-1"], ["--workers", "1"], ["--model", "resnet999"], ["--device", "cuda:99"], ["--device", "nonsense"],
     ["--device", "meta"], ["--steps", "many"], ["--precision", "fp8"], ["--no_such_flag"]])
 def test_bad_input_is_one_line_and_exit_2_before_any_work(bad, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(bench, "blog_style_pipeline", no_work)  # the first thing the work builds

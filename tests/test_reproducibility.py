@@ -14,6 +14,7 @@ import torch
 
 import run
 import runfiles
+import train
 import trainingmonitor
 from conftest import ROOT, cli, fake_run, result_tables, rows, run_dirs
 
@@ -215,3 +216,12 @@ def test_a_cpu_run_resumes_with_the_thread_count_it_began_with(whole, small_cifa
     assert rc == 0 and f"resumed from epoch 2 with the {began} thread(s) it began with, not this process's {other}" in out
     assert runfiles.read_config(run_dir / "config.json")["threads"] == began
     assert rows(run_dir) == rows(whole)
+
+
+@pytest.mark.parametrize("saved, device", [
+    ({}, "cpu"),  # a run from before threads were recorded
+    ({"threads": 64, "hardware": "Another CPU (family 1)"}, "cpu"),  # other bits anyway, and maybe fewer cores
+    ({"threads": 64}, "cuda")])  # the threads do not change a GPU run's bits
+def test_a_resume_keeps_this_process_threads_without_a_count_on_other_hardware_or_off_the_cpu(saved, device):
+    now = torch.get_num_threads()
+    assert train.resume_threads(saved, torch.device(device)) == "" and torch.get_num_threads() == now

@@ -216,3 +216,9 @@ def test_a_cpu_pair_names_its_thread_counts_which_change_a_runs_bits(tmp_path):
     row = next(line for line in (tmp_path / "convergence.md").read_text().splitlines() if line.startswith("| M=8 − M=1 |"))
     assert row.endswith("| Some CPU (family 1), fp32, 1 thread / Some CPU (family 1), fp32, 2 threads ×1; "
                         "Some CPU (family 1), fp32, 2 threads ×2 |")
+
+
+def test_a_gpu_run_is_named_without_threads_which_do_not_change_its_bits():
+    config = {"device": "cuda:0", "hardware": "NVIDIA H200", "precision": "bf16", "threads": 8}
+    assert study.where({"config": config}) == "NVIDIA H200, bf16"
+    assert study.where({"config": {**config, "device": "cpu", "hardware": "Some CPU"}}) == "Some CPU, bf16, 8 threads"
