@@ -210,10 +210,25 @@ def collect(output_dir, study):
 
 def where(run):
     """The machine, precision and (on a CPU, where they change the bits) threads a run used, as the tables show it."""
+    threads = cpu_threads(run)
+    return machine(run) + (f", {threads} thread{'s' * (threads != 1)}" if threads else "")
+
+
+def machine(run):
     c = run["config"]
-    threads = c.get("threads") if str(c.get("device", "")).startswith("cpu") else None
-    return (f"{c.get('hardware') or c.get('device', '?')}, {c.get('precision', '?')}"
-            + (f", {threads} thread{'s' * (threads != 1)}" if threads else ""))
+    return f"{c.get('hardware') or c.get('device', '?')}, {c.get('precision', '?')}"
+
+
+def cpu_threads(run):
+    c = run["config"]
+    return c.get("threads") if str(c.get("device", "")).startswith("cpu") else None
+
+
+def where_pair(a, b):
+    """Where a pair ran: one place if both ran there; the machine once if only the threads differ."""
+    if machine(a) == machine(b) and None not in (cpu_threads(a), cpu_threads(b)) and cpu_threads(a) != cpu_threads(b):
+        return f"{machine(a)}, {cpu_threads(a)} / {cpu_threads(b)} threads"
+    return " / ".join(dict.fromkeys([where(a), where(b)]))
 
 
 def compare(points, pairs):
@@ -227,7 +242,7 @@ def compare(points, pairs):
             if (a["device"].split(":")[0], a["precision"]) != (b["device"].split(":")[0], b["precision"]):
                 raise UserError(f"{mine[seed]['dir']} ran on {where(mine[seed])} and {theirs[seed]['dir']} on "
                                 f"{where(theirs[seed])}: a pair must share its kind of device and precision")
-        ran_on = collections.Counter(" / ".join(dict.fromkeys([where(mine[s]), where(theirs[s])])) for s in seeds)
+        ran_on = collections.Counter(where_pair(mine[s], theirs[s]) for s in seeds)
         found.append((label, point, reference, stats.paired_by_seed(runfiles.final_accuracies(mine),
                                                                     runfiles.final_accuracies(theirs)), ran_on))
     return found

@@ -53,7 +53,9 @@ def table(name, study, points, pairs, caption):
     lines += ["", "Δ: the setting's final valid accuracy minus the reference's, seed by seed (a seed gives both the "
               "same initial weights and data order). 95% CI: Student t on the paired differences. Rule, fixed "
               f"before the runs: a comparison whose interval excludes 0 (marked *) gets {FIRST_SEEDS} more seeds, "
-              f"and the table then shows the first {FIRST_SEEDS} and all."]
+              f"and the table then shows the first {FIRST_SEEDS} and all. Pairs ran on: 'a / b threads' means the "
+              "setting's run used a CPU threads and the reference's b (threads change a CPU run's rounding, so its "
+              "bits, not its initial weights, data order or masks)."]
     if study.figure == "convergence":
         lines += ["", *epochs_to_target_table(points, pairs)]
     return "\n".join(lines) + "\n"

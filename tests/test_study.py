@@ -214,8 +214,7 @@ def test_a_cpu_pair_names_its_thread_counts_which_change_a_runs_bits(tmp_path):
         config.write_text(config.read_text().replace('"device": "cpu"', f'"device": "cpu", "threads": {threads}'))
     assert study.main(["convergence", "--compare", tmp_path]) == 0
     row = next(line for line in (tmp_path / "convergence.md").read_text().splitlines() if line.startswith("| M=8 − M=1 |"))
-    assert row.endswith("| Some CPU (family 1), fp32, 1 thread / Some CPU (family 1), fp32, 2 threads ×1; "
-                        "Some CPU (family 1), fp32, 2 threads ×2 |")
+    assert row.endswith("| Some CPU (family 1), fp32, 1 / 2 threads ×1; Some CPU (family 1), fp32, 2 threads ×2 |")
 
 
 def test_a_gpu_run_is_named_without_threads_which_do_not_change_its_bits():
