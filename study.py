@@ -163,7 +163,7 @@ def train_in_workers(numbered, total, workers, log_dir, resume):
         while (pending and not tools.STOP and not failed) or active:
             while pending and len(active) < workers and not tools.STOP and not failed:
                 i, command = pending.pop(0)
-                log = open(log_dir / f"run{i:03d}.log", "w")
+                log = open(log_dir / f"run{i:03d}.log", "a")  # a resumed run keeps its earlier output
                 active[i] = (subprocess.Popen([sys.executable, str(Path(run.__file__)), *command], stdout=log,
                                               stderr=subprocess.STDOUT, env=env, start_new_session=True), log)
                 print(f"study.py: run {i}/{total} started (log: {log.name})", flush=True)

@@ -98,6 +98,7 @@ def test_study_workers_train_each_run_once_and_leave_a_held_run_to_its_holder(sm
     assert "2 of 3 runs are finished; 1 to train" in out and out.count("started") == 1 and "run 2/3 started" in out
     assert held.exists() and len(rows(held)) == 2
     assert not any("nothing to do" in log.read_text() for log in logs)
+    assert "is being trained by process" in logs[1].read_text()  # its log is added to, not replaced
     table = (tmp_path / "where.md").read_text()
     assert "| --pool avg2: M=8 − M=1 | 1 |" in table
 
