@@ -226,8 +226,9 @@ def cpu_threads(run):
 
 def where_pair(a, b):
     """Where a pair ran: one place if both ran there; the machine once if only the threads differ."""
-    if machine(a) == machine(b) and None not in (cpu_threads(a), cpu_threads(b)) and cpu_threads(a) != cpu_threads(b):
-        return f"{machine(a)}, {cpu_threads(a)} / {cpu_threads(b)} threads"
+    threads = cpu_threads(a), cpu_threads(b)
+    if machine(a) == machine(b) and None not in threads and threads[0] != threads[1]:
+        return f"{machine(a)}, {threads[0]} / {threads[1]} threads"
     return " / ".join(dict.fromkeys([where(a), where(b)]))
 
 

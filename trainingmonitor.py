@@ -219,10 +219,10 @@ def paired_markdown(groups):
 def paired_rows(groups, reference_m):
     """(group, reference group, final, best) for every group against the dropout_num=reference_m group with its p."""
     rows = []
+    by_seed = lambda group: {r["config"]["seed"]: c for r, c in zip(group["runs"], group["curves"]["valid_acc"])}
     for g in groups:
         ref = next((r for r in groups if r["dropout_num"] == reference_m and r["dropout_p"] == g["dropout_p"]
                     and not r["rdrop_alpha"]), None)
-        by_seed = lambda group: {r["config"]["seed"]: c for r, c in zip(group["runs"], group["curves"]["valid_acc"])}
         mine, theirs = by_seed(g), by_seed(ref) if ref else {}
         if ref is g or not mine.keys() & theirs.keys():
             continue
