@@ -29,3 +29,19 @@ def paired_by_seed(setting, reference):
     """paired_difference over the seeds both {seed: value} maps hold, in seed order; None if they share none."""
     seeds = sorted(setting.keys() & reference.keys())
     return paired_difference([setting[s] for s in seeds], [reference[s] for s in seeds]) if seeds else None
+
+
+def first_paired(setting, reference, n):
+    """paired_by_seed over the first n seeds both {seed: value} maps hold; None if they share fewer."""
+    seeds = sorted(setting.keys() & reference.keys())[:n]
+    return paired_by_seed({s: setting[s] for s in seeds}, {s: reference[s] for s in seeds}) if len(seeds) == n else None
+
+
+def excludes_zero(d):
+    """Whether a paired difference's interval lies wholly above or below zero."""
+    return bool(d["interval"]) and (d["interval"][0] > 0 or d["interval"][1] < 0)
+
+
+def format_difference(d):
+    interval = f"[{d['interval'][0]:+.4f}, {d['interval'][1]:+.4f}]" if d["interval"] else "(one seed: no interval)"
+    return f"{d['mean']:+.4f} {interval}"

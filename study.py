@@ -8,6 +8,8 @@ comparisons it reports, and its figure. The studies of one protocol share one fo
 setting, so a run that two studies need (dropout_num 1 and 8 at p = 0.5, say) trains once. Each run is one
 run.py command: rerunning skips finished runs and resumes unfinished ones; --workers K trains K at once, each
 taking the next run that no process holds. Then NAME.png and NAME.md, from the finished runs alone.
+--more_seeds applies the rule fixed before the runs: a comparison whose interval excludes zero gets five more
+seeds, for its two points only.
 """
 import collections
 import os
@@ -58,6 +60,8 @@ def eight_vs(setting, reference="blog-head", m=1):
     return Point(setting, 8, 0.5), Point(reference, m, 0.5)
 
 
+FIRST_SEED = 42  # a study's seeds are 42, 43, ...: seeds run outermost, so the first ones complete first
+MORE_SEEDS = 5  # the rule: a comparison whose interval over the study's seeds excludes zero gets this many more
 SAMPLES = [1, 2, 4, 8, 16, 32, 64]
 RATES = [0.1, 0.3, 0.5, 0.7, 0.9]
 STUDIES = {
@@ -100,6 +104,9 @@ def parse_args(argv):
                    "study's); a subset lets several processes or machines share a study")
     p.add_argument("--workers", type=int, default=1, help="runs trained at once, each a run.py process taking the next "
                    "run no process holds (a GPU fits several; on a CPU they share the cores)")
+    p.add_argument("--more_seeds", action="store_true", help=f"the rule: {MORE_SEEDS} more seeds (47 to 51 for a "
+                   "5-seed study, or --seed's) for the two points of each comparison whose interval over the study's "
+                   "seeds excludes zero, as the finished runs in --output_dir give it; nothing else trains")
     p.add_argument("--compare", metavar="DIR", help="draw STUDY.png and STUDY.md from the finished runs under DIR "
                    "(config.json and metrics.json are enough), without training; no other flag")
     args = p.parse_args(argv)
@@ -110,25 +117,55 @@ def parse_args(argv):
     if args.workers < 1:
         raise UserError(f"--workers must be 1 or more, got {args.workers}")
     args.output_dir = args.output_dir or f"outputs/study-{args.protocol}"
-    args.seed = args.seed or list(range(42, 42 + STUDIES[args.study].seeds))
+    n = STUDIES[args.study].seeds
+    first_new = FIRST_SEED + n if args.more_seeds else FIRST_SEED
+    args.seed = args.seed or list(range(first_new, first_new + (MORE_SEEDS if args.more_seeds else n)))
     return args
 
 
-def run_commands(args):
-    """run.py's argv for every run of the study, seeds outermost: the pairs of a seed complete together."""
-    study, commands = STUDIES[args.study], []
-    for seed in args.seed:
-        for setting, samples, rates in study.runs:
-            commands += [["--data_dir", args.data_dir, "--output_dir", str(Path(args.output_dir) / setting),
-                          *PROTOCOLS[args.protocol][0], *SETTINGS[setting][1], "--seed", str(seed),
-                          "--dropout_num", str(m), "--dropout_p", str(p)] for p in rates for m in samples]
-    return commands
+def study_points(study):
+    return [Point(setting, m, p) for setting, samples, rates in study.runs for p in rates for m in samples]
+
+
+def run_commands(args, points=None):
+    """run.py's argv for every run of the study (or of its points given), seeds outermost: the pairs of a seed
+    complete together."""
+    return [["--data_dir", args.data_dir, "--output_dir", str(Path(args.output_dir) / point.setting),
+             *PROTOCOLS[args.protocol][0], *SETTINGS[point.setting][1], "--seed", str(seed),
+             "--dropout_num", str(point.dropout_num), "--dropout_p", str(point.dropout_p)]
+            for seed in args.seed for point in points or study_points(STUDIES[args.study])]
+
+
+def points_by_the_rule(args):
+    """The two points of each comparison whose interval over the study's first seeds excludes zero, as the finished
+    runs give it. A comparison that has fewer of its first seeds paired is not decided yet, and says so."""
+    study, chosen = STUDIES[args.study], []
+    first = range(FIRST_SEED, FIRST_SEED + study.seeds)
+    points = collect(args.output_dir, study)
+    for label, point, reference in study.pairs:
+        mine, theirs = ({seed: runs[seed] for seed in first if seed in runs}
+                        for runs in (runfiles.final_accuracies(points.get(p, {})) for p in (point, reference)))
+        d = stats.first_paired(mine, theirs, study.seeds)
+        if d is None:
+            print(f"study.py: {label}: {len(mine.keys() & theirs.keys())} of seeds {first[0]}-{first[-1]} paired; "
+                  "the rule decides once all are", flush=True)
+        elif stats.excludes_zero(d):
+            print(f"study.py: {label}: {stats.format_difference(d)} over seeds {first[0]}-{first[-1]} excludes zero; "
+                  f"seeds {' '.join(map(str, args.seed))} for both", flush=True)
+            chosen += [point, reference]
+    if not chosen:
+        print("study.py: no decided comparison excludes zero: the rule adds no seeds", flush=True)
+    return list(dict.fromkeys(chosen))
 
 
 def train_all(args, argv):
-    """Every run of the study, --workers at a time; a run another process holds is left to it."""
+    """Every run of the study (with --more_seeds, the rule's), --workers at a time; a run another process holds is
+    left to it."""
     resume = f"python study.py {shlex.join(argv)}"
-    commands = run_commands(args)
+    points = points_by_the_rule(args) if args.more_seeds else study_points(STUDIES[args.study])
+    if not points:
+        return 0
+    commands = run_commands(args, points)
     tools.check_writable(Path(args.output_dir))
     if args.workers == 1:  # in this process: a finished run is skipped at once
         for i, command in enumerate(commands, 1):
@@ -282,7 +319,8 @@ def draw(output_dir, name):
     try:
         studyfigures.FIGURES[study.figure](output_dir / f"{name}.png", points, pairs, caption)
         tools.atomic_write(output_dir / f"{name}.md",
-                           lambda tmp: Path(tmp).write_text(studyfigures.table(name, study, points, pairs, caption)))
+                           lambda tmp: Path(tmp).write_text(studyfigures.table(name, study, points, pairs, caption,
+                                                                               MORE_SEEDS)))
     except OSError as e:
         raise UserError(f"cannot write the study's figure or table in {output_dir} ({e.strerror or e}); choose another folder")
     print(f"study.py: wrote {output_dir / (name + '.png')} and {output_dir / (name + '.md')}")

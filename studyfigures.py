@@ -6,13 +6,11 @@ import numpy as np
 import runfiles
 import stats
 import trainingmonitor
-from trainingmonitor import format_difference, label_axes, mean_std, save_figure
+from stats import format_difference
+from trainingmonitor import label_axes, mean_std, save_figure
 
 matplotlib.use("Agg")  # headless: files only, no window
 import matplotlib.pyplot as plt  # noqa: E402
-
-FIRST_SEEDS = 5  # a point whose interval excludes zero gets five more seeds; its table shows the first five and all
-
 
 finals = runfiles.final_accuracies
 
@@ -34,8 +32,9 @@ def caption(points, protocol):
             f"{values('precision')}; seed{'s' * (len(seeds) > 1)} {named}")
 
 
-def table(name, study, points, pairs, caption):
-    """NAME.md: every point, then every comparison with its interval and where its pairs ran.
+def table(name, study, points, pairs, caption, more_seeds):
+    """NAME.md: every point, then every comparison with its interval and where its pairs ran; a comparison with
+    more than the study's seeds (the rule's more_seeds) also over its first ones.
     pairs: [(label, point, reference, paired difference, Counter of where the pairs ran)]."""
     lines = [f"#### {name}: {study.about}", "", caption, "",
              "| setting | M | p | seeds | final valid acc | final valid error |", "|---|---:|---:|---:|---:|---:|"]
@@ -47,13 +46,13 @@ def table(name, study, points, pairs, caption):
               "| pairs ran on |", "|---|---:|---:|---:|---:|---|"]
     for label, point, reference, d, ran_on in pairs:
         lines.append(comparison_row(label, d, ran_on))
-        first = first_seeds(points.get(point, {}), points.get(reference, {}))
-        if first:
-            lines.append(comparison_row(f"{label} (first {FIRST_SEEDS} seeds)", first, None))
+        if d["n"] > study.seeds:
+            first = stats.first_paired(finals(points[point]), finals(points[reference]), study.seeds)
+            lines.append(comparison_row(f"{label} (first {study.seeds} seeds)", first, None))
     lines += ["", "Δ: the setting's final valid accuracy minus the reference's, seed by seed (a seed gives both the "
               "same initial weights and data order). 95% CI: Student t on the paired differences. Rule, fixed "
-              f"before the runs: a comparison whose interval excludes 0 (marked *) gets {FIRST_SEEDS} more seeds, "
-              f"and the table then shows the first {FIRST_SEEDS} and all. Pairs ran on: 'a / b threads' means the "
+              f"before the runs: a comparison whose interval excludes 0 (marked *) gets {more_seeds} more seeds, "
+              f"and the table then shows the first {study.seeds} and all. Pairs ran on: 'a / b threads' means the "
               "setting's run used a CPU threads and the reference's b (threads change a CPU run's rounding, so its "
               "bits, not its initial weights, data order or masks)."]
     if study.figure == "convergence":
@@ -63,20 +62,9 @@ def table(name, study, points, pairs, caption):
 
 def comparison_row(label, d, ran_on):
     half = (d["interval"][1] - d["interval"][0]) / 2 if d["interval"] else None
-    excludes = d["interval"] and (d["interval"][0] > 0 or d["interval"][1] < 0)
     where = "; ".join(f"{k} ×{n}" for k, n in sorted(ran_on.items())) if ran_on else "(as above)"
-    return (f"| {label} | {d['n']} | {format_difference(d)}{' *' if excludes else ''} | "
+    return (f"| {label} | {d['n']} | {format_difference(d)}{' *' if stats.excludes_zero(d) else ''} | "
             f"{f'±{half:.4f}' if half is not None else '-'} | {d['higher']} / {d['lower']} | {where} |")
-
-
-def first_seeds(runs, reference_runs):
-    """The comparison over its first FIRST_SEEDS shared seeds, when it has more; else None."""
-    mine, theirs = finals(runs), finals(reference_runs)
-    seeds = sorted(mine.keys() & theirs.keys())
-    if len(seeds) <= FIRST_SEEDS:
-        return None
-    keep = seeds[:FIRST_SEEDS]
-    return stats.paired_by_seed({s: mine[s] for s in keep}, {s: theirs[s] for s in keep})
 
 
 def epochs_to_target(runs, target):

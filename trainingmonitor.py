@@ -10,6 +10,7 @@ import stats
 from experiment import HEAD_OPTIONS, OMITTED_AT_DEFAULT, run_identity, setup_flags
 from task import task_of
 from runfiles import FIELDS
+from stats import format_difference
 from tools import UserError, atomic_write, check_writable
 
 matplotlib.use("Agg")  # headless: files only, no window
@@ -247,11 +248,6 @@ def plot_gain(path, gains, title):
     ax.set_yticks(rows, [f"{label} ({d['n']} seed{'s' * (d['n'] > 1)})" for label, d in gains], fontsize=8)
     _save(fig, ax, path, f"final valid accuracy minus dropout_num=1's, paired by seed (95% t interval)\n{title}",
           "difference in final valid accuracy", "", legend=False)
-
-
-def format_difference(d):
-    interval = f"[{d['interval'][0]:+.4f}, {d['interval'][1]:+.4f}]" if d["interval"] else "(one seed: no interval)"
-    return f"{d['mean']:+.4f} {interval}"
 
 
 def _group_key(run):

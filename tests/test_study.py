@@ -103,12 +103,52 @@ def test_the_comparisons_are_paired_differences_with_a_hand_computed_interval(tm
 def test_an_interval_that_excludes_zero_is_marked_and_more_seeds_show_the_first_five_and_all(tmp_path):
     seeds = range(42, 52)
     write_runs(tmp_path / "blog-head", {1: [0.50] * 10, 8: [0.51, 0.52] * 5}, seeds)
-    assert study.main(["convergence", "--compare", tmp_path]) == 0
-    table = (tmp_path / "convergence.md").read_text()
+    assert study.main(["samples", "--compare", tmp_path]) == 0
+    table = (tmp_path / "samples.md").read_text()
     assert "| M=8 − M=1 | 10 | +0.0150 [+0.0112, +0.0188] * | ±0.0038 | 10 / 0 |" in table
     assert "| M=8 − M=1 (first 5 seeds) | 5 | +0.0140 [+0.0072, +0.0208] * |" in table and "seeds 42-51" in table
+    assert study.main(["convergence", "--compare", tmp_path]) == 0  # ten seeds are its own: no "first" row
+    table = (tmp_path / "convergence.md").read_text()
+    assert "| M=8 − M=1 | 10 | +0.0150 [+0.0112, +0.0188] * |" in table and "(first" not in table
+    assert "gets 5 more seeds, and the table then shows the first 10 and all" in table
     assert "| blog-head | 8 | 10 | 2.0 ± 0.0 | 0 |" in table  # epochs to target 0.49: the second epoch
     assert (tmp_path / "convergence.png").stat().st_size > 0
+
+
+def write_rule_runs(folder):
+    """samples runs: M=16 − M=1 excludes zero over seeds 42-46 (not over all ten), M=2 − M=1 does not, and M=4 has
+    four seeds."""
+    write_runs(folder, {1: [0.50] * 10, 16: [0.52, 0.53, 0.52, 0.53, 0.52] + [0.45] * 5}, range(42, 52))
+    write_runs(folder, {2: [0.52, 0.48, 0.51, 0.49, 0.50], 4: [0.6] * 4}, range(42, 47))
+
+
+def test_more_seeds_goes_to_the_two_points_of_each_comparison_that_excludes_zero_over_the_first_five(tmp_path, capsys):
+    write_rule_runs(tmp_path / "blog-head")
+    args = study.parse_args(["samples", "--more_seeds", "--output_dir", str(tmp_path)])
+    assert args.seed == [47, 48, 49, 50, 51]
+    points = study.points_by_the_rule(args)
+    assert points == [study.Point("blog-head", 16, 0.5), study.Point("blog-head", 1, 0.5)]
+    out = capsys.readouterr().out
+    assert "M=16 − M=1: +0.0240 [" in out and "over seeds 42-46 excludes zero; seeds 47 48 49 50 51 for both" in out
+    assert "M=4 − M=1: 4 of seeds 42-46 paired; the rule decides once all are" in out and "M=2 − M=1:" not in out
+    commands = study.run_commands(args, points)
+    assert [(c[c.index("--seed") + 1], c[c.index("--dropout_num") + 1]) for c in commands] == [
+        (str(s), m) for s in range(47, 52) for m in ("16", "1")]
+    assert study.parse_args(["convergence", "--more_seeds"]).seed == [52, 53, 54, 55, 56]  # after its ten
+
+
+def test_more_seeds_trains_only_the_rules_runs_or_nothing_and_then_draws(tmp_path, capsys, monkeypatch):
+    write_rule_runs(tmp_path / "blog-head")
+    trained = []
+    monkeypatch.setattr(study.run, "main", lambda argv, resume_command: trained.append(argv) or 0)
+    assert study.main(["samples", "--more_seeds", "--output_dir", tmp_path, "--seed", "60"]) == 0
+    assert [c[c.index("--dropout_num") + 1] for c in trained] == ["16", "1"] and trained[0][-5] == "60"
+    assert "| M=16 − M=1 | 10 | " in (tmp_path / "samples.md").read_text()
+    trained.clear()
+    for config in (tmp_path / "blog-head").glob("m16_p0.5_s4[2-6]*/config.json"):
+        config.parent.rename(tmp_path / config.parent.name)  # M=16 has only seeds 47-51: undecided, so nothing
+    assert study.main(["samples", "--more_seeds", "--output_dir", tmp_path]) == 0 and not trained
+    assert "no decided comparison excludes zero: the rule adds no seeds" in capsys.readouterr().out
 
 
 def test_samples_and_rate_draw_error_against_m_and_p_with_paired_differences(tmp_path):
