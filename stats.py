@@ -31,12 +31,6 @@ def paired_by_seed(setting, reference):
     return paired_difference([setting[s] for s in seeds], [reference[s] for s in seeds]) if seeds else None
 
 
-def first_paired(setting, reference, n):
-    """paired_by_seed over the first n seeds both {seed: value} maps hold; None if they share fewer."""
-    seeds = sorted(setting.keys() & reference.keys())[:n]
-    return paired_by_seed({s: setting[s] for s in seeds}, {s: reference[s] for s in seeds}) if len(seeds) == n else None
-
-
 def excludes_zero(d):
     """Whether a paired difference's interval lies wholly above or below zero."""
     return bool(d["interval"]) and (d["interval"][0] > 0 or d["interval"][1] < 0)

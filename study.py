@@ -54,6 +54,9 @@ SETTINGS = {
 }
 Study = collections.namedtuple("Study", "about seeds runs pairs figure")
 Point = collections.namedtuple("Point", "setting dropout_num dropout_p")  # one setting's runs at one (M, p)
+# A paired comparison of final valid accuracies over every shared seed (difference), and over the study's own seeds
+# (first: None until all of them are paired; the rule decides on it), with a Counter of where the pairs ran.
+Comparison = collections.namedtuple("Comparison", "label point reference difference first ran_on")
 
 
 def eight_vs(setting, reference="blog-head", m=1):
@@ -117,45 +120,52 @@ def parse_args(argv):
     if args.workers < 1:
         raise UserError(f"--workers must be 1 or more, got {args.workers}")
     args.output_dir = args.output_dir or f"outputs/study-{args.protocol}"
-    n = STUDIES[args.study].seeds
-    first_new = FIRST_SEED + n if args.more_seeds else FIRST_SEED
-    args.seed = args.seed or list(range(first_new, first_new + (MORE_SEEDS if args.more_seeds else n)))
+    own = own_seeds(STUDIES[args.study])
+    if args.more_seeds and set(args.seed or []) & set(own):
+        raise UserError(f"--more_seeds adds seeds after the study's own ({own[0]} to {own[-1]}); "
+                        "leave out --seed, or give others")
+    more = range(own[-1] + 1, own[-1] + 1 + MORE_SEEDS)
+    args.seed = args.seed or list(more if args.more_seeds else own)
     return args
+
+
+def own_seeds(study):
+    """The seeds a study runs without --seed, where the rule decides: 42, 43, ..."""
+    return range(FIRST_SEED, FIRST_SEED + study.seeds)
 
 
 def study_points(study):
     return [Point(setting, m, p) for setting, samples, rates in study.runs for p in rates for m in samples]
 
 
-def run_commands(args, points=None):
-    """run.py's argv for every run of the study (or of its points given), seeds outermost: the pairs of a seed
-    complete together."""
+def run_commands(args, points):
+    """run.py's argv for the runs of the points, seeds outermost: the pairs of a seed complete together."""
     return [["--data_dir", args.data_dir, "--output_dir", str(Path(args.output_dir) / point.setting),
              *PROTOCOLS[args.protocol][0], *SETTINGS[point.setting][1], "--seed", str(seed),
              "--dropout_num", str(point.dropout_num), "--dropout_p", str(point.dropout_p)]
-            for seed in args.seed for point in points or study_points(STUDIES[args.study])]
+            for seed in args.seed for point in points]
 
 
 def points_by_the_rule(args):
-    """The two points of each comparison whose interval over the study's first seeds excludes zero, as the finished
-    runs give it. A comparison that has fewer of its first seeds paired is not decided yet, and says so."""
+    """The two points of each comparison whose interval over the study's own seeds excludes zero, as the finished
+    runs give it; each comparison says what the rule makes of it."""
     study, chosen = STUDIES[args.study], []
-    first = range(FIRST_SEED, FIRST_SEED + study.seeds)
     points = collect(args.output_dir, study)
-    for label, point, reference in study.pairs:
-        mine, theirs = ({seed: runs[seed] for seed in first if seed in runs}
-                        for runs in (runfiles.final_accuracies(points.get(p, {})) for p in (point, reference)))
-        d = stats.first_paired(mine, theirs, study.seeds)
-        if d is None:
-            print(f"study.py: {label}: {len(mine.keys() & theirs.keys())} of seeds {first[0]}-{first[-1]} paired; "
-                  "the rule decides once all are", flush=True)
-        elif stats.excludes_zero(d):
-            print(f"study.py: {label}: {stats.format_difference(d)} over seeds {first[0]}-{first[-1]} excludes zero; "
-                  f"seeds {' '.join(map(str, args.seed))} for both", flush=True)
-            chosen += [point, reference]
-    if not chosen:
-        print("study.py: no decided comparison excludes zero: the rule adds no seeds", flush=True)
-    return list(dict.fromkeys(chosen))
+    if not points:
+        raise UserError(f"{args.output_dir} holds no finished runs of the {args.study} study, and --more_seeds decides "
+                        f"from them: run the study first (or give its --output_dir)")
+    own = own_seeds(study)
+    for c in compare(points, study.pairs, own):
+        if c.first is None:
+            verdict = f"not all of seeds {own[0]}-{own[-1]} are paired yet: undecided"
+        elif stats.excludes_zero(c.first):
+            verdict = f"excludes zero: seeds {' '.join(map(str, args.seed))} for both"
+            chosen += [c.point, c.reference]
+        else:
+            verdict = "includes zero: no more seeds"
+        first = f"{stats.format_difference(c.first)} over seeds {own[0]}-{own[-1]} " if c.first else ""
+        print(f"study.py: {c.label}: {first}{verdict}", flush=True)
+    return list(dict.fromkeys(chosen))  # one reference serves several comparisons
 
 
 def train_all(args, argv):
@@ -164,6 +174,7 @@ def train_all(args, argv):
     resume = f"python study.py {shlex.join(argv)}"
     points = points_by_the_rule(args) if args.more_seeds else study_points(STUDIES[args.study])
     if not points:
+        print("study.py: no comparison's interval excludes zero: the rule adds no seeds", flush=True)
         return 0
     commands = run_commands(args, points)
     tools.check_writable(Path(args.output_dir))
@@ -190,6 +201,12 @@ def finished(command):
         return False
 
 
+def log_name(command):
+    """blog-head-m8-p0.5-s42.log: one log per run of the protocol's folder, whichever study trains it."""
+    flag = lambda name: command[command.index(name) + 1]
+    return f"{Path(flag('--output_dir')).name}-m{flag('--dropout_num')}-p{flag('--dropout_p')}-s{flag('--seed')}.log"
+
+
 def train_in_workers(numbered, total, workers, log_dir, resume):
     """K run.py processes at once for the (number, command) pairs, each run's output in log_dir; a stop request
     stops them all at a step boundary."""
@@ -200,7 +217,7 @@ def train_in_workers(numbered, total, workers, log_dir, resume):
         while (pending and not tools.STOP and not failed) or active:
             while pending and len(active) < workers and not tools.STOP and not failed:
                 i, command = pending.pop(0)
-                log = open(log_dir / f"run{i:03d}.log", "a")  # a resumed run keeps its earlier output
+                log = open(log_dir / log_name(command), "a")  # a resumed run keeps its earlier output
                 active[i] = (subprocess.Popen([sys.executable, str(Path(run.__file__)), *command], stdout=log,
                                               stderr=subprocess.STDOUT, env=env, start_new_session=True), log)
                 print(f"study.py: run {i}/{total} started (log: {log.name})", flush=True)
@@ -269,8 +286,8 @@ def where_pair(a, b):
     return " / ".join(dict.fromkeys([where(a), where(b)]))
 
 
-def compare(points, pairs):
-    """[(label, point, reference, paired difference of the final valid accuracy or None, where the pairs ran)]."""
+def compare(points, pairs, own):
+    """[Comparison] for the pairs: the differences are None where no seed (or not all of own, for first) is paired."""
     found = []
     for label, point, reference in pairs:
         mine, theirs = points.get(point, {}), points.get(reference, {})
@@ -281,8 +298,10 @@ def compare(points, pairs):
                 raise UserError(f"{mine[seed]['dir']} ran on {where(mine[seed])} and {theirs[seed]['dir']} on "
                                 f"{where(theirs[seed])}: a pair must share its kind of device and precision")
         ran_on = collections.Counter(where_pair(mine[s], theirs[s]) for s in seeds)
-        found.append((label, point, reference, stats.paired_by_seed(runfiles.final_accuracies(mine),
-                                                                    runfiles.final_accuracies(theirs)), ran_on))
+        accuracies = runfiles.final_accuracies(mine), runfiles.final_accuracies(theirs)
+        first = stats.paired_by_seed(*({s: a[s] for s in own if s in a} for a in accuracies))
+        found.append(Comparison(label, point, reference, stats.paired_by_seed(*accuracies),
+                                first if first and first["n"] == len(own) else None, ran_on))
     return found
 
 
@@ -312,7 +331,7 @@ def draw(output_dir, name):
     import studyfigures
     study = STUDIES[name]
     points = collect(output_dir, study)
-    pairs = [pair for pair in compare(points, study.pairs) if pair[3]]
+    pairs = [c for c in compare(points, study.pairs, own_seeds(study)) if c.difference]
     if not pairs:
         raise UserError(f"{output_dir} holds no finished pair of runs for the {name} study; run it first")
     caption = studyfigures.caption(points, protocol_of(points))

@@ -33,9 +33,8 @@ def caption(points, protocol):
 
 
 def table(name, study, points, pairs, caption, more_seeds):
-    """NAME.md: every point, then every comparison with its interval and where its pairs ran; a comparison with
-    more than the study's seeds (the rule's more_seeds) also over its first ones.
-    pairs: [(label, point, reference, paired difference, Counter of where the pairs ran)]."""
+    """NAME.md: every point, then every comparison (study.Comparison) with its interval and where its pairs ran;
+    one paired over more than the study's own seeds also over those alone."""
     lines = [f"#### {name}: {study.about}", "", caption, "",
              "| setting | M | p | seeds | final valid acc | final valid error |", "|---|---:|---:|---:|---:|---:|"]
     for point in points:
@@ -44,15 +43,16 @@ def table(name, study, points, pairs, caption, more_seeds):
                      f"| {mean_std(1 - values)} |")
     lines += ["", "| comparison | seeds paired | Δ final valid acc [95% CI] | 95% half-width | seeds higher / lower "
               "| pairs ran on |", "|---|---:|---:|---:|---:|---|"]
-    for label, point, reference, d, ran_on in pairs:
-        lines.append(comparison_row(label, d, ran_on))
-        if d["n"] > study.seeds:
-            first = stats.first_paired(finals(points[point]), finals(points[reference]), study.seeds)
-            lines.append(comparison_row(f"{label} (first {study.seeds} seeds)", first, None))
+    for c in pairs:
+        lines.append(comparison_row(c.label, c.difference, c.ran_on))
+        if c.first and c.difference["n"] > c.first["n"]:
+            lines.append(comparison_row(f"{c.label} (first {c.first['n']} seeds)", c.first, None))
     lines += ["", "Δ: the setting's final valid accuracy minus the reference's, seed by seed (a seed gives both the "
               "same initial weights and data order). 95% CI: Student t on the paired differences. Rule, fixed "
-              f"before the runs: a comparison whose interval excludes 0 (marked *) gets {more_seeds} more seeds, "
-              f"and the table then shows the first {study.seeds} and all. Pairs ran on: 'a / b threads' means the "
+              f"before the runs: a comparison whose interval over the study's own {study.seeds} seeds excludes 0 "
+              f"(marked *) gets {more_seeds} more seeds; a comparison with more seeds than its own (the rule's, or "
+              "another study's runs of the same settings in the same folder) is shown over all of them and over "
+              "its first. Pairs ran on: 'a / b threads' means the "
               "setting's run used a CPU threads and the reference's b (threads change a CPU run's rounding, so its "
               "bits, not its initial weights, data order or masks)."]
     if study.figure == "convergence":
@@ -78,7 +78,7 @@ def epochs_to_target(runs, target):
 
 def epochs_to_target_table(points, pairs):
     """Epochs to reach one point below the M=1 runs' mean final valid accuracy, per setting and paired."""
-    reference = pairs[0][2]
+    reference = pairs[0].reference
     target = np.mean(list(finals(points.get(reference, {})).values() or [np.nan])) - 0.01
     lines = [f"Epochs to target: the first epoch whose valid accuracy reaches {target:.4f} (one point below the "
              "M=1 runs' mean final valid accuracy); runs that never reach it are counted apart and left out of "
@@ -89,7 +89,7 @@ def epochs_to_target_table(points, pairs):
         lines.append(f"| {point.setting} | {point.dropout_num} | {len(epochs)} | "
                      f"{epochs_mean_std(hit)} | {len(epochs) - len(hit)} |")
     lines += ["", "| comparison | pairs | Δ epochs to target [95% CI] | seeds sooner / later |", "|---|---:|---:|---:|"]
-    for label, point, ref, _, _ in pairs:
+    for label, point, ref, *_ in pairs:
         mine, theirs = reached.get(point, {}), reached.get(ref, {})
         both = {s for s in mine.keys() & theirs.keys() if mine[s] is not None and theirs[s] is not None}
         d = stats.paired_by_seed({s: mine[s] for s in both}, {s: theirs[s] for s in both})
@@ -129,7 +129,7 @@ def samples_figure(path, points, pairs, caption):
     top, bottom, right = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[:, 1])
     ms = sorted(p.dropout_num for p in points)
     error_bars(top, ms, [points[p] for p in sorted(points)], "mean ± std over seeds")
-    by_m = {point.dropout_num: d for _, point, _, d, _ in pairs}
+    by_m = {c.point.dropout_num: c.difference for c in pairs}
     difference_bars(bottom, sorted(by_m), [by_m[m] for m in sorted(by_m)])
     for ax in (top, bottom):
         ax.set_xscale("log", base=2)
@@ -155,7 +155,7 @@ def rate_figure(path, points, pairs, caption):
         line = sorted(p for p in points if p.dropout_num == m)
         error_bars(top, [p.dropout_p for p in line], [points[p] for p in line], trainingmonitor.samples_in_words(m))
     label_axes(top, "", "final valid error (mean ± std)", fontsize=8)
-    by_p = {point.dropout_p: d for _, point, _, d, _ in pairs}
+    by_p = {c.point.dropout_p: c.difference for c in pairs}
     difference_bars(bottom, sorted(by_p), [by_p[p] for p in sorted(by_p)])
     label_axes(bottom, "dropout probability p", "Δ accuracy, M=8 − M=1 (95% CI)", legend=False)
     save_figure(fig, path, f"final valid error against the dropout probability\n{caption}")
@@ -165,7 +165,7 @@ def convergence_figure(path, points, pairs, caption):
     """Epoch by epoch: the paired difference in valid accuracy and in training loss, with a 95% band."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, metric, ylabel in zip(axes, ("valid_acc", "train_loss"), ("Δ valid accuracy", "Δ training loss")):
-        for label, point, ref, _, _ in pairs:
+        for label, point, ref, *_ in pairs:
             mine, theirs = curves(points[point], metric), curves(points[ref], metric)
             seeds = sorted(mine.keys() & theirs.keys())
             n = min(len(mine[seeds[0]]), len(theirs[seeds[0]]))
@@ -180,7 +180,7 @@ def convergence_figure(path, points, pairs, caption):
 
 
 def gain_figure(path, points, pairs, caption):
-    trainingmonitor.plot_gain(path, [(label, d) for label, _, _, d, _ in pairs], caption)
+    trainingmonitor.plot_gain(path, [(c.label, c.difference) for c in pairs], caption)
 
 
 FIGURES = {"samples": samples_figure, "rate": rate_figure, "convergence": convergence_figure, "gain": gain_figure}

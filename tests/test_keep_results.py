@@ -84,21 +84,22 @@ def test_study_workers_train_each_run_once_and_leave_a_held_run_to_its_holder(sm
                         study.STUDIES["where"].pairs, "gain")
     monkeypatch.setitem(study.STUDIES, "where", small)
     argv = ["where", "--data_dir", small_cifar, "--output_dir", tmp_path, "--protocol", "smoke", "--seed", 1, "--workers", 2]
-    commands = study.run_commands(study.parse_args([str(a) for a in argv]))
+    commands = study.run_commands(study.parse_args([str(a) for a in argv]), study.study_points(small))
     held = run_dir_of(*commands[1])  # avg2, dropout_num 8
     with runlock.hold(held):  # this process holds it: the workers' run.py processes are refused and move on
         assert study.main(argv) == 0
     out = capsys.readouterr().out
     assert out.count("started") == 3 and "run 2/3 exited 75 (another process trains it)" in out
     assert not held.exists() and len(run_dirs(tmp_path / "avg2", 1)) == len(run_dirs(tmp_path / "avg2-flip", 8)) == 1
-    logs = sorted((tmp_path / "logs").glob("run*.log"))
-    assert len(logs) == 3 and "is being trained by process" in logs[1].read_text()
+    logs = sorted((tmp_path / "logs").iterdir())  # named by the run, not by its place in one study's list
+    assert [log.name for log in logs] == ["avg2-flip-m8-p0.5-s1.log", "avg2-m1-p0.5-s1.log", "avg2-m8-p0.5-s1.log"]
+    assert "is being trained by process" in logs[2].read_text()
     assert study.main(argv) == 0  # released: the held run trains now; the finished ones start no process
     out = capsys.readouterr().out
     assert "2 of 3 runs are finished; 1 to train" in out and out.count("started") == 1 and "run 2/3 started" in out
     assert held.exists() and len(rows(held)) == 2
     assert not any("nothing to do" in log.read_text() for log in logs)
-    assert "is being trained by process" in logs[1].read_text()  # its log is added to, not replaced
+    assert "is being trained by process" in logs[2].read_text()  # its log is added to, not replaced
     table = (tmp_path / "where.md").read_text()
     assert "| --pool avg2: M=8 − M=1 | 1 |" in table
 

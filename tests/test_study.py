@@ -72,8 +72,9 @@ def write_runs(folder, finals, seeds=(42, 43, 44), precision="fp32", train_size=
 
 
 def comparisons(folder, name):
-    return {label: d for label, _, _, d, _ in study.compare(study.collect(folder, study.STUDIES[name]),
-                                                            study.STUDIES[name].pairs) if d}
+    s = study.STUDIES[name]
+    return {c.label: c.difference for c in study.compare(study.collect(folder, s), s.pairs, study.own_seeds(s))
+            if c.difference}
 
 
 def test_the_comparisons_are_paired_differences_with_a_hand_computed_interval(tmp_path):
@@ -110,16 +111,20 @@ def test_an_interval_that_excludes_zero_is_marked_and_more_seeds_show_the_first_
     assert study.main(["convergence", "--compare", tmp_path]) == 0  # ten seeds are its own: no "first" row
     table = (tmp_path / "convergence.md").read_text()
     assert "| M=8 − M=1 | 10 | +0.0150 [+0.0112, +0.0188] * |" in table and "(first" not in table
-    assert "gets 5 more seeds, and the table then shows the first 10 and all" in table
+    assert "interval over the study's own 10 seeds excludes 0 (marked *) gets 5 more seeds" in table
     assert "| blog-head | 8 | 10 | 2.0 ± 0.0 | 0 |" in table  # epochs to target 0.49: the second epoch
     assert (tmp_path / "convergence.png").stat().st_size > 0
 
 
 def write_rule_runs(folder):
-    """samples runs: M=16 − M=1 excludes zero over seeds 42-46 (not over all ten), M=2 − M=1 does not, and M=4 has
-    four seeds."""
+    """samples runs: M=16 − M=1 and M=32 − M=1 exclude zero over seeds 42-46 (M=16 not over all ten), M=2 − M=1
+    does not, and M=4 has four seeds."""
     write_runs(folder, {1: [0.50] * 10, 16: [0.52, 0.53, 0.52, 0.53, 0.52] + [0.45] * 5}, range(42, 52))
-    write_runs(folder, {2: [0.52, 0.48, 0.51, 0.49, 0.50], 4: [0.6] * 4}, range(42, 47))
+    write_runs(folder, {2: [0.52, 0.48, 0.51, 0.49, 0.50], 4: [0.6] * 4, 32: [0.51, 0.52] * 2 + [0.51]}, range(42, 47))
+
+
+def seeds_and_samples(commands):
+    return [(c[c.index("--seed") + 1], c[c.index("--dropout_num") + 1]) for c in commands]
 
 
 def test_more_seeds_goes_to_the_two_points_of_each_comparison_that_excludes_zero_over_the_first_five(tmp_path, capsys):
@@ -127,14 +132,21 @@ def test_more_seeds_goes_to_the_two_points_of_each_comparison_that_excludes_zero
     args = study.parse_args(["samples", "--more_seeds", "--output_dir", str(tmp_path)])
     assert args.seed == [47, 48, 49, 50, 51]
     points = study.points_by_the_rule(args)
-    assert points == [study.Point("blog-head", 16, 0.5), study.Point("blog-head", 1, 0.5)]
+    assert points == [study.Point("blog-head", m, 0.5) for m in (16, 1, 32)]  # M=1 once, for both
     out = capsys.readouterr().out
-    assert "M=16 − M=1: +0.0240 [" in out and "over seeds 42-46 excludes zero; seeds 47 48 49 50 51 for both" in out
-    assert "M=4 − M=1: 4 of seeds 42-46 paired; the rule decides once all are" in out and "M=2 − M=1:" not in out
-    commands = study.run_commands(args, points)
-    assert [(c[c.index("--seed") + 1], c[c.index("--dropout_num") + 1]) for c in commands] == [
-        (str(s), m) for s in range(47, 52) for m in ("16", "1")]
-    assert study.parse_args(["convergence", "--more_seeds"]).seed == [52, 53, 54, 55, 56]  # after its ten
+    assert "M=16 − M=1: +0.0240 [" in out and "over seeds 42-46 excludes zero: seeds 47 48 49 50 51 for both" in out
+    assert "M=2 − M=1: +0.0000 [" in out and "includes zero: no more seeds" in out
+    assert "M=4 − M=1: not all of seeds 42-46 are paired yet: undecided" in out
+    assert seeds_and_samples(study.run_commands(args, points)) == [(str(s), m) for s in range(47, 52) for m in ("16", "1", "32")]
+
+
+def test_more_seeds_decides_over_the_studys_own_seeds_ten_for_convergence(tmp_path, capsys):
+    write_runs(tmp_path / "blog-head", {1: [0.50] * 10, 8: [0.52] * 5 + [0.48] * 5, 0: [0.5] * 9}, range(42, 52))
+    args = study.parse_args(["convergence", "--more_seeds", "--output_dir", str(tmp_path)])
+    assert args.seed == [52, 53, 54, 55, 56] and study.points_by_the_rule(args) == []  # over 42-46 alone, M=8 would
+    out = capsys.readouterr().out
+    assert "M=8 − M=1: +0.0000 [" in out and "over seeds 42-51 includes zero" in out
+    assert "M=0 − M=1: not all of seeds 42-51 are paired yet: undecided" in out
 
 
 def test_more_seeds_trains_only_the_rules_runs_or_nothing_and_then_draws(tmp_path, capsys, monkeypatch):
@@ -142,13 +154,26 @@ def test_more_seeds_trains_only_the_rules_runs_or_nothing_and_then_draws(tmp_pat
     trained = []
     monkeypatch.setattr(study.run, "main", lambda argv, resume_command: trained.append(argv) or 0)
     assert study.main(["samples", "--more_seeds", "--output_dir", tmp_path, "--seed", "60"]) == 0
-    assert [c[c.index("--dropout_num") + 1] for c in trained] == ["16", "1"] and trained[0][-5] == "60"
-    assert "| M=16 − M=1 | 10 | " in (tmp_path / "samples.md").read_text()
+    assert seeds_and_samples(trained) == [("60", "16"), ("60", "1"), ("60", "32")]
+    table = (tmp_path / "samples.md").read_text()
+    assert "| M=16 − M=1 | 10 | -0.0130 [" in table and "| M=16 − M=1 (first 5 seeds) | 5 | +0.0240 [" in table
     trained.clear()
-    for config in (tmp_path / "blog-head").glob("m16_p0.5_s4[2-6]*/config.json"):
-        config.parent.rename(tmp_path / config.parent.name)  # M=16 has only seeds 47-51: undecided, so nothing
+    for folder in (tmp_path / "blog-head").glob("m16_p0.5_s4[2-6]*"):
+        folder.rename(tmp_path / folder.name)  # M=16 keeps only seeds 47-51: undecided
+    for folder in (tmp_path / "blog-head").glob("m32_p0.5_s*"):
+        folder.rename(tmp_path / folder.name)
     assert study.main(["samples", "--more_seeds", "--output_dir", tmp_path]) == 0 and not trained
-    assert "no decided comparison excludes zero: the rule adds no seeds" in capsys.readouterr().out
+    assert "no comparison's interval excludes zero: the rule adds no seeds" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seed", "46", "47"], "--more_seeds adds seeds after the study's own (42 to 46); leave out --seed, or give others"),
+    ([], "holds no finished runs of the samples study, and --more_seeds decides from them: run the study first"),
+])
+def test_more_seeds_refuses_the_studys_own_seeds_or_a_folder_without_runs_in_one_line(tmp_path, capsys, argv, message):
+    assert study.main(["samples", "--more_seeds", "--output_dir", tmp_path, *argv]) == 2
+    out, err = capsys.readouterr()
+    assert message in err and err.count("\n") == 1 and not out
 
 
 def test_samples_and_rate_draw_error_against_m_and_p_with_paired_differences(tmp_path):
@@ -207,7 +232,7 @@ def test_the_protocols_say_their_sizes_and_the_defaults_follow_the_study():
     args = study.parse_args(["samples", "--protocol", "full"])
     assert args.seed == [42, 43, 44, 45, 46] and args.output_dir == "outputs/study-full"
     assert study.parse_args(["convergence"]).seed == list(range(42, 52))
-    commands = study.run_commands(study.parse_args(["rate", "--seed", "7"]))
+    commands = study.run_commands(study.parse_args(["rate", "--seed", "7"]), study.study_points(study.STUDIES["rate"]))
     assert len(commands) == 10 and commands[0][-6:] == ["--seed", "7", "--dropout_num", "1", "--dropout_p", "0.1"]
 
 
