@@ -6,8 +6,11 @@ import pytest
 
 import experiment
 import run
+import runfiles
+import stats
 import study
-from conftest import cli, fake_run, run_dirs, write_json
+from conftest import ROOT, cli, fake_run, run_dirs, write_json
+from trainingmonitor import mean_std
 
 T_975_2DF = 4.302652729749464  # Student t, 97.5th percentile, 2 degrees of freedom
 
@@ -286,3 +289,18 @@ def test_a_gpu_run_is_named_without_threads_which_do_not_change_its_bits():
     config = {"device": "cuda:0", "hardware": "NVIDIA H200", "precision": "bf16", "threads": 8}
     assert study.where({"config": config}) == "NVIDIA H200, bf16"
     assert study.where({"config": {**config, "device": "cpu", "hardware": "Some CPU"}}) == "Some CPU, bf16, 8 threads"
+
+
+def test_the_readmes_samples_table_is_what_the_committed_runs_give_over_seeds_42_to_46():
+    samples = study.STUDIES["samples"]
+    points = study.collect(ROOT / "docs" / "study-converged", samples)
+    accuracies = {point.dropout_num: {seed: acc for seed, acc in runfiles.final_accuracies(runs).items()
+                                      if seed in study.own_seeds(samples)} for point, runs in points.items()}
+    rows = []
+    for m, finals in accuracies.items():
+        d = stats.paired_by_seed(finals, accuracies[1]) if m != 1 else None
+        difference = f"{stats.format_difference(d)} | {d['higher']} / {d['lower']}" if d else "|"
+        rows.append(f"| {m} | {mean_std(list(finals.values()))} | {difference} |".replace("-", "−"))
+    readme = (ROOT / "README.md").read_text()
+    assert len(rows) == 7 and all(len(finals) == 5 for finals in accuracies.values())
+    assert "\n".join(rows) in readme, "\n".join(rows)
