@@ -54,9 +54,10 @@ SETTINGS = {
 }
 Study = collections.namedtuple("Study", "about seeds runs pairs figure")
 Point = collections.namedtuple("Point", "setting dropout_num dropout_p")  # one setting's runs at one (M, p)
-# A paired comparison of final valid accuracies over every shared seed (difference), and over the study's own seeds
-# (first: None until all of them are paired; the rule decides on it), with a Counter of where the pairs ran.
-Comparison = collections.namedtuple("Comparison", "label point reference difference first ran_on")
+# A paired comparison of final valid accuracies over every shared seed (difference), over the study's own seeds
+# (first: None until all of them are paired; the rule decides on it) and over the seeds after them (later: the
+# rule's more seeds, the test of what first found; None without any), with a Counter of where the pairs ran.
+Comparison = collections.namedtuple("Comparison", "label point reference difference first later ran_on")
 
 
 def eight_vs(setting, reference="blog-head", m=1):
@@ -300,8 +301,9 @@ def compare(points, pairs, own):
         ran_on = collections.Counter(where_pair(mine[s], theirs[s]) for s in seeds)
         accuracies = runfiles.final_accuracies(mine), runfiles.final_accuracies(theirs)
         first = stats.paired_by_seed(*({s: a[s] for s in own if s in a} for a in accuracies))
+        later = stats.paired_by_seed(*({s: acc for s, acc in a.items() if s > own[-1]} for a in accuracies))
         found.append(Comparison(label, point, reference, stats.paired_by_seed(*accuracies),
-                                first if first and first["n"] == len(own) else None, ran_on))
+                                first if first and first["n"] == len(own) else None, later, ran_on))
     return found
 
 

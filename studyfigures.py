@@ -45,16 +45,17 @@ def table(name, study, points, pairs, caption, more_seeds):
               "| pairs ran on |", "|---|---:|---:|---:|---:|---|"]
     for c in pairs:
         lines.append(comparison_row(c.label, c.difference, c.ran_on))
-        if c.first and c.difference["n"] > c.first["n"]:
+        if c.first and c.later:
             lines.append(comparison_row(f"{c.label} (first {c.first['n']} seeds)", c.first, None))
+            lines.append(comparison_row(f"{c.label} (the {c.later['n']} seeds after them)", c.later, None))
     lines += ["", "Δ: the setting's final valid accuracy minus the reference's, seed by seed (a seed gives both the "
               "same initial weights and data order). 95% CI: Student t on the paired differences. Rule, fixed "
               f"before the runs: a comparison whose interval over the study's own {study.seeds} seeds excludes 0 "
               f"(marked *) gets {more_seeds} more seeds; a comparison with more seeds than its own (the rule's, or "
-              "another study's runs of the same settings in the same folder) is shown over all of them and over "
-              "its first. Pairs ran on: 'a / b threads' means the "
-              "setting's run used a CPU threads and the reference's b (threads change a CPU run's rounding, so its "
-              "bits, not its initial weights, data order or masks)."]
+              "another study's runs of the same settings in the same folder) is shown over all of them, over "
+              "its first, and over the seeds after those: the test of what the first found. Pairs ran on: "
+              "'a / b threads' means the setting's run used a CPU threads and the reference's b (threads change a "
+              "CPU run's rounding, so its bits, not its initial weights, data order or masks)."]
     if study.figure == "convergence":
         lines += ["", *epochs_to_target_table(points, pairs)]
     return "\n".join(lines) + "\n"

@@ -160,6 +160,8 @@ def test_more_seeds_trains_only_the_rules_runs_or_nothing_and_then_draws(tmp_pat
     assert seeds_and_samples(trained) == [("60", "16"), ("60", "1"), ("60", "32")]
     table = (tmp_path / "samples.md").read_text()
     assert "| M=16 − M=1 | 10 | -0.0130 [" in table and "| M=16 − M=1 (first 5 seeds) | 5 | +0.0240 [" in table
+    assert "| M=16 − M=1 (the 5 seeds after them) | 5 | -0.0500 [-0.0500, -0.0500] * |" in table
+    assert "| M=2 − M=1 (" not in table  # five seeds: one row
     trained.clear()
     for folder in (tmp_path / "blog-head").glob("m16_p0.5_s4[2-6]*"):
         folder.rename(tmp_path / folder.name)  # M=16 keeps only seeds 47-51: undecided
