@@ -154,7 +154,7 @@ def points_by_the_rule(args):
     points = collect(args.output_dir, study)
     if not points:
         raise UserError(f"{args.output_dir} holds no finished runs of the {args.study} study, and --more_seeds decides "
-                        f"from them: run the study first (or give its --output_dir)")
+                        "from them: run the study first (or give its --output_dir)")
     own = own_seeds(study)
     for c in compare(points, study.pairs, own):
         if c.first is None:

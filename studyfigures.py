@@ -90,13 +90,13 @@ def epochs_to_target_table(points, pairs):
         lines.append(f"| {point.setting} | {point.dropout_num} | {len(epochs)} | "
                      f"{epochs_mean_std(hit)} | {len(epochs) - len(hit)} |")
     lines += ["", "| comparison | pairs | Δ epochs to target [95% CI] | seeds sooner / later |", "|---|---:|---:|---:|"]
-    for label, point, ref, *_ in pairs:
-        mine, theirs = reached.get(point, {}), reached.get(ref, {})
+    for c in pairs:
+        mine, theirs = reached.get(c.point, {}), reached.get(c.reference, {})
         both = {s for s in mine.keys() & theirs.keys() if mine[s] is not None and theirs[s] is not None}
         d = stats.paired_by_seed({s: mine[s] for s in both}, {s: theirs[s] for s in both})
         if d:
             interval = f"[{d['interval'][0]:+.2f}, {d['interval'][1]:+.2f}]" if d["interval"] else "(one pair)"
-            lines.append(f"| {label} | {d['n']} | {d['mean']:+.2f} {interval} | {d['lower']} / {d['higher']} |")
+            lines.append(f"| {c.label} | {d['n']} | {d['mean']:+.2f} {interval} | {d['lower']} / {d['higher']} |")
     return lines
 
 
@@ -166,13 +166,13 @@ def convergence_figure(path, points, pairs, caption):
     """Epoch by epoch: the paired difference in valid accuracy and in training loss, with a 95% band."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, metric, ylabel in zip(axes, ("valid_acc", "train_loss"), ("Δ valid accuracy", "Δ training loss")):
-        for label, point, ref, *_ in pairs:
-            mine, theirs = curves(points[point], metric), curves(points[ref], metric)
+        for c in pairs:
+            mine, theirs = curves(points[c.point], metric), curves(points[c.reference], metric)
             seeds = sorted(mine.keys() & theirs.keys())
             n = min(len(mine[seeds[0]]), len(theirs[seeds[0]]))
             per_epoch = [stats.paired_difference([mine[s][e] for s in seeds], [theirs[s][e] for s in seeds]) for e in range(n)]
-            epochs = epochs_of(points[point])[:n]
-            (line,) = ax.plot(epochs, [d["mean"] for d in per_epoch], marker=".", label=f"{label} ({len(seeds)} seeds)")
+            epochs = epochs_of(points[c.point])[:n]
+            (line,) = ax.plot(epochs, [d["mean"] for d in per_epoch], marker=".", label=f"{c.label} ({len(seeds)} seeds)")
             if all(d["interval"] for d in per_epoch):
                 ax.fill_between(epochs, *zip(*[d["interval"] for d in per_epoch]), alpha=0.2, color=line.get_color())
         ax.axhline(0, color="grey", lw=1)
