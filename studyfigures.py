@@ -109,16 +109,28 @@ def epochs_mean_std(values):
 def error_bars(ax, x, runs_by_x, label, marker="o"):
     """Final valid error, mean +- std over seeds, against x."""
     errors = [1 - np.array(list(finals(runs).values())) for runs in runs_by_x]
-    ax.errorbar(x, [e.mean() for e in errors], yerr=[e.std(ddof=1) if len(e) > 1 else 0 for e in errors],
-                capsize=3, marker=marker, label=label)
+    means = [e.mean() for e in errors]
+    ax.errorbar(x, means, yerr=[e.std(ddof=1) if len(e) > 1 else 0 for e in errors], capsize=3, marker=marker, label=label)
+    seed_counts(ax, x, means, [len(e) for e in errors])
+
+
+N_MEANS = "n: seeds of a point, pairs of a difference"
+
+
+def seed_counts(ax, x, y, counts):
+    """'n=5' beside each point: the points of one figure may have different numbers of seeds (the rule's more)."""
+    for xi, yi, n in zip(x, y, counts):
+        ax.annotate(f"n={n}", (xi, yi), xytext=(5, 3), textcoords="offset points", fontsize=7, color="dimgrey")
+    ax.margins(x=0.08, y=0.1)  # room for the labels of the points at the edges
 
 
 def difference_bars(ax, x, differences, label=None):
-    """Paired differences with their 95% intervals (a bare point where there is one seed), and zero."""
+    """Paired differences with their 95% intervals (a bare point where there is one seed), the pairs' count, and zero."""
     means = [d["mean"] for d in differences]
     low = [d["mean"] - d["interval"][0] if d["interval"] else 0 for d in differences]
     high = [d["interval"][1] - d["mean"] if d["interval"] else 0 for d in differences]
     ax.errorbar(x, means, yerr=[low, high], fmt="o", capsize=4, label=label)
+    seed_counts(ax, x, means, [d["n"] for d in differences])
     ax.axhline(0, color="grey", lw=1)
 
 
@@ -138,11 +150,12 @@ def samples_figure(path, points, pairs, caption):
     label_axes(top, "", "final valid error (mean ± std)", legend=False)
     label_axes(bottom, "dropout samples M (log2 axis)", "Δ accuracy vs M=1 (95% CI)", legend=False)
     for point in sorted(points):
-        trainingmonitor.draw_band(right, epochs_of(points[point]), np.array(list(curves(points[point], "train_loss").values())),
-                                  trainingmonitor.samples_in_words(point.dropout_num))
+        losses = np.array(list(curves(points[point], "train_loss").values()))
+        trainingmonitor.draw_band(right, epochs_of(points[point]), losses,
+                                  f"{trainingmonitor.samples_in_words(point.dropout_num)} (n={len(losses)})")
     right.set_yscale("log")
     label_axes(right, "epoch", "training loss (mean ± std; log axis)", fontsize=8)
-    save_figure(fig, path, f"final valid error against the number of dropout samples, and training loss\n{caption}")
+    save_figure(fig, path, f"final valid error against the number of dropout samples, and training loss\n{caption}\n{N_MEANS}")
 
 
 def epochs_of(runs):
@@ -159,7 +172,7 @@ def rate_figure(path, points, pairs, caption):
     by_p = {c.point.dropout_p: c.difference for c in pairs}
     difference_bars(bottom, sorted(by_p), [by_p[p] for p in sorted(by_p)])
     label_axes(bottom, "dropout probability p", "Δ accuracy, M=8 − M=1 (95% CI)", legend=False)
-    save_figure(fig, path, f"final valid error against the dropout probability\n{caption}")
+    save_figure(fig, path, f"final valid error against the dropout probability\n{caption}\n{N_MEANS}")
 
 
 def convergence_figure(path, points, pairs, caption):

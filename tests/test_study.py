@@ -9,6 +9,7 @@ import run
 import runfiles
 import stats
 import study
+import studyfigures
 from conftest import ROOT, cli, fake_run, run_dirs, write_json
 from trainingmonitor import mean_std
 
@@ -194,6 +195,19 @@ def test_samples_and_rate_draw_error_against_m_and_p_with_paired_differences(tmp
         assert study.main([name, "--compare", tmp_path]) == 0
         assert (tmp_path / f"{name}.png").stat().st_size > 0
     assert "| blog-head | 64 | 0.5 | 2 | 0.5690 ± 0.0071 | 0.4310 ± 0.0071 |" in (tmp_path / "samples.md").read_text()
+
+
+def test_the_samples_and_rate_figures_label_each_point_with_its_seeds_when_the_rule_gave_some_more(tmp_path, monkeypatch):
+    write_runs(tmp_path / "blog-head", {1: [0.50] * 10, 16: [0.52, 0.53] * 5}, range(42, 52))
+    write_runs(tmp_path / "blog-head", {2: [0.51, 0.50, 0.52, 0.49, 0.50]}, range(42, 47))
+    drawn = {}
+    monkeypatch.setattr(studyfigures, "save_figure", lambda fig, path, title: drawn.update(
+        texts=[t.get_text() for ax in fig.axes for t in ax.texts], legend=[t.get_text() for t in fig.axes[2].get_legend().get_texts()],
+        title=title))
+    assert study.main(["samples", "--compare", tmp_path]) == 0
+    assert sorted(drawn["texts"]) == sorted(["n=10", "n=5", "n=10"] + ["n=5", "n=10"])  # points M=1 2 16; differences
+    assert drawn["legend"] == ["dropout (n=10)", "2 samples (n=5)", "16 samples (n=10)"]
+    assert "n: seeds of a point, pairs of a difference" in drawn["title"]
 
 
 def test_a_pair_across_precisions_or_two_runs_of_one_seed_are_refused(tmp_path, capsys):
