@@ -140,11 +140,13 @@ def study_points(study):
 
 
 def run_commands(args, points):
-    """run.py's argv for the runs of the points, seeds outermost: the pairs of a seed complete together."""
-    return [["--data_dir", args.data_dir, "--output_dir", str(Path(args.output_dir) / point.setting),
+    """{run's name: run.py's argv} for the runs of the points, seeds outermost: the pairs of a seed complete together.
+    The name (blog-head-m8-p0.5-s42) is the run's within the protocol's folder, whichever study trains it."""
+    return {f"{point.setting}-m{point.dropout_num}-p{point.dropout_p}-s{seed}":
+            ["--data_dir", args.data_dir, "--output_dir", str(Path(args.output_dir) / point.setting),
              *PROTOCOLS[args.protocol][0], *SETTINGS[point.setting][1], "--seed", str(seed),
              "--dropout_num", str(point.dropout_num), "--dropout_p", str(point.dropout_p)]
-            for seed in args.seed for point in points]
+            for seed in args.seed for point in points}
 
 
 def points_by_the_rule(args):
@@ -180,13 +182,13 @@ def train_all(args, argv):
     commands = run_commands(args, points)
     tools.check_writable(Path(args.output_dir))
     if args.workers == 1:  # in this process: a finished run is skipped at once
-        for i, command in enumerate(commands, 1):
+        for i, command in enumerate(commands.values(), 1):
             print(f"study.py: run {i}/{len(commands)}", flush=True)
             status = run.main(command, resume_command=resume)
             if status not in (0, runlock.HELD):
                 return status  # run.py said why
         return 0
-    left = [(i, command) for i, command in enumerate(commands, 1) if not finished(command)]
+    left = [(i, name, command) for i, (name, command) in enumerate(commands.items(), 1) if not finished(command)]
     print(f"study.py: {len(commands) - len(left)} of {len(commands)} runs are finished; {len(left)} to train, "
           f"{args.workers} at a time", flush=True)
     return train_in_workers(left, len(commands), args.workers, Path(args.output_dir) / "logs", resume)
@@ -202,23 +204,17 @@ def finished(command):
         return False
 
 
-def log_name(command):
-    """blog-head-m8-p0.5-s42.log: one log per run of the protocol's folder, whichever study trains it."""
-    flag = lambda name: command[command.index(name) + 1]
-    return f"{Path(flag('--output_dir')).name}-m{flag('--dropout_num')}-p{flag('--dropout_p')}-s{flag('--seed')}.log"
-
-
 def train_in_workers(numbered, total, workers, log_dir, resume):
-    """K run.py processes at once for the (number, command) pairs, each run's output in log_dir; a stop request
-    stops them all at a step boundary."""
+    """K run.py processes at once for the (number, name, command) runs, each run's output in log_dir/NAME.log; a stop
+    request stops them all at a step boundary."""
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(tools.threads_per_worker(workers))}  # the cores, shared
     pending, active, failed, stopping = list(numbered), {}, [], set()
     with tools.stop_on_signals(second_stops_at_once=False):
         while (pending and not tools.STOP and not failed) or active:
             while pending and len(active) < workers and not tools.STOP and not failed:
-                i, command = pending.pop(0)
-                log = open(log_dir / log_name(command), "a")  # a resumed run keeps its earlier output
+                i, name, command = pending.pop(0)
+                log = open(log_dir / f"{name}.log", "a")  # a resumed run keeps its earlier output
                 active[i] = (subprocess.Popen([sys.executable, str(Path(run.__file__)), *command], stdout=log,
                                               stderr=subprocess.STDOUT, env=env, start_new_session=True), log)
                 print(f"study.py: run {i}/{total} started (log: {log.name})", flush=True)

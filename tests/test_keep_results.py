@@ -85,7 +85,7 @@ def test_study_workers_train_each_run_once_and_leave_a_held_run_to_its_holder(sm
     monkeypatch.setitem(study.STUDIES, "where", small)
     argv = ["where", "--data_dir", small_cifar, "--output_dir", tmp_path, "--protocol", "smoke", "--seed", 1, "--workers", 2]
     commands = study.run_commands(study.parse_args([str(a) for a in argv]), study.study_points(small))
-    held = run_dir_of(*commands[1])  # avg2, dropout_num 8
+    held = run_dir_of(*commands["avg2-m8-p0.5-s1"])
     with runlock.hold(held):  # this process holds it: the workers' run.py processes are refused and move on
         assert study.main(argv) == 0
     out = capsys.readouterr().out

@@ -141,7 +141,7 @@ def test_more_seeds_goes_to_the_two_points_of_each_comparison_that_excludes_zero
     assert "M=16 − M=1: +0.0240 [" in out and "over seeds 42-46 excludes zero: seeds 47 48 49 50 51 for both" in out
     assert "M=2 − M=1: +0.0000 [" in out and "includes zero: no more seeds" in out
     assert "M=4 − M=1: not all of seeds 42-46 are paired yet: undecided" in out
-    assert seeds_and_samples(study.run_commands(args, points)) == [(str(s), m) for s in range(47, 52) for m in ("16", "1", "32")]
+    assert seeds_and_samples(study.run_commands(args, points).values()) == [(str(s), m) for s in range(47, 52) for m in ("16", "1", "32")]
 
 
 def test_more_seeds_decides_over_the_studys_own_seeds_ten_for_convergence(tmp_path, capsys):
@@ -252,7 +252,8 @@ def test_the_protocols_say_their_sizes_and_the_defaults_follow_the_study():
     assert args.seed == [42, 43, 44, 45, 46] and args.output_dir == "outputs/study-full"
     assert study.parse_args(["convergence"]).seed == list(range(42, 52))
     commands = study.run_commands(study.parse_args(["rate", "--seed", "7"]), study.study_points(study.STUDIES["rate"]))
-    assert len(commands) == 10 and commands[0][-6:] == ["--seed", "7", "--dropout_num", "1", "--dropout_p", "0.1"]
+    assert list(commands)[:2] == ["blog-head-m1-p0.1-s7", "blog-head-m8-p0.1-s7"] and len(commands) == 10
+    assert commands["blog-head-m1-p0.1-s7"][-6:] == ["--seed", "7", "--dropout_num", "1", "--dropout_p", "0.1"]
 
 
 @pytest.mark.parametrize("argv, message", [
