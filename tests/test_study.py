@@ -1,5 +1,6 @@
 """The head options from the command line, and the study that compares them."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -332,3 +333,17 @@ def test_the_readmes_answer_tables_are_what_the_committed_runs_give():
     names = {0: "no dropout", 1: "dropout (M=1)", 8: "8 samples (M=8)"}
     accuracies = {m: runfiles.final_accuracies(runs) for m, runs in sorted(full.items())}
     assert sorted(full) == [0, 1, 8] and answer_rows(accuracies, names) in readme
+
+
+COMMITTED_STUDIES = sorted((table.parent, table.stem) for table in (ROOT / "docs").glob("study-*/*.md")
+                           if table.stem in study.STUDIES)
+
+
+@pytest.mark.parametrize("folder, name", COMMITTED_STUDIES, ids=[f"{f.name}/{n}" for f, n in COMMITTED_STUDIES])
+def test_each_committed_study_table_and_figure_is_what_its_committed_runs_draw_byte_for_byte(folder, name, tmp_path):
+    copy = tmp_path / folder.name
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("*.md", "*.png"))  # the runs alone
+    assert study.main([name, "--compare", copy]) == 0
+    for drawn in (f"{name}.md", f"{name}.png"):
+        assert (copy / drawn).read_bytes() == (folder / drawn).read_bytes(), f"redraw {folder / drawn}"
+    assert {n for _, n in COMMITTED_STUDIES} >= {"samples", "rate", "where"}  # the glob found the committed studies
