@@ -58,6 +58,8 @@ def table(name, study, points, pairs, caption, more_seeds):
               "CPU run's rounding, so its bits, not its initial weights, data order or masks)."]
     if study.figure == "convergence":
         lines += ["", *epochs_to_target_table(points, pairs)]
+    if study.figure == "samples":
+        lines += ["", *losses_table(points, pairs[0].reference)]
     return "\n".join(lines) + "\n"
 
 
@@ -66,6 +68,25 @@ def comparison_row(label, d, ran_on):
     where = "; ".join(f"{k} ×{n}" for k, n in sorted(ran_on.items())) if ran_on else "(as above)"
     return (f"| {label} | {d['n']} | {format_difference(d)}{' *' if stats.excludes_zero(d) else ''} | "
             f"{f'±{half:.4f}' if half is not None else '-'} | {d['higher']} / {d['lower']} | {where} |")
+
+
+def losses_table(points, reference):
+    """The paper's 'fewer iterations' in numbers: each point's mean training loss before the lr drop and at the end,
+    the epoch from which it stays below the reference's, and the final valid loss."""
+    milestone = next(iter(points[reference].values()))["config"]["lr_milestone"]
+    means = {point: np.mean(list(curves(runs, "train_loss").values()), axis=0) for point, runs in points.items()}
+    lines = [f"Losses, mean ± std over each point's seeds: training loss at epoch {milestone} (the last before the lr "
+             "drop) and at the end; 'below M=1 from' is the epoch from which the mean training loss stays below M=1's.",
+             "", f"| M | seeds | train loss, epoch {milestone} | train loss, final | below M=1 from epoch | final valid loss |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for point, runs in points.items():
+        train = np.array(list(curves(runs, "train_loss").values()))
+        valid = [r["history"][-1]["valid_loss"] for r in runs.values()]
+        below = means[point] < means[reference][:len(means[point])]
+        since = len(below) - np.argmin(below[::-1]) + 1 if not below.all() else 1  # after the last epoch not below
+        lines.append(f"| {point.dropout_num} | {len(runs)} | {mean_std(train[:, milestone - 1])} | {mean_std(train[:, -1])} "
+                     f"| {'-' if point == reference or not below[-1] else since} | {mean_std(valid)} |")
+    return lines
 
 
 def epochs_to_target(runs, target):

@@ -211,6 +211,26 @@ def test_the_samples_and_rate_figures_label_each_point_with_its_seeds_when_the_r
     assert "n: seeds of a point, pairs of a difference" in drawn["title"]
 
 
+def test_the_samples_table_gives_training_loss_before_the_lr_drop_and_at_the_end_and_since_when_it_is_below_m1(tmp_path):
+    losses = {1: ([1.0, 0.5], [1.0, 0.7]), 2: ([1.1, 0.4], [1.1, 0.2]), 4: ([0.9, 0.5], [0.9, 0.5]),
+              8: ([0.9, 0.8], [0.9, 0.8])}
+    write_runs(tmp_path / "blog-head", {m: [0.5, 0.5] for m in losses}, (42, 43))
+    for m, per_seed in losses.items():
+        for seed, curve in zip((42, 43), per_seed):
+            path = tmp_path / "blog-head" / f"m{m}_p0.5_s{seed}-fp32" / "metrics.json"
+            history = json.loads(path.read_text())
+            for row, loss in zip(history, curve):
+                row.update(train_loss=loss, valid_loss=loss + m)
+            write_json(path, history)
+    assert study.main(["samples", "--compare", tmp_path]) == 0
+    table = (tmp_path / "samples.md").read_text()
+    assert "| M | seeds | train loss, epoch 1 | train loss, final | below M=1 from epoch | final valid loss |" in table
+    assert "| 1 | 2 | 1.0000 ± 0.0000 | 0.6000 ± 0.1414 | - | 1.6000 ± 0.1414 |" in table
+    assert "| 2 | 2 | 1.1000 ± 0.0000 | 0.3000 ± 0.1414 | 2 | 2.3000 ± 0.1414 |" in table  # above at epoch 1
+    assert "| 4 | 2 | 0.9000 ± 0.0000 | 0.5000 ± 0.0000 | 1 | 4.5000 ± 0.0000 |" in table
+    assert "| 8 | 2 | 0.9000 ± 0.0000 | 0.8000 ± 0.0000 | - | 8.8000 ± 0.0000 |" in table  # above at the end
+
+
 def test_a_pair_across_precisions_or_two_runs_of_one_seed_are_refused(tmp_path, capsys):
     write_runs(tmp_path / "blog-head", {1: [0.50, 0.52, 0.54]})
     write_runs(tmp_path / "blog-head", {8: [0.51, 0.55, 0.53]}, precision="bf16")
