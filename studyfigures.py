@@ -36,11 +36,13 @@ def table(name, study, points, pairs, caption, more_seeds):
     """NAME.md: every point, then every comparison (study.Comparison) with its interval and where its pairs ran;
     one paired over more than the study's own seeds also over those alone."""
     lines = [f"#### {name}: {study.about}", "", caption, "",
-             "| setting | M | p | seeds | final valid acc | final valid error |", "|---|---:|---:|---:|---:|---:|"]
-    for point in points:
+             "| setting | M | p | seeds | final valid acc | final valid error | final train acc |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for point in points:  # the train accuracy shows whether a point fits its training images, as the protocol meant
         values = np.array(list(finals(points[point]).values()))
+        train = [r["history"][-1]["train_acc"] for r in points[point].values()]
         lines.append(f"| {point.setting} | {point.dropout_num} | {point.dropout_p} | {len(values)} | {mean_std(values)} "
-                     f"| {mean_std(1 - values)} |")
+                     f"| {mean_std(1 - values)} | {mean_std(train)} |")
     lines += ["", "| comparison | seeds paired | Δ final valid acc [95% CI] | 95% half-width | seeds higher / lower "
               "| pairs ran on |", "|---|---:|---:|---:|---:|---|"]
     for c in pairs:

@@ -102,7 +102,7 @@ def test_the_comparisons_are_paired_differences_with_a_hand_computed_interval(tm
     assert f"| the blog's head: M=8 − M=1 | 3 | +0.0100 [{0.01 - half:+.4f}, {0.01 + half:+.4f}] | ±{half:.4f} | 2 / 1 | " \
            "Some CPU (family 1), fp32 ×3 |" in table
     assert "| flip: M=8 − avg2's M=8 | 3 | -0.0200 [" not in table and "M=8 − avg2's M=8 | 3 | -0.0200 [-0.0448, +0.0048] |" in table
-    assert "| blog-head | 1 | 0.5 | 3 | 0.5200 ± 0.0200 | 0.4800 ± 0.0200 |" in table
+    assert "| blog-head | 1 | 0.5 | 3 | 0.5200 ± 0.0200 | 0.4800 ± 0.0200 | 0.5200 ± 0.0200 |" in table  # train acc: as valid here
     assert "custom protocol: 5000/5000 images, 2 epochs, fp32; seeds 42-44" in table
 
 
@@ -211,7 +211,7 @@ def test_the_samples_and_rate_figures_label_each_point_with_its_seeds_when_the_r
     assert "n: seeds of a point, pairs of a difference" in drawn["title"]
 
 
-def test_the_samples_table_gives_training_loss_before_the_lr_drop_and_at_the_end_and_since_when_it_is_below_m1(tmp_path):
+def test_the_samples_table_gives_train_accuracy_and_loss_before_the_lr_drop_at_the_end_and_since_below_m1(tmp_path):
     losses = {1: ([1.0, 0.5], [1.0, 0.7]), 2: ([1.1, 0.4], [1.1, 0.2]), 4: ([0.9, 0.5], [0.9, 0.5]),
               8: ([0.9, 0.8], [0.9, 0.8])}
     write_runs(tmp_path / "blog-head", {m: [0.5, 0.5] for m in losses}, (42, 43))
@@ -220,11 +220,12 @@ def test_the_samples_table_gives_training_loss_before_the_lr_drop_and_at_the_end
             path = tmp_path / "blog-head" / f"m{m}_p0.5_s{seed}-fp32" / "metrics.json"
             history = json.loads(path.read_text())
             for row, loss in zip(history, curve):
-                row.update(train_loss=loss, valid_loss=loss + m)
+                row.update(train_loss=loss, valid_loss=loss + m, train_acc=1 - loss)
             write_json(path, history)
     assert study.main(["samples", "--compare", tmp_path]) == 0
     table = (tmp_path / "samples.md").read_text()
     assert "| M | seeds | train loss, epoch 1 | train loss, final | below M=1 from epoch | final valid loss |" in table
+    assert "| blog-head | 1 | 0.5 | 2 | 0.5000 ± 0.0000 | 0.5000 ± 0.0000 | 0.4000 ± 0.1414 |" in table  # train acc
     assert "| 1 | 2 | 1.0000 ± 0.0000 | 0.6000 ± 0.1414 | - | 1.6000 ± 0.1414 |" in table
     assert "| 2 | 2 | 1.1000 ± 0.0000 | 0.3000 ± 0.1414 | 2 | 2.3000 ± 0.1414 |" in table  # above at epoch 1
     assert "| 4 | 2 | 0.9000 ± 0.0000 | 0.5000 ± 0.0000 | 1 | 4.5000 ± 0.0000 |" in table
