@@ -112,14 +112,16 @@ def epochs_to_target_table(points, pairs):
         hit = [e for e in epochs.values() if e is not None]
         lines.append(f"| {point.setting} | {point.dropout_num} | {len(epochs)} | "
                      f"{epochs_mean_std(hit)} | {len(epochs) - len(hit)} |")
-    lines += ["", "| comparison | pairs | Δ epochs to target [95% CI] | seeds sooner / later |", "|---|---:|---:|---:|"]
+    lines += ["", "| comparison | pairs | Δ epochs to target [95% CI] | 95% half-width | seeds sooner / later |",
+              "|---|---:|---:|---:|---:|"]
     for c in pairs:
         mine, theirs = reached.get(c.point, {}), reached.get(c.reference, {})
         both = {s for s in mine.keys() & theirs.keys() if mine[s] is not None and theirs[s] is not None}
         d = stats.paired_by_seed({s: mine[s] for s in both}, {s: theirs[s] for s in both})
         if d:
-            interval = f"[{d['interval'][0]:+.2f}, {d['interval'][1]:+.2f}]" if d["interval"] else "(one pair)"
-            lines.append(f"| {c.label} | {d['n']} | {d['mean']:+.2f} {interval} | {d['lower']} / {d['higher']} |")
+            low, high = d["interval"] or (None, None)
+            interval, half = (f"[{low:+.2f}, {high:+.2f}]", f"±{(high - low) / 2:.2f}") if d["interval"] else ("(one pair)", "-")
+            lines.append(f"| {c.label} | {d['n']} | {d['mean']:+.2f} {interval} | {half} | {d['lower']} / {d['higher']} |")
     return lines
 
 

@@ -15,6 +15,7 @@ from conftest import ROOT, cli, fake_run, run_dirs, write_json
 from trainingmonitor import mean_std
 
 T_975_2DF = 4.302652729749464  # Student t, 97.5th percentile, 2 degrees of freedom
+T_975_1DF = 12.706204736174698  # and with 1
 
 
 def test_default_head_keeps_the_names_of_earlier_runs_and_other_heads_say_theirs():
@@ -119,6 +120,23 @@ def test_an_interval_that_excludes_zero_is_marked_and_more_seeds_show_the_first_
     assert "interval over the study's own 10 seeds excludes 0 (marked *) gets 5 more seeds" in table
     assert "| blog-head | 8 | 10 | 2.0 ± 0.0 | 0 |" in table  # epochs to target 0.49: the second epoch
     assert (tmp_path / "convergence.png").stat().st_size > 0
+
+
+def test_convergence_gives_epochs_to_target_paired_with_a_hand_computed_interval_and_counts_runs_never_reaching_it(tmp_path):
+    curves = {1: ([0.3, 0.5, 0.59, 0.6], [0.3, 0.4, 0.5, 0.6], [0.3, 0.59, 0.6, 0.6]),  # target 0.59: epochs 3, 4, 2
+              8: ([0.59, 0.6, 0.6, 0.6], [0.3, 0.4, 0.59, 0.6], [0.3, 0.4, 0.5, 0.58])}  # 1, 3, never
+    write_runs(tmp_path / "blog-head", {m: [0.5, 0.5, 0.5] for m in curves})
+    for m, per_seed in curves.items():
+        for seed, accs in zip((42, 43, 44), per_seed):
+            folder = tmp_path / "blog-head" / f"m{m}_p0.5_s{seed}-fp32"
+            write_json(folder / "metrics.json", fake_run(m, seed, accs)["history"])
+            write_json(folder / "config.json", {**json.loads((folder / "config.json").read_text()), "epochs": 4})
+    assert study.main(["convergence", "--compare", tmp_path]) == 0
+    table = (tmp_path / "convergence.md").read_text()
+    assert "reaches 0.5900 (one point below the M=1 runs' mean final valid accuracy)" in table
+    assert "| blog-head | 1 | 3 | 3.0 ± 1.0 | 0 |" in table and "| blog-head | 8 | 3 | 2.0 ± 1.4 | 1 |" in table
+    half = T_975_1DF * np.std([-2, -1], ddof=1) / np.sqrt(2)  # seed 44 never reached it with M=8: one pair fewer
+    assert f"| M=8 − M=1 | 2 | -1.50 [{-1.5 - half:+.2f}, {-1.5 + half:+.2f}] | ±{half:.2f} | 2 / 0 |" in table
 
 
 def write_rule_runs(folder):
