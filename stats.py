@@ -11,7 +11,7 @@ CONFIDENCE = 0.95
 
 
 def paired_difference(setting, reference):
-    """setting - reference, pair by pair: {'n', 'mean', 'interval' (None with one pair), 'higher', 'lower'}.
+    """setting - reference, pair by pair: {'n', 'mean', 'interval' and 'sd' (None with one pair), 'higher', 'lower'}.
 
     The interval is Student t's on the paired differences (n - 1 degrees of freedom), as in a paired
     t-test: mean +- t * sd / sqrt(n).
@@ -21,7 +21,7 @@ def paired_difference(setting, reference):
     if len(d) > 1:
         half = stats.t.ppf((1 + CONFIDENCE) / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
         interval = (float(d.mean() - half), float(d.mean() + half))
-    return {"n": len(d), "mean": float(d.mean()), "interval": interval,
+    return {"n": len(d), "mean": float(d.mean()), "interval": interval, "sd": float(d.std(ddof=1)) if len(d) > 1 else None,
             "higher": int((d > 0).sum()), "lower": int((d < 0).sum())}
 
 
@@ -39,3 +39,19 @@ def excludes_zero(d):
 def format_difference(d):
     interval = f"[{d['interval'][0]:+.4f}, {d['interval'][1]:+.4f}]" if d["interval"] else "(one seed: no interval)"
     return f"{d['mean']:+.4f} {interval}"
+
+
+def pooled_sd(differences):
+    """The paired differences' standard deviation pooled over comparisons (weighted by degrees of freedom), with
+    those degrees of freedom; (None, 0) where none has two pairs."""
+    spread = [(d["n"] - 1, d["sd"]) for d in differences if d["sd"] is not None]
+    df = sum(n for n, _ in spread)
+    return (float(np.sqrt(sum(n * sd ** 2 for n, sd in spread) / df)), df) if df else (None, 0)
+
+
+def seeds_for_half_width(sd, half_width):
+    """The fewest pairs whose 95% t interval is no wider than +-half_width at this spread of the differences."""
+    n = 2
+    while stats.t.ppf((1 + CONFIDENCE) / 2, n - 1) * sd / np.sqrt(n) > half_width:
+        n += 1
+    return n

@@ -50,6 +50,7 @@ def table(name, study, points, pairs, caption, more_seeds):
         if c.first and c.later:
             lines.append(comparison_row(f"{c.label} (first {c.first['n']} seeds)", c.first, None))
             lines.append(comparison_row(f"{c.label} (the {c.later['n']} seeds after them)", c.later, None))
+    lines += power_lines([c.difference for c in pairs])
     lines += ["", "Δ: the setting's final valid accuracy minus the reference's, seed by seed (a seed gives both the "
               "same initial weights and data order). 95% CI: Student t on the paired differences. Rule, fixed "
               f"before the runs: a comparison whose interval over the study's own {study.seeds} seeds excludes 0 "
@@ -63,6 +64,19 @@ def table(name, study, points, pairs, caption, more_seeds):
     if study.figure == "samples":
         lines += ["", *losses_table(points, pairs[0].reference)]
     return "\n".join(lines) + "\n"
+
+
+HALF_POINT = 0.005  # the effect size people weigh when choosing a regulariser: half a point of accuracy
+
+
+def power_lines(differences):
+    """How many seeds a comparison would need for a half-width of half a point, at the spread measured here."""
+    sd, df = stats.pooled_sd(differences)
+    if sd is None:
+        return []
+    return ["", f"Power: the paired differences' standard deviation, pooled over these comparisons, is {sd:.4f} "
+            f"({df} degrees of freedom); at that spread a 95% half-width of ±{HALF_POINT:.4f} (half a point) takes "
+            f"{stats.seeds_for_half_width(sd, HALF_POINT)} seeds a comparison."]
 
 
 def comparison_row(label, d, ran_on):

@@ -20,7 +20,16 @@ def test_paired_interval_matches_a_hand_computation():
     half = T_975_2DF * 0.02 / np.sqrt(3)  # sd of (0.01, 0.03, -0.01) is 0.02
     assert d["n"] == 3 and d["mean"] == pytest.approx(0.01)
     assert d["interval"] == pytest.approx((0.01 - half, 0.01 + half))
-    assert (d["higher"], d["lower"]) == (2, 1)
+    assert (d["higher"], d["lower"]) == (2, 1) and d["sd"] == pytest.approx(0.02)
+
+
+def test_the_pooled_spread_weighs_each_comparison_by_its_degrees_of_freedom_and_gives_the_seeds_for_half_a_point():
+    three, five, one = ({"n": 3, "sd": 0.01}, {"n": 5, "sd": 0.02}, {"n": 1, "sd": None})
+    sd, df = stats.pooled_sd([three, five, one])  # (2 * 0.01² + 4 * 0.02²) / 6 = 0.0003
+    assert df == 6 and sd == pytest.approx(np.sqrt(0.0003))
+    assert stats.pooled_sd([one]) == (None, 0)
+    # t(16) * 0.01 / sqrt(17) = 0.00514 > 0.005 >= t(17) * 0.01 / sqrt(18) = 0.00497
+    assert stats.seeds_for_half_width(0.01, 0.005) == 18 and stats.seeds_for_half_width(0.0005, 0.005) == 2  # t(1) = 12.7
 
 
 def test_one_pair_has_no_interval_and_equal_differences_have_no_spread():

@@ -105,6 +105,10 @@ def test_the_comparisons_are_paired_differences_with_a_hand_computed_interval(tm
     assert "| flip: M=8 − avg2's M=8 | 3 | -0.0200 [" not in table and "M=8 − avg2's M=8 | 3 | -0.0200 [-0.0448, +0.0048] |" in table
     assert "| blog-head | 1 | 0.5 | 3 | 0.5200 ± 0.0200 | 0.4800 ± 0.0200 | 0.5200 ± 0.0200 |" in table  # train acc: as valid here
     assert "custom protocol: 5000/5000 images, 2 epochs, fp32; seeds 42-44" in table
+    # sds 0.02, 0, 0.01, 0.01 at 2 degrees of freedom each: (0.0004 + 0 + 0.0001 + 0.0001) * 2 / 8 = 0.00015
+    assert (f"standard deviation, pooled over these comparisons, is {np.sqrt(0.00015):.4f} (8 degrees of freedom); at "
+            f"that spread a 95% half-width of ±0.0050 (half a point) takes {stats.seeds_for_half_width(np.sqrt(0.00015), 0.005)} "
+            "seeds a comparison.") in table
 
 
 def test_an_interval_that_excludes_zero_is_marked_and_more_seeds_show_the_first_five_and_all(tmp_path):
