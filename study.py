@@ -209,17 +209,18 @@ def train_in_workers(numbered, total, workers, log_dir, resume):
     request stops them all at a step boundary."""
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(tools.threads_per_worker(workers))}  # the cores, shared
-    pending, active, failed, stopping = list(numbered), {}, [], set()
+    pending, active, failed, stopping, took = list(numbered), {}, [], set(), []
     with tools.stop_on_signals(second_stops_at_once=False):
         while (pending and not tools.STOP and not failed) or active:
             while pending and len(active) < workers and not tools.STOP and not failed:
                 i, name, command = pending.pop(0)
                 log = open(log_dir / f"{name}.log", "a")  # a resumed run keeps its earlier output
                 active[i] = (subprocess.Popen([sys.executable, str(Path(run.__file__)), *command], stdout=log,
-                                              stderr=subprocess.STDOUT, env=env, start_new_session=True), log)
+                                              stderr=subprocess.STDOUT, env=env, start_new_session=True), log,
+                             time.monotonic())
                 print(f"study.py: run {i}/{total} started (log: {log.name})", flush=True)
             time.sleep(0.2)
-            for i, (process, log) in list(active.items()):
+            for i, (process, log, started) in list(active.items()):
                 if tools.STOP and i not in stopping:  # its own session: a Ctrl-C reaches only us, so we pass it on once
                     process.send_signal(signal.Signals[tools.STOP["signal"]])
                     stopping.add(i)
@@ -227,13 +228,25 @@ def train_in_workers(numbered, total, workers, log_dir, resume):
                     log.close()
                     del active[i]
                     held = " (another process trains it)" if process.returncode == runlock.HELD else ""
-                    print(f"study.py: run {i}/{total} exited {process.returncode}{held}", flush=True)
+                    took += [time.monotonic() - started] if process.returncode == 0 else []
+                    print(f"study.py: run {i}/{total} exited {process.returncode}{held}"
+                          f"{pace(took, len(pending) + len(active), workers)}", flush=True)
                     failed += [log.name] if process.returncode not in (0, runlock.HELD) and i not in stopping else []
     if tools.STOP:
         raise tools.Interrupted(f"stopped by {tools.STOP['signal']}; resume with: {resume}")
     if failed:
         raise UserError(f"{len(failed)} run(s) failed, see {', '.join(failed)}; fix the cause and rerun: {resume}")
     return 0
+
+
+def pace(took, left, workers):
+    """'; 14.8 min a run, 30 left: about 3.7 h more' from the runs this process saw finish (resumed ones included),
+    the left ones taken workers at a time."""
+    if not took or not left:
+        return ""
+    minutes = sum(took) / len(took) / 60
+    more = minutes * -(-left // workers)
+    return f"; {minutes:.1f} min a run, {left} left: about {f'{more / 60:.1f} h' if more >= 60 else f'{more:.0f} min'} more"
 
 
 def collect(output_dir, study):

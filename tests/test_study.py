@@ -254,6 +254,12 @@ def test_the_samples_table_gives_train_accuracy_and_loss_before_the_lr_drop_at_t
     assert "| 8 | 2 | 0.9000 ± 0.0000 | 0.8000 ± 0.0000 | - | 8.8000 ± 0.0000 |" in table  # above at the end
 
 
+def test_the_workers_say_how_long_a_run_took_and_how_long_the_runs_left_will_take():
+    assert study.pace([600, 1200], 3, 2) == "; 15.0 min a run, 3 left: about 30 min more"  # two rounds of two
+    assert study.pace([900], 30, 2) == "; 15.0 min a run, 30 left: about 3.8 h more"
+    assert study.pace([], 5, 2) == "" and study.pace([600], 0, 2) == ""
+
+
 def test_a_pair_across_precisions_or_two_runs_of_one_seed_are_refused(tmp_path, capsys):
     write_runs(tmp_path / "blog-head", {1: [0.50, 0.52, 0.54]})
     write_runs(tmp_path / "blog-head", {8: [0.51, 0.55, 0.53]}, precision="bf16")
