@@ -228,10 +228,10 @@ def train_in_workers(numbered, total, workers, log_dir, resume):
                     log.close()
                     del active[i]
                     held = " (another process trains it)" if process.returncode == runlock.HELD else ""
-                    took += [time.monotonic() - started] if process.returncode == 0 else []
-                    print(f"study.py: run {i}/{total} exited {process.returncode}{held}"
-                          f"{pace(took, len(pending) + len(active), workers)}", flush=True)
                     failed += [log.name] if process.returncode not in (0, runlock.HELD) and i not in stopping else []
+                    took += [time.monotonic() - started] if process.returncode == 0 else []
+                    left = "" if failed or tools.STOP else pace(took, len(pending) + len(active), workers)
+                    print(f"study.py: run {i}/{total} exited {process.returncode}{held}{left}", flush=True)
     if tools.STOP:
         raise tools.Interrupted(f"stopped by {tools.STOP['signal']}; resume with: {resume}")
     if failed:
@@ -240,8 +240,8 @@ def train_in_workers(numbered, total, workers, log_dir, resume):
 
 
 def pace(took, left, workers):
-    """'; 14.8 min a run, 30 left: about 3.7 h more' from the runs this process saw finish (resumed ones included),
-    the left ones taken workers at a time."""
+    """'; 14.8 min a run, 30 left: about 3.7 h more' from the runs this process saw finish, the left ones (running
+    ones counted whole) taken workers at a time: a rough guide, as a resumed run reports only the part it trained."""
     if not took or not left:
         return ""
     minutes = sum(took) / len(took) / 60

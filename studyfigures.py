@@ -75,7 +75,7 @@ def power_lines(differences):
     if sd is None:
         return []
     return ["", f"Power: the paired differences' standard deviation, pooled over these comparisons, is {sd:.4f} "
-            f"({df} degrees of freedom); at that spread a 95% half-width of ±{HALF_POINT:.4f} (half a point) takes "
+            f"(the comparisons' n − 1 summed: {df}; they share reference runs, so fewer are independent); at that spread a 95% half-width of ±{HALF_POINT:.4f} (half a point) takes "
             f"{stats.seeds_for_half_width(sd, HALF_POINT)} seeds a comparison."]
 
 
@@ -88,21 +88,37 @@ def comparison_row(label, d, ran_on):
 
 def losses_table(points, reference):
     """The paper's 'fewer iterations' in numbers: each point's mean training loss before the lr drop and at the end,
-    the epoch from which it stays below the reference's, and the final valid loss."""
-    milestone = next(iter(points[reference].values()))["config"]["lr_milestone"]
-    means = {point: np.mean(list(curves(runs, "train_loss").values()), axis=0) for point, runs in points.items()}
-    lines = [f"Losses, mean ± std over each point's seeds: training loss at epoch {milestone} (the last before the lr "
-             "drop) and at the end; 'below M=1 from' is the epoch from which the mean training loss stays below M=1's.",
-             "", f"| M | seeds | train loss, epoch {milestone} | train loss, final | below M=1 from epoch | final valid loss |",
+    the epoch from which it stays below the reference's over the same seeds, and the final valid loss."""
+    configs = [r["config"] for runs in points.values() for r in runs.values()]
+    milestone = configs[0]["lr_milestone"]
+    if len({c["lr_milestone"] for c in configs}) > 1 or not 0 < milestone < min(c["epochs"] for c in configs):
+        milestone = None  # no drop within every run: no 'before the drop' column
+    before = f"train loss, epoch {milestone}" if milestone else "train loss before the lr drop"
+    theirs = curves(points[reference], "train_loss")
+    when = f"at epoch {milestone} (the last before the lr drop)" if milestone else "before the lr drop (none here)"
+    lines = [f"Losses, mean ± std over each point's seeds: training loss {when} and at the end; 'below M=1 from' is the epoch from which the mean training loss stays below M=1's mean "
+             "over the same seeds.", "",
+             f"| M | seeds | {before} | train loss, final | below M=1 from epoch | final valid loss |",
              "|---:|---:|---:|---:|---:|---:|"]
     for point, runs in points.items():
-        train = np.array(list(curves(runs, "train_loss").values()))
+        mine = curves(runs, "train_loss")
+        train = np.array(list(mine.values()))
+        shared = sorted(mine.keys() & theirs.keys())
+        since = below_from(np.mean([mine[s] for s in shared], 0), np.mean([theirs[s] for s in shared], 0)) \
+            if shared and point != reference else None
         valid = [r["history"][-1]["valid_loss"] for r in runs.values()]
-        below = means[point] < means[reference][:len(means[point])]
-        since = len(below) - np.argmin(below[::-1]) + 1 if not below.all() else 1  # after the last epoch not below
-        lines.append(f"| {point.dropout_num} | {len(runs)} | {mean_std(train[:, milestone - 1])} | {mean_std(train[:, -1])} "
-                     f"| {'-' if point == reference or not below[-1] else since} | {mean_std(valid)} |")
+        lines.append(f"| {point.dropout_num} | {len(runs)} | {mean_std(train[:, milestone - 1]) if milestone else '-'} "
+                     f"| {mean_std(train[:, -1])} | {since or '-'} | {mean_std(valid)} |")
     return lines
+
+
+def below_from(mine, theirs):
+    """The epoch from which the curve mine stays below theirs, or None where it ends not below."""
+    n = min(len(mine), len(theirs))
+    not_below = np.flatnonzero(mine[:n] >= theirs[:n])
+    if len(not_below) and not_below[-1] == n - 1:
+        return None
+    return int(not_below[-1]) + 2 if len(not_below) else 1  # the epoch after the last one not below (epochs count from 1)
 
 
 def epochs_to_target(runs, target):
@@ -133,8 +149,10 @@ def epochs_to_target_table(points, pairs):
         both = {s for s in mine.keys() & theirs.keys() if mine[s] is not None and theirs[s] is not None}
         d = stats.paired_by_seed({s: mine[s] for s in both}, {s: theirs[s] for s in both})
         if d:
-            low, high = d["interval"] or (None, None)
-            interval, half = (f"[{low:+.2f}, {high:+.2f}]", f"±{(high - low) / 2:.2f}") if d["interval"] else ("(one pair)", "-")
+            interval, half = "(one pair)", "-"
+            if d["interval"]:
+                low, high = d["interval"]
+                interval, half = f"[{low:+.2f}, {high:+.2f}]", f"±{(high - low) / 2:.2f}"
             lines.append(f"| {c.label} | {d['n']} | {d['mean']:+.2f} {interval} | {half} | {d['lower']} / {d['higher']} |")
     return lines
 
@@ -153,7 +171,7 @@ def error_bars(ax, x, runs_by_x, label, marker="o"):
     seed_counts(ax, x, means, [len(e) for e in errors])
 
 
-N_MEANS = "n: seeds of a point, pairs of a difference"
+N_LEGEND = "n: seeds of a point, pairs of a difference"
 
 
 def seed_counts(ax, x, y, counts):
@@ -194,7 +212,7 @@ def samples_figure(path, points, pairs, caption):
                                   f"{trainingmonitor.samples_in_words(point.dropout_num)} (n={len(losses)})")
     right.set_yscale("log")
     label_axes(right, "epoch", "training loss (mean ± std; log axis)", fontsize=8)
-    save_figure(fig, path, f"final valid error against the number of dropout samples, and training loss\n{caption}\n{N_MEANS}")
+    save_figure(fig, path, f"final valid error against the number of dropout samples, and training loss\n{caption}\n{N_LEGEND}")
 
 
 def epochs_of(runs):
@@ -211,7 +229,7 @@ def rate_figure(path, points, pairs, caption):
     by_p = {c.point.dropout_p: c.difference for c in pairs}
     difference_bars(bottom, sorted(by_p), [by_p[p] for p in sorted(by_p)])
     label_axes(bottom, "dropout probability p", "Δ accuracy, M=8 − M=1 (95% CI)", legend=False)
-    save_figure(fig, path, f"final valid error against the dropout probability\n{caption}\n{N_MEANS}")
+    save_figure(fig, path, f"final valid error against the dropout probability\n{caption}\n{N_LEGEND}")
 
 
 def convergence_figure(path, points, pairs, caption):

@@ -77,6 +77,15 @@ def write_runs(folder, finals, seeds=(42, 43, 44), precision="fp32", train_size=
             write_json(folder / name / "metrics.json", run["history"])
 
 
+def set_curves(folder, m, seed, **per_epoch):
+    """Give a write_runs run these per-epoch values (train_loss=[...], ...), as many epochs as they have."""
+    run = folder / f"m{m}_p0.5_s{seed}-fp32"
+    n = len(next(iter(per_epoch.values())))
+    history = [{**row, **{k: v[e] for k, v in per_epoch.items()}} for e, row in enumerate(fake_run(m, seed, [0.5] * n)["history"])]
+    write_json(run / "metrics.json", history)
+    write_json(run / "config.json", {**json.loads((run / "config.json").read_text()), "epochs": n})
+
+
 def comparisons(folder, name):
     s = study.STUDIES[name]
     return {c.label: c.difference for c in study.compare(study.collect(folder, s), s.pairs, study.own_seeds(s))
@@ -106,8 +115,8 @@ def test_the_comparisons_are_paired_differences_with_a_hand_computed_interval(tm
     assert "| blog-head | 1 | 0.5 | 3 | 0.5200 ± 0.0200 | 0.4800 ± 0.0200 | 0.5200 ± 0.0200 |" in table  # train acc: as valid here
     assert "custom protocol: 5000/5000 images, 2 epochs, fp32; seeds 42-44" in table
     # sds 0.02, 0, 0.01, 0.01 at 2 degrees of freedom each: (0.0004 + 0 + 0.0001 + 0.0001) * 2 / 8 = 0.00015
-    assert (f"standard deviation, pooled over these comparisons, is {np.sqrt(0.00015):.4f} (8 degrees of freedom); at "
-            f"that spread a 95% half-width of ±0.0050 (half a point) takes {stats.seeds_for_half_width(np.sqrt(0.00015), 0.005)} "
+    assert (f"standard deviation, pooled over these comparisons, is {np.sqrt(0.00015):.4f} (the comparisons' n − 1 "
+            f"summed: 8; they share reference runs, so fewer are independent); at that spread a 95% half-width of ±0.0050 (half a point) takes {stats.seeds_for_half_width(np.sqrt(0.00015), 0.005)} "
             "seeds a comparison.") in table
 
 
@@ -132,9 +141,7 @@ def test_convergence_gives_epochs_to_target_paired_with_a_hand_computed_interval
     write_runs(tmp_path / "blog-head", {m: [0.5, 0.5, 0.5] for m in curves})
     for m, per_seed in curves.items():
         for seed, accs in zip((42, 43, 44), per_seed):
-            folder = tmp_path / "blog-head" / f"m{m}_p0.5_s{seed}-fp32"
-            write_json(folder / "metrics.json", fake_run(m, seed, accs)["history"])
-            write_json(folder / "config.json", {**json.loads((folder / "config.json").read_text()), "epochs": 4})
+            set_curves(tmp_path / "blog-head", m, seed, valid_acc=accs)
     assert study.main(["convergence", "--compare", tmp_path]) == 0
     table = (tmp_path / "convergence.md").read_text()
     assert "reaches 0.5900 (one point below the M=1 runs' mean final valid accuracy)" in table
@@ -220,7 +227,7 @@ def test_samples_and_rate_draw_error_against_m_and_p_with_paired_differences(tmp
     assert "| blog-head | 64 | 0.5 | 2 | 0.5690 ± 0.0071 | 0.4310 ± 0.0071 |" in (tmp_path / "samples.md").read_text()
 
 
-def test_the_samples_and_rate_figures_label_each_point_with_its_seeds_when_the_rule_gave_some_more(tmp_path, monkeypatch):
+def test_the_samples_figure_labels_each_point_with_its_seeds_when_the_rule_gave_some_more(tmp_path, monkeypatch):
     write_runs(tmp_path / "blog-head", {1: [0.50] * 10, 16: [0.52, 0.53] * 5}, range(42, 52))
     write_runs(tmp_path / "blog-head", {2: [0.51, 0.50, 0.52, 0.49, 0.50]}, range(42, 47))
     drawn = {}
@@ -234,24 +241,34 @@ def test_the_samples_and_rate_figures_label_each_point_with_its_seeds_when_the_r
 
 
 def test_the_samples_table_gives_train_accuracy_and_loss_before_the_lr_drop_at_the_end_and_since_below_m1(tmp_path):
-    losses = {1: ([1.0, 0.5], [1.0, 0.7]), 2: ([1.1, 0.4], [1.1, 0.2]), 4: ([0.9, 0.5], [0.9, 0.5]),
-              8: ([0.9, 0.8], [0.9, 0.8])}
-    write_runs(tmp_path / "blog-head", {m: [0.5, 0.5] for m in losses}, (42, 43))
-    for m, per_seed in losses.items():
-        for seed, curve in zip((42, 43), per_seed):
-            path = tmp_path / "blog-head" / f"m{m}_p0.5_s{seed}-fp32" / "metrics.json"
-            history = json.loads(path.read_text())
-            for row, loss in zip(history, curve):
-                row.update(train_loss=loss, valid_loss=loss + m, train_acc=1 - loss)
-            write_json(path, history)
+    losses = {1: {42: [1.0, 0.5, 0.4], 43: [1.0, 0.7, 0.4]},  # mean 1.0 0.6 0.4
+              2: {42: [1.1, 0.4, 0.3], 43: [1.1, 0.2, 0.3]},  # above, below, below: from epoch 2
+              4: {42: [0.9, 0.5, 0.3], 43: [0.9, 0.5, 0.3]},  # below throughout: 1
+              8: {42: [0.9, 0.8, 0.3], 43: [0.9, 0.8, 0.3]},  # below, above, below: from 3, not from its first
+              16: {42: [0.9, 0.5, 0.5], 43: [0.9, 0.5, 0.5]},  # ends above: -
+              32: {43: [0.9, 0.65, 0.35]}}  # below seed 43's M=1 throughout (not below the two seeds' 0.6)
+    for m, runs in losses.items():
+        write_runs(tmp_path / "blog-head", {m: [0.5] * len(runs)}, list(runs))
+        for seed, curve in runs.items():
+            set_curves(tmp_path / "blog-head", m, seed, train_loss=curve, valid_loss=[x + m for x in curve],
+                       train_acc=[1 - x for x in curve])
     assert study.main(["samples", "--compare", tmp_path]) == 0
     table = (tmp_path / "samples.md").read_text()
     assert "| M | seeds | train loss, epoch 1 | train loss, final | below M=1 from epoch | final valid loss |" in table
-    assert "| blog-head | 1 | 0.5 | 2 | 0.5000 ± 0.0000 | 0.5000 ± 0.0000 | 0.4000 ± 0.1414 |" in table  # train acc
-    assert "| 1 | 2 | 1.0000 ± 0.0000 | 0.6000 ± 0.1414 | - | 1.6000 ± 0.1414 |" in table
-    assert "| 2 | 2 | 1.1000 ± 0.0000 | 0.3000 ± 0.1414 | 2 | 2.3000 ± 0.1414 |" in table  # above at epoch 1
-    assert "| 4 | 2 | 0.9000 ± 0.0000 | 0.5000 ± 0.0000 | 1 | 4.5000 ± 0.0000 |" in table
-    assert "| 8 | 2 | 0.9000 ± 0.0000 | 0.8000 ± 0.0000 | - | 8.8000 ± 0.0000 |" in table  # above at the end
+    assert "| blog-head | 1 | 0.5 | 2 | 0.5000 ± 0.0000 | 0.5000 ± 0.0000 | 0.6000 ± 0.0000 |" in table  # train acc
+    assert "| 1 | 2 | 1.0000 ± 0.0000 | 0.4000 ± 0.0000 | - | 1.4000 ± 0.0000 |" in table
+    assert "| 2 | 2 | 1.1000 ± 0.0000 | 0.3000 ± 0.0000 | 2 | 2.3000 ± 0.0000 |" in table
+    assert "| 4 | 2 | 0.9000 ± 0.0000 | 0.3000 ± 0.0000 | 1 | 4.3000 ± 0.0000 |" in table
+    assert "| 8 | 2 | 0.9000 ± 0.0000 | 0.3000 ± 0.0000 | 3 | 8.3000 ± 0.0000 |" in table
+    assert "| 16 | 2 | 0.9000 ± 0.0000 | 0.5000 ± 0.0000 | - | 16.5000 ± 0.0000 |" in table
+    assert "| 32 | 1 | 0.9000 | 0.3500 | 1 | 32.3500 |" in table
+    for m, runs in losses.items():  # a protocol whose lr never drops within the runs (smoke's): no such column
+        for seed in runs:
+            config = tmp_path / "blog-head" / f"m{m}_p0.5_s{seed}-fp32" / "config.json"
+            write_json(config, {**json.loads(config.read_text()), "lr_milestone": 10})
+    assert study.main(["samples", "--compare", tmp_path]) == 0
+    table = (tmp_path / "samples.md").read_text()
+    assert "| train loss before the lr drop |" in table and "| 8 | 2 | - | 0.3000 ± 0.0000 | 3 |" in table
 
 
 def test_the_workers_say_how_long_a_run_took_and_how_long_the_runs_left_will_take():
@@ -395,4 +412,7 @@ def test_each_committed_study_table_and_figure_is_what_its_committed_runs_draw_b
     assert study.main([name, "--compare", copy]) == 0
     for drawn in (f"{name}.md", f"{name}.png"):
         assert (copy / drawn).read_bytes() == (folder / drawn).read_bytes(), f"redraw {folder / drawn}"
-    assert {n for _, n in COMMITTED_STUDIES} >= {"samples", "rate", "where"}  # the glob found the committed studies
+
+
+def test_the_committed_studies_are_found():
+    assert {n for _, n in COMMITTED_STUDIES} >= {"samples", "rate", "where"}
