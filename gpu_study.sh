@@ -6,7 +6,7 @@
 #   bash gpu_study.sh        # DATA=data/cifar10-jpeg.tar.gz, PYTHON=python3, WORKERS=12, BUDGET_S=360
 #
 # Everything lands in outputs/gpu/ (bench-*/, study-full/ with convergence.md/.png and samples.md/.png,
-# times.txt); with $OUT set (a device machine's result folder) also packed as $OUT/gpu.tar.gz, since such a
+# times.txt with the seconds per run and how busy the GPU and the CPU were, gpu-utilization.csv); with $OUT set (a device machine's result folder) also packed as $OUT/gpu.tar.gz, since such a
 # folder takes few files. Commit the runs' config.json and metrics.json, the tables and the figures.
 #
 # Expected run time on one H200: about 9 minutes in all. The bench is about 3 minutes (two models in bf16 and
@@ -44,6 +44,11 @@ for model in "${MODELS[@]}"; do
 done
 
 deadline=$((SECONDS + BUDGET_S))
+# What limits the studies: the GPU's busy share and memory each second (nvidia-smi, where there is one), and the
+# CPU's busy share over the whole window (/proc/stat), summarised at the end.
+command -v nvidia-smi > /dev/null && { nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits \
+  -l 1 > "$DEST/gpu-utilization.csv" 2>/dev/null & sampler=$!; }
+cpu_before=$(head -1 /proc/stat)
 # The studies, against the clock: SIGINT at the deadline reaches study.py, which passes it to each worker (each in
 # its own session); they stop at a step boundary, keep their last epoch, and study.py waits for them.
 study_start=$SECONDS
@@ -55,13 +60,23 @@ for study in convergence samples; do
   log "study $study: exit $?"
 done
 study_seconds=$((SECONDS - study_start))
+cpu_after=$(head -1 /proc/stat)
+[ -n "${sampler:-}" ] && kill "$sampler" 2>/dev/null
 for study in convergence samples; do  # whatever finished, drawn (a study with no finished pair says so)
   $PYTHON study.py "$study" --compare "$DEST/study-$PROTOCOL" >> "$DEST/times.txt" 2>&1
 done
 # Device time per run: the studies' wall time over the runs they trained (unfinished ones by their epochs).
-$PYTHON - "$DEST/study-$PROTOCOL" "$study_seconds" "$WORKERS" <<'EOF' | tee -a "$DEST/times.txt"
-import json, pathlib, sys
+$PYTHON - "$DEST/study-$PROTOCOL" "$study_seconds" "$WORKERS" "$cpu_before" "$cpu_after" "$DEST/gpu-utilization.csv" <<'EOF' | tee -a "$DEST/times.txt"
+import json, os, pathlib, sys
 folder, seconds, workers = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+(before, after), samples = ([int(x) for x in line.split()[1:]] for line in sys.argv[4:6]), pathlib.Path(sys.argv[6])
+ticks = [b - a for a, b in zip(before, after)]  # user nice system idle iowait ...: idle and iowait are not busy
+print(f"CPU busy during the studies: {1 - (ticks[3] + ticks[4]) / max(sum(ticks), 1):.0%} of {os.cpu_count()} cores")
+lines = samples.read_text().splitlines() if samples.exists() else []
+rows = [[float(x) for x in line.split(",")] for line in lines if line.replace(",", "").replace(" ", "").isdigit()]  # not [N/A]
+if rows:
+    print(f"GPU busy during the studies: {sum(r[0] for r in rows) / len(rows):.0f}% on average over {len(rows)} one-second "
+          f"samples (nvidia-smi: the share of time a kernel ran), memory up to {max(r[1] for r in rows):.0f} MiB")
 runs = [(json.loads((p.parent / "config.json").read_text()), json.loads(p.read_text())) for p in folder.glob("*/*/metrics.json")]
 finished = sum(len(history) >= config["epochs"] for config, history in runs)
 whole = sum(len(history) / config["epochs"] for config, history in runs)

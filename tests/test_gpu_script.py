@@ -16,6 +16,7 @@ def test_the_gpu_script_benches_trains_against_the_clock_draws_and_packs(small_c
     assert "bench miniresnet bf16: exit 0" in times and "bench miniresnet fp32: exit 0" in times
     assert "study convergence: exit" in times
     assert "s of device time per run" in times and " runs finished" in times
+    assert f"% of {os.cpu_count()} cores" in times  # what limits it: the CPU's share here, and the GPU's where it has one
     with tarfile.open(tmp_path / "gpu.tar.gz") as packed:
         names = packed.getnames()
     assert "gpu/bench-miniresnet-bf16/bench.md" in names and not any(n.endswith(".pt") for n in names)
