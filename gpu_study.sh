@@ -6,8 +6,8 @@
 #   bash gpu_study.sh        # DATA=data/cifar10-jpeg.tar.gz, PYTHON=python3, WORKERS=12, BUDGET_S=360
 #
 # Everything lands in outputs/gpu/ (bench-*/, study-full/ with convergence.md/.png and samples.md/.png,
-# times.txt with the seconds per run and how busy the GPU and the CPU were, gpu-utilization.csv); with $OUT set (a device machine's result folder) also packed as $OUT/gpu.tar.gz, since such a
-# folder takes few files. Commit the runs' config.json and metrics.json, the tables and the figures.
+# times.txt with the seconds per run and how busy the GPU and the CPU were, gpu-utilization.csv); with $OUT set
+# (a device machine's result folder) also packed as $OUT/gpu.tar.gz, since such a folder takes few files. Commit the runs' config.json and metrics.json, the tables and the figures.
 #
 # Expected run time on one H200: about 9 minutes in all. The bench is about 3 minutes (two models in bf16 and
 # fp32, short blocks, peak memory for miniresnet in bf16 only); then the studies get BUDGET_S seconds (6 minutes).

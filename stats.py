@@ -36,6 +36,11 @@ def excludes_zero(d):
     return bool(d["interval"]) and (d["interval"][0] > 0 or d["interval"][1] < 0)
 
 
+def half_width(d):
+    """Half the width of a paired difference's interval, or None without one."""
+    return (d["interval"][1] - d["interval"][0]) / 2 if d["interval"] else None
+
+
 def format_difference(d):
     interval = f"[{d['interval'][0]:+.4f}, {d['interval'][1]:+.4f}]" if d["interval"] else "(one seed: no interval)"
     return f"{d['mean']:+.4f} {interval}"

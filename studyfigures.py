@@ -75,12 +75,13 @@ def power_lines(differences):
     if sd is None:
         return []
     return ["", f"Power: the paired differences' standard deviation, pooled over these comparisons, is {sd:.4f} "
-            f"(the comparisons' n − 1 summed: {df}; they share reference runs, so fewer are independent); at that spread a 95% half-width of ±{HALF_POINT:.4f} (half a point) takes "
-            f"{stats.seeds_for_half_width(sd, HALF_POINT)} seeds a comparison."]
+            f"(the comparisons' n − 1 summed: {df}; they share reference runs, so fewer are independent); at that "
+            f"spread a 95% half-width of ±{HALF_POINT:.4f} (half a point) takes {stats.seeds_for_half_width(sd, HALF_POINT)} "
+            "seeds a comparison."]
 
 
 def comparison_row(label, d, ran_on):
-    half = (d["interval"][1] - d["interval"][0]) / 2 if d["interval"] else None
+    half = stats.half_width(d)
     where = "; ".join(f"{k} ×{n}" for k, n in sorted(ran_on.items())) if ran_on else "(as above)"
     return (f"| {label} | {d['n']} | {format_difference(d)}{' *' if stats.excludes_zero(d) else ''} | "
             f"{f'±{half:.4f}' if half is not None else '-'} | {d['higher']} / {d['lower']} | {where} |")
@@ -96,8 +97,8 @@ def losses_table(points, reference):
     before = f"train loss, epoch {milestone}" if milestone else "train loss before the lr drop"
     theirs = curves(points[reference], "train_loss")
     when = f"at epoch {milestone} (the last before the lr drop)" if milestone else "before the lr drop (none here)"
-    lines = [f"Losses, mean ± std over each point's seeds: training loss {when} and at the end; 'below M=1 from' is the epoch from which the mean training loss stays below M=1's mean "
-             "over the same seeds.", "",
+    lines = [f"Losses, mean ± std over each point's seeds: training loss {when} and at the end; 'below M=1 from' is "
+             "the epoch from which the mean training loss stays below M=1's mean over the same seeds.", "",
              f"| M | seeds | {before} | train loss, final | below M=1 from epoch | final valid loss |",
              "|---:|---:|---:|---:|---:|---:|"]
     for point, runs in points.items():
@@ -151,8 +152,7 @@ def epochs_to_target_table(points, pairs):
         if d:
             interval, half = "(one pair)", "-"
             if d["interval"]:
-                low, high = d["interval"]
-                interval, half = f"[{low:+.2f}, {high:+.2f}]", f"±{(high - low) / 2:.2f}"
+                interval, half = f"[{d['interval'][0]:+.2f}, {d['interval'][1]:+.2f}]", f"±{stats.half_width(d):.2f}"
             lines.append(f"| {c.label} | {d['n']} | {d['mean']:+.2f} {interval} | {half} | {d['lower']} / {d['higher']} |")
     return lines
 

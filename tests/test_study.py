@@ -116,8 +116,8 @@ def test_the_comparisons_are_paired_differences_with_a_hand_computed_interval(tm
     assert "custom protocol: 5000/5000 images, 2 epochs, fp32; seeds 42-44" in table
     # sds 0.02, 0, 0.01, 0.01 at 2 degrees of freedom each: (0.0004 + 0 + 0.0001 + 0.0001) * 2 / 8 = 0.00015
     assert (f"standard deviation, pooled over these comparisons, is {np.sqrt(0.00015):.4f} (the comparisons' n − 1 "
-            f"summed: 8; they share reference runs, so fewer are independent); at that spread a 95% half-width of ±0.0050 (half a point) takes {stats.seeds_for_half_width(np.sqrt(0.00015), 0.005)} "
-            "seeds a comparison.") in table
+            "summed: 8; they share reference runs, so fewer are independent); at that spread a 95% half-width of "
+            f"±0.0050 (half a point) takes {stats.seeds_for_half_width(np.sqrt(0.00015), 0.005)} seeds a comparison.") in table
 
 
 def test_an_interval_that_excludes_zero_is_marked_and_more_seeds_show_the_first_five_and_all(tmp_path):
