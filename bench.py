@@ -88,13 +88,6 @@ def check_args(args):
         raise tools.UserError(f"unknown --model {args.model!r}: use one of {', '.join(MODEL_WIDTHS)}")
 
 
-def pick_device(name):
-    device = hardware.pick_device(name)  # refuses unknown names and absent devices
-    if device.type not in ("cpu", "cuda", "mps"):  # torch knows more kinds ('meta', ...) than bench can time
-        raise tools.UserError(f"--device {name}: use auto, cpu, cuda, cuda:N or mps")
-    return device
-
-
 def markdown_table(header, rows):
     return "\n".join(["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
                      + ["| " + " | ".join(row) + " |" for row in rows])
@@ -140,7 +133,7 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         check_args(args)  # everything is checked before any work
-        device = pick_device(args.device)
+        device = hardware.pick_device(args.device)
         tools.check_writable(Path(args.out), "--out")
         with tools.interrupts():
             measure(args, device, argv, written)

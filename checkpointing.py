@@ -51,13 +51,30 @@ def checkpoint_writer(checkpoint):
     return lambda tmp: torch.save(checkpoint, tmp)
 
 
-def load_checkpoint(path):
+# What to do about a checkpoint that cannot be read, when training would continue it, and when a command names it.
+RETRAIN = ("move it away to keep the run's metrics (a finished run is then skipped), or rerun with --overwrite to train "
+           "the run afresh, deleting them")
+RESTORE = "restore it from a copy: the weights are only in that file"
+
+
+def load_checkpoint(path, advice=RETRAIN):
     """weights_only=True: a checkpoint file can hold tensors and plain data, never code."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}); rerun with --overwrite to start afresh")
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): {advice}")
     return runfiles.check_checkpoint(path, checkpoint)
+
+
+def load_state(module, state, path):
+    """module.load_state_dict(state) (a model's or an optimizer's); a checkpoint of another version of the network
+    is one line, not a traceback."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} does not fit this code's {type(module).__name__} ({first_line}): use the code it was "
+                        "trained with (the git_commit in its config.json)")
 
 
 def epochs_done(run_dir, config):
@@ -69,8 +86,9 @@ def epochs_done(run_dir, config):
         return checkpoint["epoch"]
     if not (run_dir / "metrics.json").exists():
         return 0
-    experiment.check_same_experiment(runfiles.read_config(run_dir / "config.json"), config, run_dir / "config.json")
-    history = runfiles.read_history(run_dir / "metrics.json")
+    saved = runfiles.read_config(run_dir / "config.json")
+    experiment.check_same_experiment(saved, config, run_dir / "config.json")
+    history = runfiles.read_history(run_dir / "metrics.json", saved)
     return history[-1]["epoch"] if history else 0
 
 
@@ -101,4 +119,4 @@ def saved_checkpoint(run_dir):
     if not path.is_file():
         raise UserError(f"{run_dir} holds no checkpoint (last.pt); give a run directory of an earlier run "
                         "(outputs/<run name>/, or the --output_dir it used)")
-    return load_checkpoint(path)
+    return load_checkpoint(path, RESTORE)

@@ -10,6 +10,7 @@ import hashlib
 import os
 import tarfile
 import tempfile
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -46,6 +47,8 @@ def source_id(data_dir, dataset="cifar10"):
         if not path.is_file():
             raise UserError(f"--data_dir {data_dir}: no such archive; give an existing .tar/.tar.gz or a folder")
         return "archive-" + _file_sha256(path)[:12]
+    if path.is_file():
+        raise UserError(f"--data_dir {data_dir} is a file, not a folder or a {'/'.join(ARCHIVE_SUFFIXES)} archive")
     root = _split_root(path) if path.is_dir() else None
     if root:
         return f"folder-{_folder_key(root)[:12]}"
@@ -61,14 +64,39 @@ def load(data_dir, dataset="cifar10"):
     if source.startswith("torchvision"):
         return _load_torchvision(path, dataset)
     cache = CACHE_DIR / f"{source}.npz"
-    if cache.exists():
+    data = _read_cache(cache)
+    if data:
+        return data
+    writable = _can_write(CACHE_DIR)
+    print(f"decoding {path} once; the arrays are cached in {CACHE_DIR}" if writable else
+          f"decoding {path}; {CACHE_DIR} cannot be written, so it is decoded again next time (set MSD_CACHE_DIR to a "
+          "writable folder to keep it)", flush=True)
+    scratch = CACHE_DIR if writable else None  # extract beside the cache, or in the system's temporary folder
+    data = _decode_archive(path, scratch) if source.startswith("archive") else _decode_folder(_split_root(path))
+    if writable:
+        atomic_write(cache, lambda tmp: _write_npz(tmp, data))
+    return data
+
+
+def _read_cache(cache):
+    """The decoded arrays, or None if not cached yet or damaged (a cut copy, say: it is decoded again and replaced)."""
+    if not cache.exists():
+        return None
+    try:
         with np.load(cache) as f:
             return {k: f[k] if k != "classes" else f[k].tolist() for k in f.files}
-    print(f"decoding {path} once; the arrays are cached in {CACHE_DIR}", flush=True)
-    data = _decode_archive(path) if source.startswith("archive") else _decode_folder(_split_root(path))
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    atomic_write(cache, lambda tmp: _write_npz(tmp, data))
-    return data
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        print(f"{cache} cannot be read ({type(e).__name__}): decoding the images again", flush=True)
+        return None
+
+
+def _can_write(folder):
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+        return True
+    except OSError:
+        return False
 
 
 def quadratic():
@@ -94,6 +122,9 @@ def split(data, args):
     train_order, test_order = rng.permutation(n_train), rng.permutation(n_test)
     train_size = n_train - args.valid_split if args.train_size is None else args.train_size
     test_size = n_test if args.test_size is None else args.test_size
+    if args.valid_split >= n_train:
+        raise UserError(f"--valid_split {args.valid_split} leaves none of the {n_train} training images to train on; "
+                        "lower it")
     if args.valid_split + train_size > n_train or test_size > n_test:
         raise UserError(f"asked for {args.valid_split} validation + {train_size} training images of {n_train} and "
                         f"{test_size} test images of {n_test}; lower --train_size/--valid_split/--test_size")
@@ -218,19 +249,19 @@ def _file_sha256(path):
     return h.hexdigest()
 
 
-def _decode_archive(path):
+def _decode_archive(path, scratch):
     if not hasattr(tarfile, "data_filter"):
         raise UserError("safe archive extraction needs Python 3.10.12+, 3.11.4+ or 3.12+; extract the archive "
                         "yourself and pass --data_dir the folder")
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=CACHE_DIR, prefix=".extract-") as tmp:
+    with tempfile.TemporaryDirectory(dir=scratch, prefix=".extract-") as tmp:
         try:
             with tarfile.open(path) as tar:
                 tar.extractall(tmp, filter=_refuse_unsafe)
         except tarfile.FilterError as e:
             raise UserError(f"refusing archive {path}: {e}; it would write outside its folder")
         except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-            raise UserError(f"cannot read archive {path} ({e}); it may be truncated or corrupt: fetch it again")
+            reason = " ".join(str(e).split())  # tarfile's ReadError lists each method it tried, a line each
+            raise UserError(f"cannot read archive {path} ({reason}); it may be truncated or corrupt: fetch it again")
         root = _split_root(Path(tmp))
         if root is None:
             raise UserError(f"archive {path} is not in the image-folder layout {LAYOUT}")

@@ -41,6 +41,8 @@ def pick_device(name):
     try:
         device = torch.device(name)
     except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):  # torch knows more kinds ('meta', 'xpu', ...)
         raise UserError(f"unknown --device {name!r}: use auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
         raise UserError(f"--device {name}: no such CUDA device here; use --device cpu (or auto)")

@@ -169,6 +169,15 @@ def saved_args(checkpoint, explicit):
     return with_dataset_defaults(argparse.Namespace(**flags)), checkpoint
 
 
+def check_modes(given):
+    """--eval, --resume and --overwrite each say what to do with a run: two of them contradict each other (resuming
+    with --overwrite would delete the run it was asked to continue)."""
+    modes = [f"--{flag}" for flag in ("eval", "resume", "overwrite") if given.get(flag)]
+    if len(modes) > 1:
+        raise UserError(f"{' and '.join(modes)} contradict each other: --eval evaluates a run, --resume continues "
+                        "it, --overwrite trains it afresh; give one")
+
+
 def check_args(args):
     if args.dataset not in IMAGE_SETS + ["quadratic"]:
         raise UserError(f"unknown --dataset {args.dataset!r}: use one of {', '.join(IMAGE_SETS)} or quadratic")
@@ -221,6 +230,7 @@ def main(argv=None, resume_command=None):
         if args.compare:
             with tools.interrupts():
                 return compare(Path(args.compare), explicit)
+        check_modes(explicit)
         runs = [] if args.eval or args.resume else grid(args)
         for run in runs:  # every run of the grid is checked before any trains
             check_args(run)

@@ -12,12 +12,17 @@ import math
 from pathlib import Path
 
 from experiment import run_identity
+from task import task_of
 from tools import UserError, json_writer
 
 # The keys every reader relies on, and their types (bool is not a number here, though Python says so).
 CONFIG_KEYS = {"model": str, "dataset": str, "dropout_num": int, "dropout_p": (int, float), "seed": int, "epochs": int,
                "precision": str, "device": str, "setup": str}
+# Keys added after the first runs: older runs lack them, but where present they are of their type.
+LATER_CONFIG_KEYS = {"data_source": str, "data_dir": str, "rdrop_alpha": (int, float), "valid_split": int,
+                     "head_hidden": int, "pool": str, "diversity": str, "msd_reduce": str, "msd_heads": str}
 ROW_KEYS = {"epoch": int, "train_loss": (int, float), "valid_loss": (int, float), "seconds": (int, float)}
+ACCURACY_KEYS = {"train_acc": (int, float), "valid_acc": (int, float)}  # a classification run's rows have them too
 CHECKPOINT_KEYS = {"epoch": int, "config": dict, "history": list, "model": dict, "optimizer": dict}
 FIELDS = ["epoch", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc", "seconds"]  # a row's, in order
 ROW_NUMBERS = FIELDS[1:]  # the floats, each of which must be finite
@@ -48,28 +53,34 @@ def read_json(path):
         raise damaged(path, f"cannot be read ({e.strerror or e})") from None
 
 
-def check_keys(path, values, keys, what):
+def check_keys(path, values, keys, what, later=None):
+    """Every key of `keys` present and of its type; each of `later` of its type where present."""
     if not isinstance(values, dict):
         raise damaged(path, f"{what} is a {type(values).__name__}, not a JSON object")
-    for key, kind in keys.items():
+    for key, kind in {**keys, **{k: v for k, v in (later or {}).items() if k in values}}.items():
         if key not in values:
             raise damaged(path, f"{what} has no {key!r}")
         if isinstance(values[key], bool) or not isinstance(values[key], kind):
             raise damaged(path, f"{what}'s {key!r} is {values[key]!r}, not of the type a run writes")
 
 
-def read_config(path):
-    config = read_json(path)
-    check_keys(path, config, CONFIG_KEYS, "the config")
+def check_config(path, config, what="the config"):
+    check_keys(path, config, CONFIG_KEYS, what, LATER_CONFIG_KEYS)
     return config
 
 
-def check_history(path, history):
-    """Rows with every key a reader needs, numbers that are numbers, and all of them finite."""
+def read_config(path):
+    return check_config(path, read_json(path))
+
+
+def check_history(path, history, config):
+    """Rows with every key a reader needs (the accuracies too where config's task has them), numbers that are
+    numbers, and all of them finite."""
     if not isinstance(history, list):
         raise damaged(path, f"the metrics are a {type(history).__name__}, not a list of rows")
+    keys = {**ROW_KEYS, **(ACCURACY_KEYS if task_of(config["dataset"]).classify else {})}
     for i, row in enumerate(history, 1):
-        check_keys(path, row, ROW_KEYS, f"row {i}")
+        check_keys(path, row, keys, f"row {i}")
         for key in ROW_NUMBERS:
             value = row.get(key, 0.0)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -79,15 +90,15 @@ def check_history(path, history):
     return history
 
 
-def read_history(path):
-    return check_history(path, read_json(path))
+def read_history(path, config):
+    return check_history(path, read_json(path), config)
 
 
 def check_checkpoint(path, checkpoint):
     """A checkpoint torch could read, with what resuming and evaluating take from it."""
     check_keys(path, checkpoint, CHECKPOINT_KEYS, "the checkpoint")
-    check_keys(path, checkpoint["config"], CONFIG_KEYS, "the checkpoint's config")
-    check_history(path, checkpoint["history"])
+    check_config(path, checkpoint["config"], "the checkpoint's config")
+    check_history(path, checkpoint["history"], checkpoint["config"])
     last = checkpoint["history"][-1]["epoch"] if checkpoint["history"] else 0
     if last != checkpoint["epoch"]:
         raise damaged(path, f"the checkpoint says epoch {checkpoint['epoch']} but its metrics end at epoch {last}")
@@ -104,7 +115,8 @@ def finished_runs(output_dir):
     for config_path in config_paths:
         run_dir = config_path.parent
         if (run_dir / "metrics.json").exists():
-            config, history = read_config(config_path), read_history(run_dir / "metrics.json")
+            config = read_config(config_path)
+            history = read_history(run_dir / "metrics.json", config)
             if history and history[-1]["epoch"] >= config["epochs"]:
                 test, prediction = (read_json(run_dir / f) if (run_dir / f).exists() else None
                                     for f in ("test.json", "prediction.json"))

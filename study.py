@@ -116,7 +116,7 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.compare is not None and (args.compare == "" or len([a for a in argv if a.startswith("--")]) > 1):
         raise UserError("--compare takes the folder of a study and no other flag, e.g. --compare docs/study-converged")
-    for flag in ("data_dir", "output_dir"):
+    for flag in ("data_dir", "output_dir", "compare"):
         tools.require_path(getattr(args, flag), f"--{flag}")
     if args.workers < 1:
         raise UserError(f"--workers must be 1 or more, got {args.workers}")
@@ -195,9 +195,11 @@ def train_all(args, argv):
 
 
 def finished(command):
-    """Whether the run is trained to its epochs already: a process started only to say so costs seconds."""
+    """Whether the run is trained to its epochs already: a process started only to say so costs seconds. run.py's
+    checks of its flags come first, here: a bad one is one line, not K workers failing."""
     import train
     (args,) = run.grid(run.parse_args(command)[0])
+    run.check_args(args)
     try:
         return train.is_finished(args)
     except UserError:  # another experiment in its folder, say: its own process says so
@@ -228,15 +230,21 @@ def train_in_workers(numbered, total, workers, log_dir, resume):
                     log.close()
                     del active[i]
                     held = " (another process trains it)" if process.returncode == runlock.HELD else ""
-                    failed += [log.name] if process.returncode not in (0, runlock.HELD) and i not in stopping else []
+                    failed += [log] if process.returncode not in (0, runlock.HELD) and i not in stopping else []
                     took += [time.monotonic() - started] if process.returncode == 0 else []
                     left = "" if failed or tools.STOP else pace(took, len(pending) + len(active), workers)
                     print(f"study.py: run {i}/{total} exited {process.returncode}{held}{left}", flush=True)
     if tools.STOP:
         raise tools.Interrupted(f"stopped by {tools.STOP['signal']}; resume with: {resume}")
     if failed:
-        raise UserError(f"{len(failed)} run(s) failed, see {', '.join(failed)}; fix the cause and rerun: {resume}")
+        raise UserError(f"{len(failed)} run(s) failed, see {', '.join(log.name for log in failed)}; the first ends "
+                        f"\"{last_line(failed[0].name)}\"; fix the cause and rerun: {resume}")
     return 0
+
+
+def last_line(path):
+    lines = Path(path).read_text(errors="replace").strip().splitlines()
+    return lines[-1] if lines else "nothing"
 
 
 def pace(took, left, workers):

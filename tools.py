@@ -1,5 +1,6 @@
 """Small helpers with no torch in them (so --help stays instant): user errors, stop signals, atomic files, git state."""
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -95,15 +96,22 @@ def json_writer(obj):
 
 
 def require_path(value, flag):
-    """An empty string is refused, never read as 'not given'."""
+    """An empty string is refused, never read as 'not given'; so is a name longer than the file system takes."""
     if value == "":
         raise UserError(f"{flag} needs a path, got an empty string")
+    if value is not None:
+        try:
+            os.stat(value)
+        except OSError as e:  # a missing path is for the command to judge: it may be about to make it
+            if e.errno == errno.ENAMETOOLONG:
+                raise UserError(f"{flag} {value[:40]}...: a name too long for the file system; give a shorter path")
     return value
 
 
-def check_writable(folder, flag="--output_dir"):
-    """Refuse a folder that cannot be written, before any work; nothing is left behind (the folder is not made:
-    the first save makes it). A temporary file, not os.access: root passes os.access on a read-only mount."""
+def check_writable(folder, flag="--output_dir", advice=None):
+    """Refuse a folder that cannot be written, before any work, saying `advice` (default: choose another `flag`);
+    nothing is left behind (the folder is not made: the first save makes it). A temporary file, not os.access: root
+    passes os.access on a read-only mount."""
     folder = Path(folder)
     try:
         existing = next(p for p in [folder, *folder.parents] if p.exists())  # where the first mkdir would write
@@ -111,7 +119,7 @@ def check_writable(folder, flag="--output_dir"):
             raise NotADirectoryError(20, f"{existing} is not a folder")
         tempfile.TemporaryFile(dir=existing).close()
     except OSError as e:
-        raise UserError(f"cannot write to {folder} ({e.strerror or e}); choose another {flag}")
+        raise UserError(f"cannot write to {folder} ({e.strerror or e}); {advice or f'choose another {flag}'}")
 
 
 @functools.cache  # read once: a long grid records the code it started with, even if HEAD moves meanwhile

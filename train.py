@@ -21,8 +21,8 @@ import runfiles
 import runlock
 import tools
 import trainingmonitor
-from checkpointing import (checkpoint_writer, epochs_done, resumable_checkpoint, rng_state, seed_everything,
-                           set_rng_state)
+from checkpointing import (checkpoint_writer, epochs_done, load_state, resumable_checkpoint, rng_state,
+                           seed_everything, set_rng_state)
 from nn import build_model
 from task import task_of
 from tools import UserError
@@ -43,7 +43,8 @@ def train_run(args, run_dir=None):
     run_dir = run_dir or default_dir
     if not finished(run_dir, config, args):  # a finished run is skipped even where nothing can be written
         check_ranks(args, device)
-        tools.check_writable(run_dir.parent)
+        tools.check_writable(run_dir.parent, advice="make it writable, or --resume a copy of the run in a "
+                             "writable folder" if args.resume else None)
         with runlock.hold(run_dir, distributed.rank()):
             if not finished(run_dir, config, args):  # another process may have finished it while we waited
                 threads = torch.get_num_threads()  # a resumed run may take its own (resume_threads): not the next run
@@ -103,8 +104,8 @@ def train(args, config, run_dir, device, checkpoint):
         shutil.rmtree(run_dir)
     history, first_epoch, resume_note = [], 1, ""
     if checkpoint:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        load_state(model, checkpoint["model"], run_dir / "last.pt")
+        load_state(optimizer, checkpoint["optimizer"], run_dir / "last.pt")
         set_rng_state(checkpoint["rank_rng"][distributed.rank()] if "rank_rng" in checkpoint else checkpoint["rng"], generator)
         history, first_epoch = checkpoint["history"], checkpoint["epoch"] + 1
         resume_note = resume_threads(checkpoint["config"], device)
@@ -314,7 +315,7 @@ def evaluate_saved_run(args, checkpoint):
         print(f"--eval with --{flag} {value} (the run was trained with {trained.get(flag)})")
     splits, num_classes = datasource.load_splits(args, device)
     model = make_model(args, num_classes, device)
-    model.load_state_dict(checkpoint["model"])
+    load_state(model, checkpoint["model"], Path(args.eval) / "last.pt")
     autocast = autocast_for(device, config["precision"])
     loss, acc = evaluate(model, *splits["test"], autocast, datasource.input_transform(args.dataset, device),
                          task_of(args.dataset))

@@ -11,6 +11,7 @@ import torch
 import experiment
 import hardware
 import run
+import tools
 from conftest import ROOT, cli, result_tables, rows, run_dirs
 
 # 400 real images (300 train, 100 test), batch 32: about a second an epoch
@@ -116,6 +117,9 @@ def test_overwrite_starts_afresh(trained, small_cifar, tmp_path, capsys):
     (["--model", "vgg"], "unknown --model 'vgg'"),
     (["--dataset", "mnist"], "unknown --dataset 'mnist'"),
     (["--device", "cuda:7"], "no such CUDA device"),
+    (["--device", "meta"], "unknown --device 'meta'"),
+    (["--device", "xpu"], "unknown --device 'xpu'"),
+    (["--valid_split", "300"], "--valid_split 300 leaves none of the 300 training images"),
     (["--train_size", "301"], "asked for 0 validation + 301 training images of 300"),
     (["--valid_split", "100", "--train_size", "250"], "asked for 100 validation + 250 training images of 300"),
     (["--data_dir", "no/such.tar.gz"], "no such archive"),
@@ -130,6 +134,29 @@ def test_bad_input_is_one_line_and_exit_2(flags, message, small_cifar, tmp_path,
     rc, out, err = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path / "out", *TINY, *flags)
     assert rc == 2 and err.startswith("run.py: error:") and message in err and err.count("\n") == 1
     assert not list((tmp_path).glob("out/*/metrics.csv"))
+
+
+@pytest.mark.parametrize("modes", [["--resume", "--overwrite"], ["--eval", "--resume"], ["--eval", "--overwrite"]])
+def test_eval_resume_and_overwrite_contradict_each_other_and_nothing_is_touched(modes, trained, tmp_path, capsys):
+    (finished,) = run_dirs(trained, 1)
+    run_dir = shutil.copytree(finished, tmp_path / finished.name)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    argv = [a for mode in modes for a in ([mode, run_dir] if mode != "--overwrite" else [mode])]
+    rc, out, err = cli(capsys, *argv, "--epochs", 3)
+    assert rc == 2 and "contradict each other" in err and err.count("\n") == 1 and out == ""
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+
+def test_resuming_in_a_read_only_folder_says_what_helps(trained, tmp_path, capsys, monkeypatch):
+    (finished,) = run_dirs(trained, 1)
+    run_dir = shutil.copytree(finished, tmp_path / finished.name)
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+    monkeypatch.setattr(tools.tempfile, "TemporaryFile", read_only)
+    rc, out, err = cli(capsys, "--resume", run_dir, "--epochs", 3)
+    assert rc == 2 and "Read-only file system" in err and "make it writable, or --resume a copy" in err
+    assert "--output_dir" not in err and err.count("\n") == 1
 
 
 def test_rdrop_runs_sit_beside_the_others_labelled(trained, small_cifar, tmp_path, capsys):

@@ -25,7 +25,13 @@ DAMAGES = {  # what is done to a finished run's files -> what the one line says
     "epochs a string": (lambda run: edit(run / "config.json", lambda c: c.update(epochs="2")), "'epochs' is '2'"),
     "metrics an object": (lambda run: (run / "metrics.json").write_text('{"epoch": 1}'), "not a list of rows"),
     "a row without epoch": (lambda run: edit(run / "metrics.json", lambda h: h[0].pop("epoch")), "row 1 has no 'epoch'"),
-    "accuracy a string": (lambda run: edit(run / "metrics.json", lambda h: h[1].update(valid_acc="0.5")), "not a number"),
+    "accuracy a string": (lambda run: edit(run / "metrics.json", lambda h: h[1].update(valid_acc="0.5")), "'valid_acc' is '0.5'"),
+    "rows without accuracy": (lambda run: edit(run / "metrics.json", lambda h: [r.pop("valid_acc") for r in h]),
+                              "row 1 has no 'valid_acc'"),
+    "rdrop_alpha null": (lambda run: edit(run / "config.json", lambda c: c.update(rdrop_alpha=None)),
+                         "'rdrop_alpha' is None"),
+    "data_source null": (lambda run: edit(run / "config.json", lambda c: c.update(data_source=None)),
+                         "'data_source' is None"),
     "NaN accuracy": (lambda run: edit(run / "metrics.json", lambda h: h[1].update(valid_acc=float("nan"))), "non-finite"),
     "infinite loss": (lambda run: edit(run / "metrics.json", lambda h: h[0].update(valid_loss=float("inf"))), "non-finite"),
 }
@@ -82,6 +88,21 @@ def test_a_checkpoint_without_a_key_is_one_line_for_resume_and_eval(key, small_c
         assert rc == 2 and f"has no {key!r}" in err and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("part", ["model", "optimizer"])
+def test_a_checkpoint_of_another_network_is_one_line_for_resume_and_eval(part, small_cifar, tmp_path, capsys):
+    assert cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path, "--epochs", 1, "--batch_size", 100)[0] == 0
+    (run_dir,) = run_dirs(tmp_path, 0)
+    checkpoint = torch.load(run_dir / "last.pt", weights_only=True)
+    if part == "model":
+        checkpoint["model"].pop(sorted(checkpoint["model"])[-1])  # as a later version of the head would find it
+    else:
+        checkpoint["optimizer"]["param_groups"][0]["params"].pop()
+    torch.save(checkpoint, run_dir / "last.pt")
+    for flag in ("--resume", "--eval")[:2 if part == "model" else 1]:  # --eval loads no optimizer
+        rc, _, err = cli(capsys, flag, run_dir, "--epochs", 2)
+        assert rc == 2 and "does not fit this code's" in err and "git_commit" in err and err.count("\n") == 1, err
+
+
 def test_a_checkpoint_whose_metrics_stop_short_of_its_epoch_is_one_line(small_cifar, tmp_path, capsys):
     assert cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path, "--epochs", 2, "--batch_size", 100)[0] == 0
     (run_dir,) = run_dirs(tmp_path, 0)
@@ -98,14 +119,17 @@ def test_an_empty_path_is_refused_not_taken_for_none(argv, capsys, tmp_path):
     assert rc == 2 and "needs a path, got an empty string" in err and not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("entry", ["run.py", "study.py", "blog.py"])
-def test_a_folder_name_too_long_for_the_file_system_is_one_line(entry, tmp_path, capsys):
-    folder = tmp_path / ("x" * 300)  # over the 255 bytes a name may have
-    main, argv = {"run.py": (run.main, ["--compare", folder]), "study.py": (study.main, ["samples", "--compare", folder]),
-                  "blog.py": (blog.main, [folder])}[entry]
-    assert main(argv) == 2
+@pytest.mark.parametrize("argv", [["--output_dir", "{long}"], ["--data_dir", "{long}"], ["--resume", "{long}"],
+                                  ["--eval", "{long}"], ["--compare", "{long}"], ["blog.py", "{long}"],
+                                  ["study.py", "--data_dir", "{long}", "--workers", "2"],
+                                  ["study.py", "--output_dir", "{long}"], ["study.py", "--compare", "{long}"]])
+def test_a_path_name_too_long_is_one_line_before_any_work(argv, tmp_path, capsys):
+    argv = [a.format(long=tmp_path / ("x" * 300)) for a in argv]  # a name over the 255 bytes a file system takes
+    main = {"study.py": lambda a: study.main(["samples", *a]), "blog.py": blog.main}.get(argv[0])
+    status = main(argv[1:]) if main else run.main(argv)
     err = capsys.readouterr().err
-    assert "File name too long" in err and err.count("\n") == 1, err
+    assert status == 2 and "a name too long for the file system" in err and err.count("\n") == 1, err
+    assert not list(tmp_path.iterdir())
 
 
 def test_runs_of_different_lengths_in_one_study_are_refused(tmp_path, capsys):

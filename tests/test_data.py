@@ -110,6 +110,41 @@ def test_truncated_archive_is_a_clear_error(tmp_path):
         datasource.load(archive)
 
 
+def test_an_archive_that_is_not_a_tar_is_one_line(tmp_path):
+    garbage = tmp_path / "garbage.tar.gz"
+    garbage.write_bytes(b"not an archive at all" * 100)
+    with pytest.raises(UserError, match="truncated or corrupt") as refused:
+        datasource.load(garbage)
+    assert "\n" not in str(refused.value)  # tarfile's message has a line per method it tried
+
+
+def test_a_plain_file_as_data_dir_is_named_as_a_file(tmp_path):
+    (tmp_path / "images.bin").write_bytes(b"x")
+    with pytest.raises(UserError, match="images.bin is a file, not a folder or a .tar/.tar.gz/.tgz archive"):
+        datasource.load(tmp_path / "images.bin")
+
+
+def test_an_unwritable_cache_decodes_without_caching(tmp_path, monkeypatch, capsys):
+    archive = write_tar(write_folder(tmp_path / "cifar"), tmp_path / "cifar.tar.gz", ".")
+    (tmp_path / "a file").write_text("")
+    monkeypatch.setattr(datasource, "CACHE_DIR", tmp_path / "a file" / "cache")  # cannot be made, as root too
+    data = datasource.load(archive)
+    assert data["train_x"].shape == (12, 32, 32, 3) and "cannot be written" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a file", "cifar", "cifar.tar.gz"]
+
+
+def test_a_damaged_cache_is_decoded_again_and_replaced(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(datasource, "CACHE_DIR", tmp_path / "cache")
+    archive = write_tar(write_folder(tmp_path / "cifar"), tmp_path / "cifar.tar.gz", ".")
+    first = datasource.load(archive)
+    (cache,) = (tmp_path / "cache").glob("*.npz")
+    cache.write_bytes(cache.read_bytes()[:500])  # cut by a copy that failed
+    capsys.readouterr()
+    again = datasource.load(archive)
+    assert np.array_equal(again["train_x"], first["train_x"]) and "cannot be read" in capsys.readouterr().out
+    assert np.array_equal(datasource.load(archive)["train_x"], first["train_x"]) and capsys.readouterr().out == ""
+
+
 def test_an_empty_image_folder_is_a_clear_error(tmp_path):
     (tmp_path / "cifar" / "train").mkdir(parents=True)
     (tmp_path / "cifar" / "test").mkdir()

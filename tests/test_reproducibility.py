@@ -97,6 +97,8 @@ def test_a_corrupt_checkpoint_is_one_clear_error(damage, whole, tmp_path, capsys
     checkpoint.write_bytes(b"not a checkpoint" if damage == "garbage" else checkpoint.read_bytes()[:100_000])
     rc, _, err = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path, *FOUR_EPOCHS)
     assert rc == 2 and "cannot read checkpoint" in err and "--overwrite" in err and err.count("\n") == 1
+    rc, _, err = cli(capsys, "--eval", tmp_path / whole.name)  # --overwrite cannot help --eval: it needs the weights
+    assert rc == 2 and "restore it from a copy" in err and "--overwrite" not in err and err.count("\n") == 1
 
 
 def test_grid_runs_every_combination_then_skips_finished_and_resumes_unfinished(small_cifar, tmp_path, capsys):

@@ -329,12 +329,23 @@ def test_the_protocols_say_their_sizes_and_the_defaults_follow_the_study():
     (["samples", "--output_dir", ""], "--output_dir needs a path"),
     (["samples", "--workers", "0"], "--workers must be 1 or more"),
     (["nosuch"], "invalid choice"),
+    (["samples", "--seed", "-1", "--workers", "2", "--protocol", "smoke"], "--seed must be in [0, 2**32), got -1"),
     (["samples", "--compare", "/nonexistent/empty"], "holds no finished pair of runs for the samples study"),
 ])
 def test_bad_study_commands_are_one_line_and_exit_2(argv, message, capsys):
     assert study.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_a_failed_worker_is_one_line_with_the_end_of_its_log(tmp_path, capsys):
+    argv = ["samples", "--protocol", "smoke", "--data_dir", tmp_path / "no-such.tar.gz", "--output_dir", tmp_path / "out",
+            "--seed", "1", "--workers", "2"]
+    assert study.main(argv) == 2
+    err = capsys.readouterr().err
+    logs = tmp_path / "out" / "logs"
+    assert "2 run(s) failed, see " in err and all(str(logs / f"blog-head-m{m}-p0.5-s1.log") in err for m in (1, 2))
+    assert "no such archive" in err and err.count("\n") == 1
 
 
 def test_an_unwritable_figure_or_a_truncated_run_file_is_one_line_and_exit_2(tmp_path, capsys):
