@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from tools import UserError, atomic_write
+from tools import UserError, atomic_write, missing_folders, remove_if_empty
 
 # Decoded image-folder copies; MSD_CACHE_DIR moves them (the tests send theirs, subprocesses too, to a temporary folder)
 CACHE_DIR = Path(os.environ.get("MSD_CACHE_DIR") or Path(__file__).resolve().parent / "data" / "cache")
@@ -195,9 +195,11 @@ def _write_npz(path, arrays):
 
 def _load_torchvision(root, dataset):
     name, files = OFFICIAL[dataset]
+    made = missing_folders(root)  # torchvision makes root to download into: a failure takes it away again
     try:
         (train_x, train_y), (test_x, test_y), classes = _official_splits(root, dataset)
     except (OSError, RuntimeError) as e:  # URLError is an OSError
+        remove_if_empty(made)
         raise UserError(f"{name} is not in {root}/ and could not be downloaded ({e}): put {files} in {root}/, "
                         f"or pass --data_dir an image-folder copy ({LAYOUT}, folder or .tar.gz)")
     return {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y, "classes": classes}

@@ -1,7 +1,7 @@
 """One run, one trainer: a lock per run folder, held for as long as a process trains it.
 
 The lock is an flock on a hidden file beside the run folder (the folder itself appears only with the
-first saved epoch). The kernel releases it when the process ends, however it ends, so a lock left by
+first saved epoch; folders the lock had to make go again if nothing was saved in them). The kernel releases it when the process ends, however it ends, so a lock left by
 a killed process never blocks a rerun. The file says who holds it, for the refusal's message.
 """
 import contextlib
@@ -11,6 +11,7 @@ import os
 import socket
 from pathlib import Path
 
+import tools
 from tools import UserError
 
 HELD = 75  # run.py's exit status when another process trains the run (EX_TEMPFAIL: try again later)
@@ -31,9 +32,13 @@ def hold(run_dir, rank=0):
     """Hold run_dir's lock for the block, or raise RunHeld naming the process that holds it. The file goes when
     the block ends; a killed holder leaves it behind, unlocked, and the next process takes it over."""
     path = lock_path(run_dir, rank)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    made = tools.missing_folders(path.parent)  # ours to remove if nothing is saved in them
     while True:
-        f = open(path, "a+")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            f = open(path, "a+")
+        except FileNotFoundError:  # another process's clean-up removed the folder it made, between mkdir and open
+            continue
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -53,3 +58,5 @@ def hold(run_dir, rank=0):
     finally:
         path.unlink(missing_ok=True)  # before the flock goes, so no one takes over a file that is about to vanish
         f.close()
+        tools.remove_if_empty(made)
+

@@ -122,6 +122,22 @@ def check_writable(folder, flag="--output_dir", advice=None):
         raise UserError(f"cannot write to {folder} ({e.strerror or e}); {advice or f'choose another {flag}'}")
 
 
+def missing_folders(folder):
+    """folder and those of its parents that do not exist yet, deepest first: what making it would make."""
+    folder = Path(folder)
+    return [p for p in [folder, *folder.parents] if not p.exists()]
+
+
+def remove_if_empty(folders):
+    """Remove the folders a failed step made (missing_folders, from before it), deepest first, where nothing came to
+    be in them: an error leaves no empty folder behind. rmdir removes empty folders only, so nothing is lost."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # something is in it (a saved epoch, another run's lock): it stays, and so do its parents
+            return
+
+
 @functools.cache  # read once: a long grid records the code it started with, even if HEAD moves meanwhile
 def git_state():
     """(commit, dirty) of the repo this file lives in when the process first asks, or (None, None) outside git."""

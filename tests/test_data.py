@@ -215,7 +215,8 @@ def write_official_svhn(root, per_split=(7, 3), seed=0):
     return images, labels
 
 
-def offline(*args, **kwargs):
+def offline(url, root, *args, **kwargs):
+    os.makedirs(root, exist_ok=True)  # as torchvision's download_url does before it tries the network
     raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
 
@@ -228,7 +229,7 @@ def no_network(monkeypatch):
 
     def download_url(url, root, filename, md5):  # torchvision's skips a file that is already there
         if not os.path.isfile(os.path.join(root, filename)):
-            offline()
+            offline(url, root)
     monkeypatch.setattr(tv_svhn, "download_url", download_url)
 
 
@@ -254,9 +255,10 @@ def test_offline_and_missing_is_one_clear_error(tmp_path, no_network):
 
 def test_offline_through_the_command_line_exits_2_with_one_line(tmp_path, no_network, capsys):
     import run
-    rc = run.main(["--data_dir", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "out")])
+    rc = run.main(["--data_dir", str(tmp_path / "empty" / "cifar"), "--output_dir", str(tmp_path / "out" / "runs")])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "could not be downloaded" in err
+    assert list(tmp_path.iterdir()) == []  # neither the data folder torchvision made nor the run lock's folder stays
 
 
 def test_official_cifar100_loads_through_torchvision(tmp_path, no_network):

@@ -79,6 +79,16 @@ def test_a_second_trainer_is_refused_naming_the_first_and_a_killed_one_never_blo
     assert rc == 0 and len(rows(run_dir)) == 2
 
 
+def test_the_lock_takes_away_the_folders_it_made_only_while_they_are_empty(tmp_path):
+    (tmp_path / "kept").mkdir()
+    with runlock.hold(tmp_path / "kept" / "new" / "deeper" / "run"):
+        assert runlock.lock_path(tmp_path / "kept" / "new" / "deeper" / "run").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and list((tmp_path / "kept").iterdir()) == []
+    with runlock.hold(tmp_path / "new" / "deeper" / "run"):
+        (tmp_path / "new" / "deeper" / "run").mkdir()  # the first saved epoch
+    assert (tmp_path / "new" / "deeper" / "run").is_dir() and not runlock.lock_path(tmp_path / "new" / "deeper" / "run").exists()
+
+
 def test_study_workers_train_each_run_once_and_leave_a_held_run_to_its_holder(small_cifar, tmp_path, capsys, monkeypatch):
     small = study.Study("three runs", 1, [("avg2", [1, 8], [0.5]), ("avg2-flip", [8], [0.5])],
                         study.STUDIES["where"].pairs, "gain")
