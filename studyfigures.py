@@ -251,7 +251,8 @@ def convergence_figure(path, points, pairs, caption):
 
 
 def gain_figure(path, points, pairs, caption):
-    trainingmonitor.plot_gain(path, [(c.label, c.difference) for c in pairs], caption)
+    trainingmonitor.plot_gain(path, [(c.label, c.difference) for c in pairs], caption,
+                              "differences in final valid accuracy, as each label says")
 
 
 FIGURES = {"samples": samples_figure, "rate": rate_figure, "convergence": convergence_figure, "gain": gain_figure}

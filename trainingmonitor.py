@@ -234,8 +234,8 @@ def paired_rows(groups, reference_m):
     return rows
 
 
-def plot_gain(path, gains, title):
-    """Each setting's paired difference in final valid accuracy against dropout_num=1 (same seeds): the mean, and its
+def plot_gain(path, gains, title, what="final valid accuracy minus dropout_num=1's"):
+    """Each setting's paired difference in final valid accuracy against its reference (same seeds): the mean, and its
     95% interval as an error bar (a bare point with one seed, where there is none). gains: [(label, difference)]."""
     fig, ax = plt.subplots(figsize=(7, 1.5 + 0.5 * len(gains)))  # one row per setting: long labels stay readable
     rows = range(len(gains))[::-1]  # the first setting on top
@@ -246,8 +246,8 @@ def plot_gain(path, gains, title):
     ax.axvline(0, color="grey", lw=1)
     ax.set_ylim(-0.6, len(gains) - 0.4)  # half a row of margin above and below
     ax.set_yticks(rows, [f"{label} ({d['n']} seed{'s' * (d['n'] > 1)})" for label, d in gains], fontsize=8)
-    _save(fig, ax, path, f"final valid accuracy minus dropout_num=1's, paired by seed (95% t interval)\n{title}",
-          "difference in final valid accuracy", "", legend=False)
+    _save(fig, ax, path, f"{what}, paired by seed (95% t interval)\n{title}", "difference in final valid accuracy", "",
+          legend=False, over_figure=True)  # centred on the figure, not on the axes the long labels push right
 
 
 def _group_key(run):
@@ -320,10 +320,11 @@ def _plot_final_vs(path, groups, key, short):
     _save(fig, ax, path, f"final valid accuracy\n{short}", key, "final valid accuracy")
 
 
-def _save(fig, ax, path, title, xlabel, ylabel, legend=True):
-    ax.set_title(title, fontsize=9)  # two lines: what is drawn, and the setup it comes from
+def _save(fig, ax, path, title, xlabel, ylabel, legend=True, over_figure=False):
+    if not over_figure:
+        ax.set_title(title, fontsize=9)  # two lines: what is drawn, and the setup it comes from
     label_axes(ax, xlabel, ylabel, legend)
-    save_figure(fig, path)
+    save_figure(fig, path, title if over_figure else None)
 
 
 def label_axes(ax, xlabel, ylabel, legend=True, fontsize=None):

@@ -11,6 +11,7 @@ import runfiles
 import stats
 import study
 import studyfigures
+import trainingmonitor
 from conftest import ROOT, cli, fake_run, run_dirs, write_json
 from trainingmonitor import mean_std
 
@@ -118,6 +119,20 @@ def test_the_comparisons_are_paired_differences_with_a_hand_computed_interval(tm
     assert (f"standard deviation, pooled over these comparisons, is {np.sqrt(0.00015):.4f} (the comparisons' n − 1 "
             "summed: 8; they share reference runs, so fewer are independent); at that spread a 95% half-width of "
             f"±0.0050 (half a point) takes {stats.seeds_for_half_width(np.sqrt(0.00015), 0.005)} seeds a comparison.") in table
+
+
+def test_the_where_figure_says_each_label_names_its_reference_and_its_title_stays_inside_the_figure(tmp_path, monkeypatch):
+    write_runs(tmp_path / "avg2", {1: [0.50, 0.50, 0.50], 8: [0.52, 0.52, 0.52]})
+    write_runs(tmp_path / "avg2-flip", {8: [0.49, 0.50, 0.51]})  # against avg2's M=8 too: not "minus dropout_num=1's"
+    drawn, real_save = {}, trainingmonitor.save_figure
+
+    def record(fig, path, title=None):
+        real_save(fig, path, title)
+        drawn.update(title=title, box=fig._suptitle.get_window_extent(fig.canvas.get_renderer()), width=fig.bbox.width)
+    monkeypatch.setattr(trainingmonitor, "save_figure", record)
+    assert study.main(["where", "--compare", tmp_path]) == 0
+    assert drawn["title"].startswith("differences in final valid accuracy, as each label says, paired by seed")
+    assert "dropout_num=1" not in drawn["title"] and 0 <= drawn["box"].x0 < drawn["box"].x1 <= drawn["width"]
 
 
 def test_an_interval_that_excludes_zero_is_marked_and_more_seeds_show_the_first_five_and_all(tmp_path):
