@@ -52,3 +52,23 @@ def test_no_page_speaks_of_how_it_was_made():
     for source in ROOT.glob("*.py"):
         text = source.read_text().lower()
         assert not [w for w in ("seed 001", "seed repo", "seedstyle", "seed_recipe") if w in text], source.name
+
+
+def heading_anchors(page):
+    """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    headings = re.findall(r"^#+ (.+)$", page.read_text(), re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
+def test_every_relative_link_and_anchor_in_the_pages_leads_somewhere():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue  # a web address
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            if not file.exists() or anchor and file.suffix == ".md" and anchor not in heading_anchors(file):
+                broken.append(f"{page.name}: {target}")
+    assert not broken
