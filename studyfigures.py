@@ -60,7 +60,7 @@ def table(name, study, points, pairs, caption, more_seeds):
               "'a / b threads' means the setting's run used a CPU threads and the reference's b (threads change a "
               "CPU run's rounding, so its bits, not its initial weights, data order or masks)."]
     if study.figure == "convergence":
-        lines += ["", *epochs_to_target_table(points, pairs)]
+        lines += ["", *epochs_to_target_table(points, pairs), "", *per_epoch_table(points, pairs)]
     if study.figure == "samples":
         lines += ["", *losses_table(points, pairs[0].reference)]
     return "\n".join(lines) + "\n"
@@ -157,6 +157,33 @@ def epochs_to_target_table(points, pairs):
     return lines
 
 
+def per_epoch_differences(points, c, metric):
+    """The comparison's paired difference in metric at each epoch its runs share: (epochs, [difference], seeds)."""
+    mine, theirs = curves(points[c.point], metric), curves(points[c.reference], metric)
+    seeds = sorted(mine.keys() & theirs.keys())
+    n = min(len(mine[seeds[0]]), len(theirs[seeds[0]]))
+    differences = [stats.paired_difference([mine[s][e] for s in seeds], [theirs[s][e] for s in seeds]) for e in range(n)]
+    return epochs_of(points[c.point])[:n], differences, seeds
+
+
+def per_epoch_table(points, pairs):
+    """The numbers under convergence.png: each comparison's paired difference at every epoch, marked where its
+    interval excludes zero."""
+    pairs = [c for c in pairs if c.difference]
+    columns = [(c, metric) for c in pairs for metric in ("valid_acc", "train_loss")]
+    drawn = {(c.label, metric): per_epoch_differences(points, c, metric) for c, metric in columns}
+    lines = ["Epoch by epoch (convergence.png): the paired difference [95% CI] in valid accuracy and in training loss, "
+             "* where the interval excludes 0.", "",
+             "| epoch | " + " | ".join(f"{c.label}: Δ {metric.replace('_', ' ')} ({len(drawn[c.label, metric][2])} seeds)"
+                                   for c, metric in columns) + " |", "|---:|" + "---:|" * len(columns)]
+    n = min(len(epochs) for epochs, _, _ in drawn.values())
+    for e in range(n):
+        cells = [drawn[c.label, metric][1][e] for c, metric in columns]
+        lines.append(f"| {drawn[columns[0][0].label, 'valid_acc'][0][e]} | " + " | ".join(
+            format_difference(d) + (" *" if stats.excludes_zero(d) else "") for d in cells) + " |")
+    return lines
+
+
 def epochs_mean_std(values):
     if not values:
         return "-"
@@ -237,11 +264,7 @@ def convergence_figure(path, points, pairs, caption):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, metric, ylabel in zip(axes, ("valid_acc", "train_loss"), ("Δ valid accuracy", "Δ training loss")):
         for c in pairs:
-            mine, theirs = curves(points[c.point], metric), curves(points[c.reference], metric)
-            seeds = sorted(mine.keys() & theirs.keys())
-            n = min(len(mine[seeds[0]]), len(theirs[seeds[0]]))
-            per_epoch = [stats.paired_difference([mine[s][e] for s in seeds], [theirs[s][e] for s in seeds]) for e in range(n)]
-            epochs = epochs_of(points[c.point])[:n]
+            epochs, per_epoch, seeds = per_epoch_differences(points, c, metric)
             (line,) = ax.plot(epochs, [d["mean"] for d in per_epoch], marker=".", label=f"{c.label} ({len(seeds)} seeds)")
             if all(d["interval"] for d in per_epoch):
                 ax.fill_between(epochs, *zip(*[d["interval"] for d in per_epoch]), alpha=0.2, color=line.get_color())

@@ -147,6 +147,8 @@ def test_an_interval_that_excludes_zero_is_marked_and_more_seeds_show_the_first_
     assert "| M=8 − M=1 | 10 | +0.0150 [+0.0112, +0.0188] * |" in table and "(first" not in table
     assert "interval over the study's own 10 seeds excludes 0 (marked *) gets 5 more seeds" in table
     assert "| blog-head | 8 | 10 | 2.0 ± 0.0 | 0 |" in table  # epochs to target 0.49: the second epoch
+    assert "| epoch | M=8 − M=1: Δ valid acc (10 seeds) | M=8 − M=1: Δ train loss (10 seeds) |" in table  # the figure's numbers
+    assert "| 1 | +0.0000 [+0.0000, +0.0000] | +0.0000 [+0.0000, +0.0000] |\n| 2 | +0.0150 [+0.0112, +0.0188] * |" in table
     assert (tmp_path / "convergence.png").stat().st_size > 0
 
 
