@@ -356,9 +356,13 @@ def draw(output_dir, name):
     caption = studyfigures.caption(points, protocol_of(points))
     try:
         studyfigures.FIGURES[study.figure](output_dir / f"{name}.png", points, pairs, caption)
+        run_times = collections.defaultdict(list)  # where a run ran: its seconds, epochs summed
+        for runs in points.values():
+            for r in runs.values():
+                run_times[where(r)].append(sum(row["seconds"] for row in r["history"]))
         tools.atomic_write(output_dir / f"{name}.md",
                            lambda tmp: Path(tmp).write_text(studyfigures.table(name, study, points, pairs, caption,
-                                                                               MORE_SEEDS)))
+                                                                               MORE_SEEDS, run_times)))
     except OSError as e:
         raise UserError(f"cannot write the study's figure or table in {output_dir} ({e.strerror or e}); choose another folder")
     print(f"study.py: wrote {output_dir / (name + '.png')} and {output_dir / (name + '.md')}")

@@ -32,9 +32,10 @@ def caption(points, protocol):
             f"{values('precision')}; seed{'s' * (len(seeds) > 1)} {named}")
 
 
-def table(name, study, points, pairs, caption, more_seeds):
+def table(name, study, points, pairs, caption, more_seeds, run_times):
     """NAME.md: every point, then every comparison (study.Comparison) with its interval and where its pairs ran;
-    one paired over more than the study's own seeds also over those alone."""
+    one paired over more than the study's own seeds also over those alone; then the seconds a run took,
+    {where it ran: [seconds]}."""
     lines = [f"#### {name}: {study.about}", "", caption, "",
              "| setting | M | p | seeds | final valid acc | final valid error | final train acc |",
              "|---|---:|---:|---:|---:|---:|---:|"]
@@ -59,11 +60,22 @@ def table(name, study, points, pairs, caption, more_seeds):
               "its first, and over the seeds after those: the test of what the first found. Pairs ran on: "
               "'a / b threads' means the setting's run used a CPU threads and the reference's b (threads change a "
               "CPU run's rounding, so its bits, not its initial weights, data order or masks)."]
+    lines += ["", *run_time_table(run_times)]
     if study.figure == "convergence":
         lines += ["", *epochs_to_target_table(points, pairs), "", *per_epoch_table(points, pairs)]
     if study.figure == "samples":
         lines += ["", *losses_table(points, pairs[0].reference)]
     return "\n".join(lines) + "\n"
+
+
+def run_time_table(run_times):
+    """What a run cost, by where it ran: the runs, and the median and range of their seconds."""
+    lines = ["Seconds a run, its epochs' training and evaluation summed (metrics.json), by where it ran (runs that "
+             "shared the machine took longer):", "", "| ran on | runs | seconds a run: median (min - max) |",
+             "|---|---:|---:|"]
+    for where, seconds in sorted(run_times.items()):
+        lines.append(f"| {where} | {len(seconds)} | {np.median(seconds):,.0f} ({min(seconds):,.0f} - {max(seconds):,.0f}) |")
+    return lines
 
 
 HALF_POINT = 0.005  # the effect size people weigh when choosing a regulariser: half a point of accuracy

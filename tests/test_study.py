@@ -135,6 +135,17 @@ def test_the_where_figure_says_each_label_names_its_reference_and_its_title_stay
     assert "dropout_num=1" not in drawn["title"] and 0 <= drawn["box"].x0 < drawn["box"].x1 <= drawn["width"]
 
 
+def test_the_table_gives_the_seconds_a_run_took_by_where_it_ran(tmp_path):
+    write_runs(tmp_path / "blog-head", {1: [0.50, 0.52, 0.54], 8: [0.51, 0.55, 0.53]})  # two epochs of 1 s each
+    run = tmp_path / "blog-head" / "m8_p0.5_s44-fp32"
+    write_json(run / "config.json", {**json.loads((run / "config.json").read_text()), "threads": 1})
+    write_json(run / "metrics.json", [{**row, "seconds": s} for row, s in
+                                      zip(json.loads((run / "metrics.json").read_text()), (10.5, 1200.0))])
+    assert study.main(["samples", "--compare", tmp_path]) == 0
+    table = (tmp_path / "samples.md").read_text()
+    assert "| Some CPU (family 1), fp32 | 5 | 2 (2 - 2) |\n| Some CPU (family 1), fp32, 1 thread | 1 | 1,210 (1,210 - 1,210) |" in table
+
+
 def test_an_interval_that_excludes_zero_is_marked_and_more_seeds_show_the_first_five_and_all(tmp_path):
     seeds = range(42, 52)
     write_runs(tmp_path / "blog-head", {1: [0.50] * 10, 8: [0.51, 0.52] * 5}, seeds)
