@@ -354,12 +354,12 @@ def draw(output_dir, name):
     if not pairs:
         raise UserError(f"{output_dir} holds no finished pair of runs for the {name} study; run it first")
     caption = studyfigures.caption(points, protocol_of(points))
+    run_times = collections.defaultdict(list)  # where a run ran: its seconds, epochs summed
+    for runs in points.values():
+        for r in runs.values():
+            run_times[where(r)].append(sum(row["seconds"] for row in r["history"]))
     try:
         studyfigures.FIGURES[study.figure](output_dir / f"{name}.png", points, pairs, caption)
-        run_times = collections.defaultdict(list)  # where a run ran: its seconds, epochs summed
-        for runs in points.values():
-            for r in runs.values():
-                run_times[where(r)].append(sum(row["seconds"] for row in r["history"]))
         tools.atomic_write(output_dir / f"{name}.md",
                            lambda tmp: Path(tmp).write_text(studyfigures.table(name, study, points, pairs, caption,
                                                                                MORE_SEEDS, run_times)))

@@ -181,18 +181,18 @@ def per_epoch_differences(points, c, metric):
 def per_epoch_table(points, pairs):
     """The numbers under convergence.png: each comparison's paired difference at every epoch, marked where its
     interval excludes zero."""
-    pairs = [c for c in pairs if c.difference]
     columns = [(c, metric) for c in pairs for metric in ("valid_acc", "train_loss")]
-    drawn = {(c.label, metric): per_epoch_differences(points, c, metric) for c, metric in columns}
+    drawn = [per_epoch_differences(points, c, metric) for c, metric in columns]  # (epochs, [difference], seeds) each
     lines = ["Epoch by epoch (convergence.png): the paired difference [95% CI] in valid accuracy and in training loss, "
              "* where the interval excludes 0.", "",
-             "| epoch | " + " | ".join(f"{c.label}: Δ {metric.replace('_', ' ')} ({len(drawn[c.label, metric][2])} seeds)"
-                                   for c, metric in columns) + " |", "|---:|" + "---:|" * len(columns)]
-    n = min(len(epochs) for epochs, _, _ in drawn.values())
-    for e in range(n):
-        cells = [drawn[c.label, metric][1][e] for c, metric in columns]
-        lines.append(f"| {drawn[columns[0][0].label, 'valid_acc'][0][e]} | " + " | ".join(
-            format_difference(d) + (" *" if stats.excludes_zero(d) else "") for d in cells) + " |")
+             "| epoch | " + " | ".join(f"{c.label}: Δ {metric.replace('_', ' ')} ({len(seeds)} seeds)"
+                                   for (c, metric), (_, _, seeds) in zip(columns, drawn)) + " |",
+             "|---:|" + "---:|" * len(columns)]
+    epochs = min((epochs for epochs, _, _ in drawn), key=len)
+    for e, epoch in enumerate(epochs):
+        lines.append(f"| {epoch} | " + " | ".join(format_difference(differences[e]) +
+                                                 (" *" if stats.excludes_zero(differences[e]) else "")
+                                                 for _, differences, _ in drawn) + " |")
     return lines
 
 
