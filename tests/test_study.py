@@ -128,7 +128,8 @@ def test_the_where_figure_says_each_label_names_its_reference_and_its_title_stay
 
     def record(fig, path, title=None):
         real_save(fig, path, title)
-        drawn.update(title=title, box=fig._suptitle.get_window_extent(fig.canvas.get_renderer()), width=fig.bbox.width)
+        (suptitle,) = [text for text in fig.texts if text.get_text() == title]  # suptitle is one of the figure's texts
+        drawn.update(title=title, box=suptitle.get_window_extent(fig.canvas.get_renderer()), width=fig.bbox.width)
     monkeypatch.setattr(trainingmonitor, "save_figure", record)
     assert study.main(["where", "--compare", tmp_path]) == 0
     assert drawn["title"].startswith("differences in final valid accuracy, as each label says, paired by seed")
