@@ -50,7 +50,8 @@ def table(name, study, points, pairs, caption, more_seeds, run_times):
         lines.append(comparison_row(c.label, c.difference, c.ran_on))
         if c.first and c.later:
             lines.append(comparison_row(f"{c.label} (first {c.first['n']} seeds)", c.first, None))
-            lines.append(comparison_row(f"{c.label} (the {c.later['n']} seeds after them)", c.later, None))
+            later = "the seed" if c.later["n"] == 1 else f"the {c.later['n']} seeds"
+            lines.append(comparison_row(f"{c.label} ({later} after them)", c.later, None))
     lines += power_lines([c.difference for c in pairs])
     lines += ["", "Δ: the setting's final valid accuracy minus the reference's, seed by seed (a seed gives both the "
               "same initial weights and data order). 95% CI: Student t on the paired differences. Rule, fixed "
