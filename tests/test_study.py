@@ -158,13 +158,13 @@ def test_an_interval_that_excludes_zero_is_marked_and_more_seeds_show_the_first_
     table = (tmp_path / "convergence.md").read_text()
     assert "| M=8 − M=1 | 10 | +0.0150 [+0.0112, +0.0188] * |" in table and "(first" not in table
     assert "interval over the study's own 10 seeds excludes 0 (marked *) gets 5 more seeds" in table
-    write_runs(tmp_path / "six" / "blog-head", {1: [0.50] * 6, 8: [0.51, 0.52] * 3}, range(42, 48))  # the rule's first seed in
-    assert study.main(["samples", "--compare", tmp_path / "six"]) == 0
-    assert "| M=8 − M=1 (the seed after them) | 1 | +0.0200 (one seed: no interval) |" in (tmp_path / "six" / "samples.md").read_text()
     assert "| blog-head | 8 | 10 | 2.0 ± 0.0 | 0 |" in table  # epochs to target 0.49: the second epoch
     assert "| epoch | M=8 − M=1: Δ valid acc (10 seeds) | M=8 − M=1: Δ train loss (10 seeds) |" in table  # the figure's numbers
     assert "| 1 | +0.0000 [+0.0000, +0.0000] | +0.0000 [+0.0000, +0.0000] |\n| 2 | +0.0150 [+0.0112, +0.0188] * |" in table
     assert (tmp_path / "convergence.png").stat().st_size > 0
+    write_runs(tmp_path / "six" / "blog-head", {1: [0.50] * 6, 8: [0.51, 0.52] * 3}, range(42, 48))  # the rule's first seed in
+    assert study.main(["samples", "--compare", tmp_path / "six"]) == 0
+    assert "| M=8 − M=1 (the seed after them) | 1 | +0.0200 (one seed: no interval) |" in (tmp_path / "six" / "samples.md").read_text()
 
 
 def test_convergence_gives_epochs_to_target_paired_with_a_hand_computed_interval_and_counts_runs_never_reaching_it(tmp_path):
