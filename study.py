@@ -362,7 +362,7 @@ def draw(output_dir, name):
         studyfigures.FIGURES[study.figure](output_dir / f"{name}.png", points, pairs, caption)
         tools.atomic_write(output_dir / f"{name}.md",
                            lambda tmp: Path(tmp).write_text(studyfigures.table(name, study, points, pairs, caption,
-                                                                               MORE_SEEDS, run_times)))
+                                                                               MORE_SEEDS, run_times, own_seeds(study))))
     except OSError as e:
         raise UserError(f"cannot write the study's figure or table in {output_dir} ({e.strerror or e}); choose another folder")
     print(f"study.py: wrote {output_dir / (name + '.png')} and {output_dir / (name + '.md')}")
