@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import experiment
 import run
 import runfiles
 import runlock
@@ -181,29 +182,59 @@ def train_all(args, argv):
         return 0
     commands = run_commands(args, points)
     tools.check_writable(Path(args.output_dir))
-    if args.workers == 1:  # in this process: a finished run is skipped at once
-        for i, command in enumerate(commands.values(), 1):
+    left, elsewhere = to_train(commands)
+    print(f"study.py: {len(commands) - len(left) - elsewhere} of {len(commands)} runs are finished"
+          f"{f', {elsewhere} left to another machine' if elsewhere else ''}; {len(left)} to train, {args.workers} at a "
+          "time", flush=True)
+    if args.workers == 1:  # in this process, its output in the terminal
+        for i, _, command in left:
             print(f"study.py: run {i}/{len(commands)}", flush=True)
             status = run.main(command, resume_command=resume)
             if status not in (0, runlock.HELD):
                 return status  # run.py said why
         return 0
-    left = [(i, name, command) for i, (name, command) in enumerate(commands.items(), 1) if not finished(command)]
-    print(f"study.py: {len(commands) - len(left)} of {len(commands)} runs are finished; {len(left)} to train, "
-          f"{args.workers} at a time", flush=True)
     return train_in_workers(left, len(commands), args.workers, Path(args.output_dir) / "logs", resume)
 
 
-def finished(command):
-    """Whether the run is trained to its epochs already: a process started only to say so costs seconds. run.py's
-    checks of its flags come first, here: a bad one is one line, not K workers failing."""
+def to_train(commands):
+    """The (number, name, command) runs still to train, each in the precision of its seed's finished runs.
+
+    A run its folder holds in any precision is done, so a study rerun on a machine whose --precision auto resolves
+    otherwise trains nothing twice. A run whose seed has finished runs in the study is trained on their kind of
+    device in their precision, so both runs of a pair share them; one this machine cannot give so (bf16 on a CPU
+    without it: several times slower) is left to a machine that can, and said so. run.py's checks of its flags
+    come first: a bad one is one line, not K workers failing. Returns (the runs to train, how many are left)."""
+    import distributed  # torch: not for --help
+    import hardware
     import train
-    (args,) = run.grid(run.parse_args(command)[0])
-    run.check_args(args)
-    try:
-        return train.is_finished(args)
-    except UserError:  # another experiment in its folder, say: its own process says so
-        return False
+    planned, elsewhere = {}, 0
+    for i, (name, command) in enumerate(commands.items(), 1):
+        (args,) = run.grid(run.parse_args(command)[0])
+        run.check_args(args)
+        device = distributed.local_device(hardware.pick_device(args.device))
+        planned[name] = (i, command, train.identity(args, device)[0], device)
+    folders = {Path(config["output_dir"]) for _, _, config, _ in planned.values()}
+    done = {without_precision(r["config"]): r["config"] for folder in folders for r in runfiles.finished_runs(folder)}
+    left = []
+    for name, (i, command, config, device) in planned.items():
+        if without_precision(config) in done:
+            continue
+        partners = collections.Counter((c["device"].split(":")[0], c["precision"]) for _, _, mine, _ in planned.values()
+                                       if mine["seed"] == config["seed"] and (c := done.get(without_precision(mine))))
+        kind, precision = partners.most_common(1)[0][0] if partners else (device.type, config["precision"])
+        if kind != device.type or precision not in ("fp32", config["precision"]):
+            lacks = f"this machine has no {kind}" if kind != device.type else f"this {kind} has no native {precision}"
+            print(f"study.py: {name} is left to another machine: seed {config['seed']}'s runs ran on a {kind} in "
+                  f"{precision}, and both runs of a pair share them; {lacks}", flush=True)
+            elsewhere += 1
+            continue
+        left.append((i, name, command + ["--precision", precision] * (precision != config["precision"])))
+    return left, elsewhere
+
+
+def without_precision(config):
+    """A run's defining flags but its precision, as a key: the same run, whichever precision trained it."""
+    return tuple(sorted((k, v) for k, v in experiment.defining_flags(config).items() if k != "precision"))
 
 
 def train_in_workers(numbered, total, workers, log_dir, resume):

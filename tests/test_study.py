@@ -1,16 +1,20 @@
 """The head options from the command line, and the study that compares them."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import experiment
+import hardware
 import run
 import runfiles
 import stats
 import study
 import studyfigures
+import train
 import trainingmonitor
 from conftest import ROOT, cli, fake_run, run_dirs, write_json
 from trainingmonitor import mean_std
@@ -349,7 +353,43 @@ def test_a_study_runs_each_setting_into_its_folder_then_draws_and_a_rerun_trains
     assert row.split(" | ")[1:3] == ["1", next(c for c in row.split(" | ") if "(one seed: no interval)" in c)]
     capsys.readouterr()
     assert study.main(argv) == 0  # a rerun trains nothing
-    assert capsys.readouterr().out.count("nothing to do") == 3
+    assert "3 of 3 runs are finished; 0 to train" in capsys.readouterr().out
+
+
+def test_a_rerun_on_another_machine_trains_only_the_missing_runs_each_in_its_pairs_precision(small_cifar, tmp_path,
+                                                                                             monkeypatch, capsys):
+    args = study.parse_args(["where", "--data_dir", str(small_cifar), "--output_dir", str(tmp_path), "--protocol", "smoke",
+                             "--seed", "1"])
+    commands = study.run_commands(args, study.study_points(SMALL_STUDY))  # avg2 M=1 and 8, avg2-flip M=8
+    finished = []
+    monkeypatch.setattr(runfiles, "finished_runs", lambda folder: [r for r in finished if r["folder"] == Path(folder)])
+
+    def on_a_machine(native_bf16):
+        monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: native_bf16)
+
+    def finish(*names):  # as these runs' config.json say it, trained on the machine of the moment
+        for name in names:
+            (run_args,) = run.grid(run.parse_args(commands[name])[0])
+            config = {**train.identity(run_args, torch.device("cpu"))[0], "device": "cpu"}
+            finished.append({"folder": Path(run_args.output_dir), "config": config})
+
+    on_a_machine(native_bf16=False)
+    assert [(name, command) for _, name, command in study.to_train(commands)[0]] == list(commands.items())
+    finish(*commands)
+    on_a_machine(native_bf16=True)  # its auto precision is bf16, but every run is held in fp32
+    assert study.to_train(commands) == ([], 0)
+
+    flip = "avg2-flip-m8-p0.5-s1"
+    del finished[list(commands).index(flip)]  # its pairs ran in fp32: it does too
+    assert study.to_train(commands) == ([(3, flip, commands[flip] + ["--precision", "fp32"])], 0)
+
+    finished.clear()
+    finish("avg2-m1-p0.5-s1", "avg2-m8-p0.5-s1")  # in bf16 now
+    on_a_machine(native_bf16=False)  # bf16 there would be emulated, several times slower: left to a machine with it
+    capsys.readouterr()
+    assert study.to_train(commands) == ([], 1)
+    assert (f"{flip} is left to another machine: seed 1's runs ran on a cpu in bf16, and both runs of a pair share "
+            "them; this cpu has no native bf16") in capsys.readouterr().out
 
 
 def test_the_protocols_say_their_sizes_and_the_defaults_follow_the_study():
@@ -372,6 +412,7 @@ def test_the_protocols_say_their_sizes_and_the_defaults_follow_the_study():
     (["samples", "--workers", "0"], "--workers must be 1 or more"),
     (["nosuch"], "invalid choice"),
     (["samples", "--seed", "-1", "--workers", "2", "--protocol", "smoke"], "--seed must be in [0, 2**32), got -1"),
+    (["samples", "--seed", "-1", "--protocol", "smoke"], "--seed must be in [0, 2**32), got -1"),
     (["samples", "--compare", "/nonexistent/empty"], "holds no finished pair of runs for the samples study"),
 ])
 def test_bad_study_commands_are_one_line_and_exit_2(argv, message, capsys):
@@ -381,13 +422,14 @@ def test_bad_study_commands_are_one_line_and_exit_2(argv, message, capsys):
 
 
 def test_a_failed_worker_is_one_line_with_the_end_of_its_log(tmp_path, capsys):
-    argv = ["samples", "--protocol", "smoke", "--data_dir", tmp_path / "no-such.tar.gz", "--output_dir", tmp_path / "out",
+    (tmp_path / "cut.tar.gz").write_bytes(b"\x1f\x8b not the rest of an archive")  # found, so a worker starts; it fails
+    argv = ["samples", "--protocol", "smoke", "--data_dir", tmp_path / "cut.tar.gz", "--output_dir", tmp_path / "out",
             "--seed", "1", "--workers", "2"]
     assert study.main(argv) == 2
     err = capsys.readouterr().err
     logs = tmp_path / "out" / "logs"
     assert "2 run(s) failed, see " in err and all(str(logs / f"blog-head-m{m}-p0.5-s1.log") in err for m in (1, 2))
-    assert "no such archive" in err and err.count("\n") == 1
+    assert "it may be truncated or corrupt: fetch it again" in err and err.count("\n") == 1
 
 
 def test_an_unwritable_figure_or_a_truncated_run_file_is_one_line_and_exit_2(tmp_path, capsys):
