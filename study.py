@@ -59,6 +59,7 @@ Point = collections.namedtuple("Point", "setting dropout_num dropout_p")  # one 
 # (first: None until all of them are paired; the rule decides on it) and over the seeds after them (later: the
 # rule's more seeds, the test of what first found; None without any), with a Counter of where the pairs ran.
 Comparison = collections.namedtuple("Comparison", "label point reference difference first later ran_on")
+Planned = collections.namedtuple("Planned", "number command args config device")  # a run to train or skip, parsed
 
 
 def eight_vs(setting, reference="blog-head", m=1):
@@ -182,7 +183,7 @@ def train_all(args, argv):
         return 0
     commands = run_commands(args, points)
     tools.check_writable(Path(args.output_dir))
-    left, elsewhere = to_train(commands)
+    left, elsewhere = to_train(commands, STUDIES[args.study].pairs)
     print(f"study.py: {len(commands) - len(left) - elsewhere} of {len(commands)} runs are finished"
           f"{f', {elsewhere} left to another machine' if elsewhere else ''}; {len(left)} to train, {args.workers} at a "
           "time", flush=True)
@@ -196,45 +197,83 @@ def train_all(args, argv):
     return train_in_workers(left, len(commands), args.workers, Path(args.output_dir) / "logs", resume)
 
 
-def to_train(commands):
-    """The (number, name, command) runs still to train, each in the precision of its seed's finished runs.
+def to_train(commands, pairs):
+    """The (number, name, command) runs still to train, and how many are left to another machine.
 
-    A run its folder holds in any precision is done, so a study rerun on a machine whose --precision auto resolves
-    otherwise trains nothing twice. A run whose seed has finished runs in the study is trained on their kind of
-    device in their precision, so both runs of a pair share them; one this machine cannot give so (bf16 on a CPU
-    without it: several times slower) is left to a machine that can, and said so. run.py's checks of its flags
-    come first: a bad one is one line, not K workers failing. Returns (the runs to train, how many are left)."""
+    A finished run its folder holds is done in either precision where the protocol leaves --precision to auto,
+    so a study rerun on a machine that resolves auto otherwise trains nothing twice. A missing run whose pairs
+    (the runs of its seed it is compared with) are held trains in their precision, so both runs of a pair share
+    it; where this machine lacks that precision natively or picks another kind of device, it is named and left."""
+    planned = plan(commands)
+    held = {}
+    for folder in {Path(p.args.output_dir) for p in planned.values()}:
+        for r in runfiles.finished_runs(folder):
+            held.setdefault(without_precision(r["config"]), []).append(r)
+    left, elsewhere = [], 0
+    for name, p in planned.items():
+        if held_run(p, held):
+            continue
+        places = {(r["config"]["device"].split(":")[0], r["config"]["precision"]) for r in its_pairs(p, planned, pairs, held)}
+        precision, why_not = pair_precision(p, places)
+        if why_not:
+            print(f"study.py: {name} is left to another machine: {why_not}", flush=True)
+            elsewhere += 1
+        else:
+            left.append((p.number, name, p.command + ["--precision", precision] * (precision != p.config["precision"])))
+    return left, elsewhere
+
+
+def plan(commands):
+    """{name: Planned} for the runs; run.py's checks of their flags come first: a bad one is one line, not K workers
+    failing."""
     import distributed  # torch: not for --help
     import hardware
     import train
-    planned, elsewhere = {}, 0
-    for i, (name, command) in enumerate(commands.items(), 1):
+    planned = {}
+    for number, (name, command) in enumerate(commands.items(), 1):
         (args,) = run.grid(run.parse_args(command)[0])
         run.check_args(args)
         device = distributed.local_device(hardware.pick_device(args.device))
-        planned[name] = (i, command, train.identity(args, device)[0], device)
-    folders = {Path(config["output_dir"]) for _, _, config, _ in planned.values()}
-    done = {without_precision(r["config"]): r["config"] for folder in folders for r in runfiles.finished_runs(folder)}
-    left = []
-    for name, (i, command, config, device) in planned.items():
-        if without_precision(config) in done:
-            continue
-        partners = collections.Counter((c["device"].split(":")[0], c["precision"]) for _, _, mine, _ in planned.values()
-                                       if mine["seed"] == config["seed"] and (c := done.get(without_precision(mine))))
-        kind, precision = partners.most_common(1)[0][0] if partners else (device.type, config["precision"])
-        if kind != device.type or precision not in ("fp32", config["precision"]):
-            lacks = f"this machine has no {kind}" if kind != device.type else f"this {kind} has no native {precision}"
-            print(f"study.py: {name} is left to another machine: seed {config['seed']}'s runs ran on a {kind} in "
-                  f"{precision}, and both runs of a pair share them; {lacks}", flush=True)
-            elsewhere += 1
-            continue
-        left.append((i, name, command + ["--precision", precision] * (precision != config["precision"])))
-    return left, elsewhere
+        planned[name] = Planned(number, command, args, train.identity(args, device)[0], device)
+    return planned
 
 
 def without_precision(config):
     """A run's defining flags but its precision, as a key: the same run, whichever precision trained it."""
     return tuple(sorted((k, v) for k, v in experiment.defining_flags(config).items() if k != "precision"))
+
+
+def held_run(p, held):
+    """The folder's finished run of this command, to its --epochs (any precision under auto, else its own), or None."""
+    return next((r for r in held.get(without_precision(p.config), []) if r["history"][-1]["epoch"] >= p.args.epochs
+                 and p.args.precision in ("auto", r["config"]["precision"])), None)
+
+
+def its_pairs(p, planned, pairs, held):
+    """The held runs the run is compared with: its seed's runs of the points it pairs with."""
+    mine = point_of(p.args)
+    partners = {b if a == mine else a for _, a, b in pairs if mine in (a, b)}
+    runs = (held_run(q, held) for q in planned.values() if q.args.seed == p.args.seed and point_of(q.args) in partners)
+    return [r for r in runs if r]
+
+
+def point_of(args):
+    return Point(Path(args.output_dir).name, args.dropout_num, args.dropout_p)  # run_commands: a folder per setting
+
+
+def pair_precision(p, places):
+    """(the precision to train in, None), or (None, why not here), given its pairs' (device kind, precision)s."""
+    if p.args.precision != "auto" or not places:
+        return p.config["precision"], None
+    seed = p.args.seed
+    if len(places) > 1:
+        return None, f"its pairs of seed {seed} ran on {' and '.join(map(', '.join, sorted(places)))}"
+    ((kind, precision),) = places
+    if kind != p.device.type:
+        return None, f"its pairs of seed {seed} ran on a {kind}, and --device {p.args.device} picks {p.device.type} here"
+    if precision not in ("fp32", p.config["precision"]):  # bf16 where it is not native: several times slower
+        return None, f"its pairs of seed {seed} ran in {precision}, which this {kind} lacks natively"
+    return precision, None
 
 
 def train_in_workers(numbered, total, workers, log_dir, resume):

@@ -1,7 +1,6 @@
 """The head options from the command line, and the study that compares them."""
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -356,40 +355,67 @@ def test_a_study_runs_each_setting_into_its_folder_then_draws_and_a_rerun_trains
     assert "3 of 3 runs are finished; 0 to train" in capsys.readouterr().out
 
 
+def smoke_commands(data_dir, output_dir, protocol="smoke"):
+    """SMALL_STUDY's run.py commands for seeds 1 and 2: avg2 M=1 and 8, avg2-flip M=8 (compared with both)."""
+    args = study.parse_args(["where", "--data_dir", str(data_dir), "--output_dir", str(output_dir), "--protocol",
+                             protocol, "--seed", "1", "2"])
+    return study.run_commands(args, study.study_points(SMALL_STUDY))
+
+
+def hold(command, precision, device="cpu", epochs=2):
+    """The run of this command finished to `epochs` in `precision` on `device`, as its config.json and metrics.json
+    say it; its folder."""
+    (args,) = run.grid(run.parse_args(command + ["--precision", precision])[0])
+    config, run_dir = train.identity(args, torch.device("cpu"))
+    run_dir.mkdir(parents=True)
+    write_json(run_dir / "config.json", {**config, "device": device, "epochs": epochs})
+    write_json(run_dir / "metrics.json", fake_run(args.dropout_num, args.seed, [0.5] * epochs)["history"])
+    return run_dir
+
+
+def on_a_cpu(monkeypatch, native_bf16):
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: native_bf16)
+
+
 def test_a_rerun_on_another_machine_trains_only_the_missing_runs_each_in_its_pairs_precision(small_cifar, tmp_path,
-                                                                                             monkeypatch, capsys):
-    args = study.parse_args(["where", "--data_dir", str(small_cifar), "--output_dir", str(tmp_path), "--protocol", "smoke",
-                             "--seed", "1"])
-    commands = study.run_commands(args, study.study_points(SMALL_STUDY))  # avg2 M=1 and 8, avg2-flip M=8
-    finished = []
-    monkeypatch.setattr(runfiles, "finished_runs", lambda folder: [r for r in finished if r["folder"] == Path(folder)])
+                                                                                             monkeypatch):
+    commands = smoke_commands(small_cifar, tmp_path)
+    names = list(commands)
+    numbered = lambda *picked: [(names.index(n) + 1, n, commands[n]) for n in picked]
+    on_a_cpu(monkeypatch, native_bf16=False)
+    assert study.to_train(commands, SMALL_STUDY.pairs) == (numbered(*names), 0)
+    flip_1 = [hold(commands[n], "fp32") for n in names[:3]][-1]  # seed 1 on an fp32 machine
+    on_a_cpu(monkeypatch, native_bf16=True)  # auto is bf16 here: seed 1 is done; seed 2 has no runs, so bf16
+    assert study.to_train(commands, SMALL_STUDY.pairs) == (numbered(*names[3:]), 0)
+    shutil.rmtree(flip_1)
+    hold(commands[names[2]], "fp32", epochs=1)  # its pairs ran in fp32, so it does, and one epoch is not its two
+    assert study.to_train(commands, SMALL_STUDY.pairs)[0][0] == (3, names[2], commands[names[2]] + ["--precision", "fp32"])
 
-    def on_a_machine(native_bf16):
-        monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: native_bf16)
 
-    def finish(*names):  # as these runs' config.json say it, trained on the machine of the moment
-        for name in names:
-            (run_args,) = run.grid(run.parse_args(commands[name])[0])
-            config = {**train.identity(run_args, torch.device("cpu"))[0], "device": "cpu"}
-            finished.append({"folder": Path(run_args.output_dir), "config": config})
-
-    on_a_machine(native_bf16=False)
-    assert [(name, command) for _, name, command in study.to_train(commands)[0]] == list(commands.items())
-    finish(*commands)
-    on_a_machine(native_bf16=True)  # its auto precision is bf16, but every run is held in fp32
-    assert study.to_train(commands) == ([], 0)
-
-    flip = "avg2-flip-m8-p0.5-s1"
-    del finished[list(commands).index(flip)]  # its pairs ran in fp32: it does too
-    assert study.to_train(commands) == ([(3, flip, commands[flip] + ["--precision", "fp32"])], 0)
-
-    finished.clear()
-    finish("avg2-m1-p0.5-s1", "avg2-m8-p0.5-s1")  # in bf16 now
-    on_a_machine(native_bf16=False)  # bf16 there would be emulated, several times slower: left to a machine with it
+@pytest.mark.parametrize("places, why", [
+    ((("cpu", "bf16"), ("cpu", "bf16")), "its pairs of seed 2 ran in bf16, which this cpu lacks natively"),
+    ((("cuda:0", "fp32"), ("cuda:0", "fp32")), "its pairs of seed 2 ran on a cuda, and --device auto picks cpu here"),
+    ((("cpu", "bf16"), ("cpu", "fp32")), "its pairs of seed 2 ran on cpu, bf16 and cpu, fp32"),
+])
+def test_a_run_whose_pairs_this_machine_cannot_match_is_named_and_left(places, why, small_cifar, tmp_path, monkeypatch,
+                                                                       capsys):
+    commands = smoke_commands(small_cifar, tmp_path)
+    on_a_cpu(monkeypatch, native_bf16=False)
+    for name in list(commands)[:3]:
+        hold(commands[name], "fp32")  # seed 1 complete
+    for name, (device, precision) in zip(list(commands)[3:5], places):
+        hold(commands[name], precision, device)  # seed 2's avg2 runs: flip's pairs
     capsys.readouterr()
-    assert study.to_train(commands) == ([], 1)
-    assert (f"{flip} is left to another machine: seed 1's runs ran on a cpu in bf16, and both runs of a pair share "
-            "them; this cpu has no native bf16") in capsys.readouterr().out
+    assert study.to_train(commands, SMALL_STUDY.pairs) == ([], 1)
+    assert capsys.readouterr().out == f"study.py: avg2-flip-m8-p0.5-s2 is left to another machine: {why}\n"
+
+
+def test_a_protocol_that_fixes_the_precision_counts_only_its_own(small_cifar, tmp_path, monkeypatch):
+    commands = smoke_commands(small_cifar, tmp_path, protocol="reduced")  # fp32
+    on_a_cpu(monkeypatch, native_bf16=True)
+    hold(commands["avg2-m1-p0.5-s1"], "bf16", epochs=10)
+    left, _ = study.to_train(commands, SMALL_STUDY.pairs)
+    assert [name for _, name, _ in left] == list(commands) and all("--precision" not in c[-2:] for _, _, c in left)
 
 
 def test_the_protocols_say_their_sizes_and_the_defaults_follow_the_study():
