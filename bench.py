@@ -210,7 +210,7 @@ def pipelines_table(args, device, precision):
         peak = peak_tflops(device, p)
         tflops = flops[p] * ips / 1e12
         gain = speedups[name]
-        rows.append([name, f"{1e3 * statistics.median(ts):.1f}", f"{ips:,.0f}",
+        rows.append([name, f"{1e3 * statistics.median(ts):.1f}", per_second(ips),
                      f"{statistics.median(gain):.2f}x ({min(gain):.2f} - {max(gain):.2f})",
                      f"{tflops:.3f}", f"{tflops / peak:.1%}" if peak else "-"])
     if precision == "fp32":
@@ -270,12 +270,17 @@ def workers_table(args, precision):
     gains = {k: [r / one for r, one in zip(rs, rates[1])] for k, rs in rates.items()}
     table = markdown_table(["training processes at once", "threads each", "images/s, all together",
                             "vs one process (lowest - highest round)"],
-                           [[str(k), str(counts[k]), f"{statistics.median(rates[k]):,.0f}",
+                           [[str(k), str(counts[k]), per_second(statistics.median(rates[k])),
                              f"{statistics.median(gains[k]):.2f}x ({min(gains[k]):.2f} - {max(gains[k]):.2f})"]
                             for k in counts])
     return (f"### Runs at once (project pipeline, {precision}, M={args.dropout_num}; {WORKER_ROUNDS} rounds, each "
             f"process timing {args.repeats} x {args.steps} steps after {args.warmup} warm-up steps, from the first "
             "start to the last end)"), table
+
+
+def per_second(images):
+    """Images a second as a table shows them: whole numbers, but three digits below 100 (a tiny or shared run)."""
+    return f"{images:,.0f}" if images >= 100 else f"{images:.3g}"
 
 
 if __name__ == "__main__":

@@ -145,3 +145,7 @@ def test_quick_mode_keeps_the_timing_flags_given_with_it():
     assert (args.steps, args.repeats, args.warmup, args.memory_steps) == (7, 3, 1, 0)
     args = bench.parse_args(["--repeats", "2"])
     assert (args.steps, args.repeats, args.warmup, args.memory_steps) == (5, 2, 3, 10)
+
+
+def test_a_slow_rate_keeps_its_digits_instead_of_rounding_to_zero():
+    assert [bench.per_second(x) for x in (0.4, 12.34, 99.96, 1234.5)] == ["0.4", "12.3", "100", "1,234"]
