@@ -213,7 +213,7 @@ def to_train(commands, pairs):
     for name, p in planned.items():
         if held_run(p, held):
             continue
-        places = {(r["config"]["device"].split(":")[0], r["config"]["precision"]) for r in its_pairs(p, planned, pairs, held)}
+        places = {place(r["config"]) for r in its_pairs(p, planned, pairs, held)}
         precision, why_not = pair_precision(p, places)
         if why_not:
             print(f"study.py: {name} is left to another machine: {why_not}", flush=True)
@@ -255,6 +255,11 @@ def its_pairs(p, planned, pairs, held):
     partners = {b if a == mine else a for _, a, b in pairs if mine in (a, b)}
     runs = (held_run(q, held) for q in planned.values() if q.args.seed == p.args.seed and point_of(q.args) in partners)
     return [r for r in runs if r]
+
+
+def place(config):
+    """(kind of device, precision): what both runs of a pair share, or they are two draws."""
+    return config["device"].split(":")[0], config["precision"]
 
 
 def point_of(args):
@@ -382,7 +387,7 @@ def compare(points, pairs, own):
         seeds = sorted(mine.keys() & theirs.keys())
         for seed in seeds:  # both runs of a pair on one kind of device in one precision: else, two draws
             a, b = mine[seed]["config"], theirs[seed]["config"]
-            if (a["device"].split(":")[0], a["precision"]) != (b["device"].split(":")[0], b["precision"]):
+            if place(a) != place(b):
                 raise UserError(f"{mine[seed]['dir']} ran on {where(mine[seed])} and {theirs[seed]['dir']} on "
                                 f"{where(theirs[seed])}: a pair must share its kind of device and precision")
         ran_on = collections.Counter(where_pair(mine[s], theirs[s]) for s in seeds)

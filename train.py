@@ -55,13 +55,6 @@ def train_run(args, run_dir=None):
     return run_dir, config["setup"]
 
 
-def is_finished(args):
-    """Whether --output_dir holds this run up to --epochs already (checked as train_run checks it, silently)."""
-    device = distributed.local_device(hardware.pick_device(args.device))
-    config, run_dir = identity(args, device)
-    return finished(run_dir, config, args, say_so=False)
-
-
 def identity(args, device):
     """(the run's defining values, with its setup's name, and its folder under --output_dir)."""
     flags = {k: v for k, v in vars(args).items() if k not in COMMAND_ONLY}
@@ -71,10 +64,10 @@ def identity(args, device):
     return config, Path(args.output_dir) / run_name
 
 
-def finished(run_dir, config, args, say_so=True):
+def finished(run_dir, config, args):
     """Whether run_dir holds this run up to --epochs: by its checkpoint, or by its metrics alone (a committed run)."""
     epochs = 0 if args.overwrite else epochs_done(run_dir, config)
-    if epochs >= args.epochs and say_so:
+    if epochs >= args.epochs:
         say(f"{run_dir} already holds this run, finished at epoch {epochs}: nothing to do "
             f"(--epochs above {epochs} continues it, --overwrite starts it afresh)")
     return epochs >= args.epochs
