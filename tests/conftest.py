@@ -1,5 +1,7 @@
-"""Shared fixtures: a small real CIFAR-10 subset cut from the shared archive, and a private cache."""
+"""Shared fixtures: a small real CIFAR-10 subset, and a private cache."""
+import collections
 import csv
+import io
 import os
 import sys
 import tarfile
@@ -7,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -15,7 +18,9 @@ import datasource  # noqa: E402
 import tools  # noqa: E402
 from nn import MultiSampleDropout  # noqa: E402
 
-SHARED_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+SHARED_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"  # the JPEG copy (see the README)
+OFFICIAL_ROOT = ROOT / "data"  # where run.py downloads the official release
+SUBSET = {"train": 30, "test": 10}  # images a class
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -30,24 +35,52 @@ def private_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def small_cifar(tmp_path_factory):
-    """A real CIFAR-10 subset as a .tar.gz: the first 30 train and 10 test JPEGs of each class."""
-    if not SHARED_ARCHIVE.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"CI needs the shared CIFAR-10 copy at {SHARED_ARCHIVE}")
-        pytest.skip(f"no shared CIFAR-10 copy at {SHARED_ARCHIVE}")
+    """A real CIFAR-10 subset as an image-folder .tar.gz: the first 30 train and 10 test images of each class,
+    cut from the shared JPEG copy, or else from the official release that run.py downloads into data/."""
     out = tmp_path_factory.mktemp("small") / "cifar10-small.tar.gz"
-    wanted = {"train": 30, "test": 10}
+    if SHARED_ARCHIVE.exists():
+        cut_archive(SHARED_ARCHIVE, out)
+    elif (OFFICIAL_ROOT / "cifar-10-batches-py").is_dir():
+        cut_official(OFFICIAL_ROOT, out)
+    else:
+        where = f"run `python run.py` once to download it into {OFFICIAL_ROOT}, or put the JPEG copy at {SHARED_ARCHIVE}"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs CIFAR-10 for the tests that train: {where}")
+        pytest.skip(f"no CIFAR-10 for the tests that train: {where}")
+    return out
+
+
+def cut_archive(archive, out):
     counts = {}
-    with tarfile.open(SHARED_ARCHIVE) as src, tarfile.open(out, "w:gz") as dst:
+    with tarfile.open(archive) as src, tarfile.open(out, "w:gz") as dst:
         for member in src:  # streamed: the archive is read once, front to back
             parts = member.name.split("/")
-            if member.isfile() and len(parts) == 3 and parts[0] in wanted:
+            if member.isfile() and len(parts) == 3 and parts[0] in SUBSET:
                 key = tuple(parts[:2])
-                if counts.get(key, 0) < wanted[parts[0]]:
+                if counts.get(key, 0) < SUBSET[parts[0]]:
                     counts[key] = counts.get(key, 0) + 1
                     dst.addfile(member, src.extractfile(member))
     assert len(counts) == 20 and sum(counts.values()) == 400
-    return out
+
+
+def cut_official(root, out):
+    """The same subset from torchvision's CIFAR10 (no download), each image a PNG, so no pixel changes."""
+    from torchvision import datasets
+
+    with tarfile.open(out, "w:gz") as dst:
+        for split, n in SUBSET.items():
+            data = datasets.CIFAR10(root, train=split == "train", download=False)
+            counts = collections.Counter()
+            for pixels, label in zip(data.data, data.targets):
+                if counts[label] < n:
+                    counts[label] += 1
+                    png = io.BytesIO()
+                    Image.fromarray(pixels).save(png, "PNG")
+                    member = tarfile.TarInfo(f"{split}/{data.classes[label]}/{counts[label]:04d}.png")
+                    member.size = png.tell()
+                    png.seek(0)
+                    dst.addfile(member, png)
+            assert len(counts) == 10 and sum(counts.values()) == 10 * n
 
 
 def cli(capsys, *args):

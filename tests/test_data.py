@@ -245,6 +245,21 @@ def test_official_release_loads_through_torchvision(tmp_path, no_network):
     assert datasource.source_id(tmp_path) == "torchvision-cifar10"
 
 
+def test_without_the_jpeg_copy_the_tests_train_on_the_official_releases_first_images_pixel_for_pixel(tmp_path, no_network):
+    import conftest  # its small_cifar fixture cuts the subset with cut_official when only data/ has CIFAR-10
+
+    write_official_cifar10(tmp_path / "official", per_batch=200)
+    conftest.cut_official(tmp_path / "official", tmp_path / "small.tar.gz")
+    small, full = datasource.load(tmp_path / "small.tar.gz"), datasource.load(tmp_path / "official")
+    assert small["classes"] == full["classes"]
+    for split, n in conftest.SUBSET.items():
+        x, y = small[f"{split}_x"], small[f"{split}_y"]
+        assert len(x) == 10 * n
+        for label in range(10):
+            first = full[f"{split}_x"][full[f"{split}_y"] == label][:n]
+            assert np.array_equal(x[y == label], first)
+
+
 def test_offline_and_missing_is_one_clear_error(tmp_path, no_network):
     with pytest.raises(UserError) as e:
         datasource.load(tmp_path)
