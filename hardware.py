@@ -74,7 +74,8 @@ def resolve_precision(precision, device):
 
 
 def describe(device):
-    """The machine a run used, for tables that say where each pair ran: the GPU's name, or the CPU's model and family."""
+    """The machine a run used, for tables that say where each pair ran: the GPU's name, or the CPU's name, family and
+    model number (one name, "AMD EPYC" say, covers CPUs of several generations, with and without native bf16)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type != "cpu":
@@ -84,5 +85,5 @@ def describe(device):
     except OSError:
         return "cpu"
     info = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in lines)}  # the last CPU's
-    model, family = info.get("model name", "cpu"), info.get("cpu family", "?")
-    return f"{model} (family {family})"
+    name, family, model = info.get("model name", "cpu"), info.get("cpu family", "?"), info.get("model", "?")
+    return f"{name} (family {family} model {model})"

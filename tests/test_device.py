@@ -62,6 +62,16 @@ def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch, tmp_path):
     assert hardware.cpu_has_native_bf16()
 
 
+def test_a_cpu_is_described_by_its_name_family_and_model_number(monkeypatch, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr(hardware, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else pathlib.Path(p))
+    zen3, zen4 = ("model name\t: AMD EPYC\ncpu family\t: 25\nmodel\t\t: %d\n" % n for n in (1, 17))
+    cpuinfo.write_text(zen3)
+    assert hardware.describe(torch.device("cpu")) == "AMD EPYC (family 25 model 1)"
+    cpuinfo.write_text(zen4)  # same name and family, another generation: the tables must tell them apart
+    assert hardware.describe(torch.device("cpu")) == "AMD EPYC (family 25 model 17)"
+
+
 @pytest.mark.parametrize("precision,tf32", [("fp32", False), ("bf16", True)])
 def test_fp32_turns_off_the_tf32_that_cudnn_uses_by_default(precision, tf32, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", not tf32)  # restored after the test
