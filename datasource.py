@@ -78,6 +78,14 @@ def load(data_dir, dataset="cifar10"):
     return data
 
 
+def download(data_dir, dataset="cifar10"):
+    """The official release into torchvision's root data_dir, if it is one and lacks it (a one-line error offline);
+    nothing for an image-folder copy. For a parent process, so that its workers find the files instead of each
+    downloading into one folder at once."""
+    if source_id(data_dir, dataset).startswith("torchvision"):
+        _load_torchvision(Path(data_dir), dataset)
+
+
 def _read_cache(cache):
     """The decoded arrays, or None if not cached yet or damaged (a cut copy, say: it is decoded again and replaced)."""
     if not cache.exists():

@@ -1,14 +1,17 @@
-"""Shared fixtures: a small real CIFAR-10 subset, and a private cache."""
+"""Shared fixtures: a small real CIFAR-10 subset, a private cache, and torchvision offline."""
 import csv
 import io
 import os
 import sys
 import tarfile
+import urllib.error
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torchvision.datasets.cifar as tv_cifar
+import torchvision.datasets.svhn as tv_svhn
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,3 +150,21 @@ def batch():
 def write_json(path, obj):
     """A run's JSON file as training writes it."""
     tools.atomic_write(path, tools.json_writer(obj))
+
+
+def offline(url, root, *args, **kwargs):
+    os.makedirs(root, exist_ok=True)  # as torchvision's download_url does before it tries the network
+    raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Integrity = the file exists (the real md5s fit only the real files); downloads fail as offline."""
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", offline)
+    monkeypatch.setattr(tv_svhn, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+
+    def download_url(url, root, filename, md5):  # torchvision's skips a file that is already there
+        if not os.path.isfile(os.path.join(root, filename)):
+            offline(url, root)
+    monkeypatch.setattr(tv_svhn, "download_url", download_url)

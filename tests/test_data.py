@@ -1,15 +1,11 @@
 import io
-import os
 import pickle
 import tarfile
-import urllib.error
 
 import numpy as np
 import pytest
 import scipy.io
 import torch
-import torchvision.datasets.cifar as tv_cifar
-import torchvision.datasets.svhn as tv_svhn
 from PIL import Image
 
 import datasource
@@ -213,24 +209,6 @@ def write_official_svhn(root, per_split=(7, 3), seed=0):
         labels[name] = np.array([10, *rng.integers(1, 11, n - 1)])[:, None]  # 10 is the digit 0
         scipy.io.savemat(root / f"{name}_32x32.mat", {"X": images[name], "y": labels[name]})
     return images, labels
-
-
-def offline(url, root, *args, **kwargs):
-    os.makedirs(root, exist_ok=True)  # as torchvision's download_url does before it tries the network
-    raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Integrity = the file exists (the real md5s fit only the real files); downloads fail as offline."""
-    monkeypatch.setattr(tv_cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
-    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", offline)
-    monkeypatch.setattr(tv_svhn, "check_integrity", lambda path, md5=None: os.path.isfile(path))
-
-    def download_url(url, root, filename, md5):  # torchvision's skips a file that is already there
-        if not os.path.isfile(os.path.join(root, filename)):
-            offline(url, root)
-    monkeypatch.setattr(tv_svhn, "download_url", download_url)
 
 
 def test_official_release_loads_through_torchvision(tmp_path, no_network):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import datasource
 import experiment
 import hardware
 import run
@@ -232,6 +233,7 @@ def test_more_seeds_trains_only_the_rules_runs_or_nothing_and_then_draws(tmp_pat
     write_rule_runs(tmp_path / "blog-head")
     trained = []
     monkeypatch.setattr(study.run, "main", lambda argv, resume_command: trained.append(argv) or 0)
+    monkeypatch.setattr(datasource, "download", lambda data_dir: None)  # nothing trains, so no data is needed
     assert study.main(["samples", "--more_seeds", "--output_dir", tmp_path, "--seed", "60"]) == 0
     assert seeds_and_samples(trained) == [("60", "16"), ("60", "1"), ("60", "32")]
     table = (tmp_path / "samples.md").read_text()
@@ -337,6 +339,26 @@ def test_a_pair_across_precisions_or_two_runs_of_one_seed_are_refused(tmp_path, 
 
 SMALL_STUDY = study.Study("a small study", 1, [("avg2", [1, 8], [0.5]), ("avg2-flip", [8], [0.5])],
                           study.STUDIES["where"].pairs, "gain")
+
+
+def test_a_study_downloads_the_official_release_once_before_its_workers_and_offline_stops_in_one_line(
+        small_cifar, tmp_path, capsys, monkeypatch, no_network):
+    steps = []
+    monkeypatch.setattr(study, "train_in_workers", lambda *a: steps.append("workers") or 0)
+    splits = (np.zeros((1, 32, 32, 3), np.uint8), np.zeros(1, np.int64))
+    with monkeypatch.context() as downloads:
+        downloads.setattr(datasource, "_official_splits", lambda root, dataset: steps.append(root) or (splits, splits, []))
+        for data_dir in (tmp_path / "data", small_cifar):  # torchvision's root, then an image-folder copy: none to fetch
+            argv = [str(a) for a in ["samples", "--protocol", "smoke", "--data_dir", data_dir, "--output_dir",
+                                     tmp_path / "out", "--seed", "1", "--workers", "2"]]
+            assert study.train_all(study.parse_args(argv), argv) == 0
+    assert steps == [tmp_path / "data", "workers", "workers"]
+    capsys.readouterr()  # now torchvision itself, offline (no_network)
+    assert study.main(["samples", "--protocol", "smoke", "--data_dir", tmp_path / "none", "--output_dir",
+                       tmp_path / "out", "--workers", "2"]) == 2
+    out, err = capsys.readouterr()
+    assert "CIFAR-10 is not in" in err and "could not be downloaded" in err and err.count("\n") == 1
+    assert "runs are finished" not in out and not (tmp_path / "none").exists()  # before the plan, and nothing made
 
 
 def test_a_study_runs_each_setting_into_its_folder_then_draws_and_a_rerun_trains_nothing(small_cifar, tmp_path, capsys,
