@@ -157,7 +157,7 @@ def load_splits(args, device):
     train, valid, test = split(data, args)
     splits = {"train": to_device(data["train_x"][train], data["train_y"][train], device),
               "test": to_device(data["test_x"][test], data["test_y"][test], device)}
-    # without a validation split the curves are on the test set, as in the seed
+    # without a validation split the curves are on the test set, as in the blog post's code
     splits["valid"] = to_device(data["train_x"][valid], data["train_y"][valid], device) if args.valid_split else splits["test"]
     return splits, len(data["classes"])
 
