@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from tools import UserError, atomic_write, missing_folders, remove_if_empty
+import runlock
+from tools import UserError, atomic_write
 
 # Decoded image-folder copies; MSD_CACHE_DIR moves them (the tests send theirs, subprocesses too, to a temporary folder)
 CACHE_DIR = Path(os.environ.get("MSD_CACHE_DIR") or Path(__file__).resolve().parent / "data" / "cache")
@@ -80,8 +81,7 @@ def load(data_dir, dataset="cifar10"):
 
 def download(data_dir, dataset="cifar10"):
     """The official release into torchvision's root data_dir, if it is one and lacks it (a one-line error offline);
-    nothing for an image-folder copy. For a parent process, so that its workers find the files instead of each
-    downloading into one folder at once."""
+    nothing for an image-folder copy. For a parent process: offline, it stops in one line before any worker starts."""
     if source_id(data_dir, dataset).startswith("torchvision"):
         _load_torchvision(Path(data_dir), dataset)
 
@@ -202,26 +202,33 @@ def _write_npz(path, arrays):
 
 
 def _load_torchvision(root, dataset):
+    """The official release in root, downloaded into it first where missing or damaged. One process downloads while
+    the others (torchrun's ranks, several run.py on one data/) wait for its lock, then find the files there; a failed
+    download leaves no folder it made."""
     name, files = OFFICIAL[dataset]
-    made = missing_folders(root)  # torchvision makes root to download into: a failure takes it away again
     try:
-        (train_x, train_y), (test_x, test_y), classes = _official_splits(root, dataset)
+        try:
+            splits = _official_splits(root, dataset, download=False)
+        except RuntimeError:  # torchvision's "not found or corrupted"
+            with runlock.waiting(root / f".download-{dataset}.lock"):
+                splits = _official_splits(root, dataset, download=True)  # finds another process's download, if any
     except (OSError, RuntimeError) as e:  # URLError is an OSError
-        remove_if_empty(made)
         raise UserError(f"{name} is not in {root}/ and could not be downloaded ({e}): put {files} in {root}/, "
                         f"or pass --data_dir an image-folder copy ({LAYOUT}, folder or .tar.gz)")
+    (train_x, train_y), (test_x, test_y), classes = splits
     return {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y, "classes": classes}
 
 
-def _official_splits(root, dataset):
-    """(train, test) as (N,32,32,3) uint8 and int64 arrays, and the class names, through torchvision."""
+def _official_splits(root, dataset, download):
+    """(train, test) as (N,32,32,3) uint8 and int64 arrays, and the class names, through torchvision (which
+    raises RuntimeError where the files are missing or fail their md5 and download is False)."""
     from torchvision import datasets
 
     if dataset == "svhn":  # .mat files, NCHW, digits 0-9 (torchvision maps the file's label 10 to 0)
-        splits = [datasets.SVHN(root, split=split, download=True) for split in ("train", "test")]
+        splits = [datasets.SVHN(root, split=split, download=download) for split in ("train", "test")]
         return *[(s.data.transpose(0, 2, 3, 1), s.labels.astype(np.int64)) for s in splits], [str(d) for d in range(10)]
     official = datasets.CIFAR10 if dataset == "cifar10" else datasets.CIFAR100
-    splits = [official(root, train=train, download=True) for train in (True, False)]
+    splits = [official(root, train=train, download=download) for train in (True, False)]
     return *[(s.data, np.asarray(s.targets, np.int64)) for s in splits], list(splits[0].classes)
 
 

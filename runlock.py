@@ -1,8 +1,9 @@
-"""One run, one trainer: a lock per run folder, held for as long as a process trains it.
+"""File locks: one trainer per run, and one download per data folder.
 
-The lock is an flock on a hidden file beside the run folder (the folder itself appears only with the
-first saved epoch; folders the lock had to make go again if nothing was saved in them). The kernel releases it when the process ends, however it ends, so a lock left by
-a killed process never blocks a rerun. The file says who holds it, for the refusal's message.
+A lock is an flock on a hidden file. The kernel releases it when the process ends, however it ends, so a lock left
+by a killed process never blocks a rerun. A run's lock file sits beside the run folder (the folder itself appears
+only with the first saved epoch; folders the lock had to make go again if nothing was saved in them), and says who
+holds it, for the refusal's message.
 """
 import contextlib
 import datetime
@@ -29,10 +30,29 @@ def lock_path(run_dir, rank=0):
 
 @contextlib.contextmanager
 def hold(run_dir, rank=0):
-    """Hold run_dir's lock for the block, or raise RunHeld naming the process that holds it. The file goes when
-    the block ends; a killed holder leaves it behind, unlocked, and the next process takes it over."""
+    """Hold run_dir's lock for the block, or raise RunHeld naming the process that holds it."""
     path = lock_path(run_dir, rank)
     made = tools.missing_folders(path.parent)  # ours to remove if nothing is saved in them
+    f, holder = _locked_file(path, wait=False)
+    if f is None:
+        raise RunHeld(f"{run_dir} is being trained by {holder or 'another process'}; wait for it to finish (a rerun "
+                      "then skips the run), or stop that process")
+    with _holding(f, path, made):
+        yield
+
+
+@contextlib.contextmanager
+def waiting(path):
+    """Hold the lock at path for the block, first waiting for any process that holds it (while it downloads, say)."""
+    path = Path(path)
+    made = tools.missing_folders(path.parent)
+    f, _ = _locked_file(path, wait=True)
+    with _holding(f, path, made):
+        yield
+
+
+def _locked_file(path, wait):
+    """(the lock file at path, open and flocked by us, None), or (None, what its holder wrote) if not waiting."""
     while True:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -40,16 +60,21 @@ def hold(run_dir, rank=0):
         except FileNotFoundError:  # another process's clean-up removed the folder it made, between mkdir and open
             continue
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             f.seek(0)
-            holder = f.read().strip() or "another process"
+            holder = f.read().strip()
             f.close()
-            raise RunHeld(f"{run_dir} is being trained by {holder}; wait for it to finish (a rerun then skips the "
-                          "run), or stop that process") from None
+            return None, holder
         if path.exists() and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
-            break  # still the file at `path`: not one a finishing holder removed while we opened it
+            return f, None  # still the file at `path`: not one a finishing holder removed while we opened it
         f.close()
+
+
+@contextlib.contextmanager
+def _holding(f, path, made):
+    """Write who holds the lock; when the block ends the file goes, then the lock, then the folders made for it
+    (where still empty). A killed holder leaves the file behind, unlocked, and the next process takes it over."""
     try:
         f.truncate(0)
         f.write(f"process {os.getpid()} on {socket.gethostname()} (since {datetime.datetime.now():%Y-%m-%d %H:%M:%S})\n")
@@ -59,4 +84,3 @@ def hold(run_dir, rank=0):
         path.unlink(missing_ok=True)  # before the flock goes, so no one takes over a file that is about to vanish
         f.close()
         tools.remove_if_empty(made)
-

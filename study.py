@@ -186,7 +186,7 @@ def train_all(args, argv):
     left, elsewhere = to_train(commands, STUDIES[args.study].pairs)
     if left:
         import datasource  # torch: not for --help
-        datasource.download(args.data_dir)  # once, here: workers downloading into one folder at once would clash
+        datasource.download(args.data_dir)  # here, before the plan: offline, one line and no worker started
     print(f"study.py: {len(commands) - len(left) - elsewhere} of {len(commands)} runs are finished"
           f"{f', {elsewhere} left to another machine' if elsewhere else ''}; {len(left)} to train, {args.workers} at a "
           "time", flush=True)

@@ -1,6 +1,8 @@
 import io
 import pickle
 import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -244,6 +246,25 @@ def test_offline_and_missing_is_one_clear_error(tmp_path, no_network):
     message = str(e.value)
     assert "could not be downloaded" in message and str(tmp_path) in message and "image-folder" in message
     assert "\n" not in message
+
+
+def test_processes_that_find_the_release_missing_download_it_once_while_the_others_wait(tmp_path, monkeypatch):
+    """torchrun's ranks, or several run.py on one fresh data/: one downloads, the others wait, then read its files."""
+    downloads, release = [], (np.zeros((2, 32, 32, 3), np.uint8), np.arange(2))
+
+    def official_splits(root, dataset, download):  # torchvision, with a download that takes a while
+        if not (root / "cifar-10-batches-py").is_dir():
+            if not download:
+                raise RuntimeError("Dataset not found or corrupted. You can use download=True to download it")
+            downloads.append(dataset)
+            time.sleep(0.5)  # the other three ask meanwhile
+            (root / "cifar-10-batches-py").mkdir()
+        return release, release, ["cat", "dog"]
+    monkeypatch.setattr(datasource, "_official_splits", official_splits)
+    with ThreadPoolExecutor(4) as pool:  # flock tells apart each open() of the lock file, threads' too
+        loaded = list(pool.map(lambda _: datasource.load(tmp_path / "data"), range(4)))
+    assert downloads == ["cifar10"] and all(d["classes"] == ["cat", "dog"] for d in loaded)
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["cifar-10-batches-py"]  # the lock file is gone
 
 
 def test_offline_through_the_command_line_exits_2_with_one_line(tmp_path, no_network, capsys):

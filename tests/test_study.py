@@ -347,7 +347,7 @@ def test_a_study_downloads_the_official_release_once_before_its_workers_and_offl
     monkeypatch.setattr(study, "train_in_workers", lambda *a: steps.append("workers") or 0)
     splits = (np.zeros((1, 32, 32, 3), np.uint8), np.zeros(1, np.int64))
     with monkeypatch.context() as downloads:
-        downloads.setattr(datasource, "_official_splits", lambda root, dataset: steps.append(root) or (splits, splits, []))
+        downloads.setattr(datasource, "_official_splits", lambda root, dataset, download: steps.append(root) or (splits, splits, []))
         for data_dir in (tmp_path / "data", small_cifar):  # torchvision's root, then an image-folder copy: none to fetch
             argv = [str(a) for a in ["samples", "--protocol", "smoke", "--data_dir", data_dir, "--output_dir",
                                      tmp_path / "out", "--seed", "1", "--workers", "2"]]
