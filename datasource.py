@@ -8,6 +8,7 @@ Image folders are decoded once and cached as uint8 arrays under the repo's data/
 """
 import hashlib
 import os
+import pickle
 import tarfile
 import tempfile
 import zipfile
@@ -34,6 +35,8 @@ STATS = {
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),  # as in weiaicunzai/pytorch-cifar100
     "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),  # the 73,257 'train' images, as commonly quoted
 }
+# torchvision's "not found or corrupted", or a file cut short while another process's download rewrites it
+UNREADABLE = (RuntimeError, EOFError, pickle.UnpicklingError)
 OFFICIAL = {  # (name, what to put in --data_dir by hand when offline)
     "cifar10": ("CIFAR-10", "the official cifar-10-python.tar.gz"),
     "cifar100": ("CIFAR-100", "the official cifar-100-python.tar.gz"),
@@ -209,10 +212,10 @@ def _load_torchvision(root, dataset):
     try:
         try:
             splits = _official_splits(root, dataset, download=False)
-        except RuntimeError:  # torchvision's "not found or corrupted"
-            with runlock.waiting(root / f".download-{dataset}.lock"):
+        except UNREADABLE:
+            with runlock.waiting(root / f".download-{dataset}.lock", f"download {name} into {root}/"):
                 splits = _official_splits(root, dataset, download=True)  # finds another process's download, if any
-    except (OSError, RuntimeError) as e:  # URLError is an OSError
+    except (OSError, *UNREADABLE) as e:  # URLError is an OSError
         raise UserError(f"{name} is not in {root}/ and could not be downloaded ({e}): put {files} in {root}/, "
                         f"or pass --data_dir an image-folder copy ({LAYOUT}, folder or .tar.gz)")
     (train_x, train_y), (test_x, test_y), classes = splits

@@ -1,9 +1,9 @@
 """File locks: one trainer per run, and one download per data folder.
 
-A lock is an flock on a hidden file. The kernel releases it when the process ends, however it ends, so a lock left
-by a killed process never blocks a rerun. A run's lock file sits beside the run folder (the folder itself appears
-only with the first saved epoch; folders the lock had to make go again if nothing was saved in them), and says who
-holds it, for the refusal's message.
+A lock is an flock on a hidden file that says who holds it, for the others' messages. The kernel releases it when
+the process ends, however it ends, so a lock left by a killed process never blocks a rerun. A run's lock file sits
+beside the run folder (the folder itself appears only with the first saved epoch); folders a lock had to make go
+again if nothing was saved in them.
 """
 import contextlib
 import datetime
@@ -42,11 +42,15 @@ def hold(run_dir, rank=0):
 
 
 @contextlib.contextmanager
-def waiting(path):
-    """Hold the lock at path for the block, first waiting for any process that holds it (while it downloads, say)."""
+def waiting(path, what):
+    """Hold the lock at path for the block; while another process holds it (to `what`: download X, say), say so
+    and wait for it."""
     path = Path(path)
     made = tools.missing_folders(path.parent)
-    f, _ = _locked_file(path, wait=True)
+    f, holder = _locked_file(path, wait=False)
+    if f is None:
+        print(f"waiting for {holder or 'another process'} to {what}", flush=True)
+        f, _ = _locked_file(path, wait=True)
     with _holding(f, path, made):
         yield
 

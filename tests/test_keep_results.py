@@ -1,7 +1,11 @@
 """Nothing a run wrote is replaced without --overwrite, and one run has one trainer at a time."""
+import os
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import torch
 
@@ -87,6 +91,25 @@ def test_the_lock_takes_away_the_folders_it_made_only_while_they_are_empty(tmp_p
     with runlock.hold(tmp_path / "new" / "deeper" / "run"):
         (tmp_path / "new" / "deeper" / "run").mkdir()  # the first saved epoch
     assert (tmp_path / "new" / "deeper" / "run").is_dir() and not runlock.lock_path(tmp_path / "new" / "deeper" / "run").exists()
+
+
+def test_a_process_that_finds_the_download_lock_held_says_who_holds_it_and_waits_for_it(tmp_path, capsys):
+    lock, entered = tmp_path / "data" / ".download-cifar10.lock", []
+
+    def second():
+        with runlock.waiting(lock, "download CIFAR-10 into data/"):
+            entered.append("second")
+    with runlock.waiting(lock, "download CIFAR-10 into data/"):
+        waiter = threading.Thread(target=second)  # flock tells apart each open() of the file, threads' too
+        waiter.start()
+        said, deadline = "", time.monotonic() + 30
+        while "waiting for" not in said and time.monotonic() < deadline:
+            time.sleep(0.05)
+            said += capsys.readouterr().out
+        assert said.startswith(f"waiting for process {os.getpid()} on {socket.gethostname()} (since ")
+        assert said.endswith(") to download CIFAR-10 into data/\n") and said.count("\n") == 1 and entered == []
+    waiter.join(30)
+    assert entered == ["second"] and not lock.exists()  # the second's lock file went too
 
 
 def test_study_workers_train_each_run_once_and_leave_a_held_run_to_its_holder(small_cifar, tmp_path, capsys, monkeypatch):
