@@ -118,8 +118,8 @@ def train(args, config, run_dir, device, checkpoint):
 
     # A row (metrics, checkpoint) per task.rows_every epochs: one per epoch for images, per 100 for the regression.
     drawn_at = -math.inf  # when the figures were last drawn: the first row draws them
-    for epoch in range(first_epoch, args.epochs + 1, task.rows_every):
-        last = min(epoch + task.rows_every - 1, args.epochs)  # this row covers epochs epoch..last
+    for epoch in row_starts(first_epoch, args.epochs, task.rows_every):
+        last = min(epoch - (epoch - 1) % task.rows_every + task.rows_every - 1, args.epochs)  # this row: epoch..last
         span = f"epoch {epoch}" if last == epoch else f"epochs {epoch}-{last}"
         if tools.STOP:  # a stop requested during evaluation or start-up
             raise tools.Interrupted(f"stopped by {tools.STOP['signal']} before {span}; {kept_note(run_dir, epoch)}")
@@ -250,6 +250,12 @@ def report_comparison(run_dir, setup):
 def process_group(device_name):
     """torchrun's process group around the whole command (nothing in a single process)."""
     return distributed.process_group(hardware.pick_device(device_name))
+
+
+def row_starts(first, epochs, every):
+    """The first epoch of each row. Rows end at multiples of `every` (or at the last epoch), so a run extended from a
+    row's middle trains the next rows, and sets each one's lr, as a run trained to the end at once does."""
+    return [first, *range(first - (first - 1) % every + every, epochs + 1, every)] if first <= epochs else []
 
 
 def stop_requested():

@@ -100,6 +100,18 @@ def test_rerun_and_resume_give_the_same_numbers(quadratic_runs, tmp_path, capsys
     assert rows(tmp_path / reference.name) == rows(reference)
 
 
+def test_a_run_extended_from_a_rows_middle_keeps_the_rows_and_learning_rates_of_one_trained_at_once(tmp_path, capsys):
+    flags = ["--dataset", "quadratic", "--dropout_num", 1, "--lr_milestone", 100]
+    assert cli(capsys, *flags, "--epochs", 200, "--output_dir", tmp_path / "at_once")[0] == 0
+    assert cli(capsys, *flags, "--epochs", 50, "--output_dir", tmp_path / "extended")[0] == 0  # half a row
+    assert cli(capsys, *flags, "--epochs", 200, "--output_dir", tmp_path / "extended")[0] == 0
+    (at_once,), (extended,) = (list((tmp_path / name).glob("mlp_quadratic_m1_*")) for name in ("at_once", "extended"))
+    at_once, extended = (json.loads((d / "metrics.json").read_text()) for d in (at_once, extended))
+    assert [(r["epoch"], r["lr"]) for r in extended] == [(50, 0.005), (100, 0.005), (200, 0.0005)]
+    assert [(r["epoch"], r["lr"], r["valid_loss"]) for r in at_once] == [(r["epoch"], r["lr"], r["valid_loss"])
+                                                                         for r in extended[1:]]
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--augment"], "--augment is for the image data sets"),
     (["--train_size", "5"], "--train_size is for the image data sets"),
