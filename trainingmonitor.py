@@ -146,13 +146,14 @@ def _write_regression_comparison(out_dir, groups, setup, short):
             draw_band(ax, g["epochs"], g["curves"][metric], g["label"])
         ax.set_yscale("log")
         _save(fig, ax, out_dir / f"{metric}.png", f"{label}\n{short}", "epoch", label)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    _draw_regression_data(ax, groups[0]["runs"][0]["prediction"])
-    for g in groups:
-        for r in g["runs"]:
+    predicted = [(g, r) for g in groups for r in g["runs"] if r["prediction"]]  # config and metrics are enough
+    if predicted:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        _draw_regression_data(ax, predicted[0][1]["prediction"])
+        for g, r in predicted:
             ax.plot(r["prediction"]["x"], r["prediction"]["prediction"], alpha=0.8,
                     label=f"{samples_in_words(g['dropout_num'])}, seed {r['config']['seed']}")
-    _save(fig, ax, out_dir / "predictions.png", f"predictions (dropout off)\n{short}", "x", "y")
+        _save(fig, ax, out_dir / "predictions.png", f"predictions (dropout off)\n{short}", "x", "y")
     lines = [describe_setup(setup, [r for g in groups for r in g["runs"]]),
              "| dropout_num | p | seeds | epochs | final train MSE | final valid MSE | best valid MSE |",
              "|---:|---:|---:|---:|---:|---:|---:|"]

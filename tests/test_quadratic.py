@@ -1,5 +1,6 @@
 """The dropout post's regression (y = x^2 from ten noisy points), with multi-sample dropout: --dataset quadratic."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -84,6 +85,19 @@ def test_rows_come_every_100_epochs_without_accuracy(quadratic_runs):
     summary, per_run = result_tables(compare / "summary.md")
     assert [line.split("|")[1].strip() for line in summary] == ["0", "1", "8"]
     assert [line.split("|")[1].strip() for line in per_run] == ["0", "1", "8"]  # one seed each
+
+
+def test_compare_redraws_runs_kept_without_their_prediction(quadratic_runs, tmp_path, capsys):
+    for run_dir in quadratic_runs.glob("mlp_quadratic_m*"):  # config.json and metrics.json are enough to compare
+        shutil.copytree(run_dir, tmp_path / run_dir.name, ignore=shutil.ignore_patterns("*.pt", "*.png"))
+    (tmp_path / next(quadratic_runs.glob("mlp_quadratic_m8_*")).name / "prediction.json").unlink()
+    assert cli(capsys, "--compare", tmp_path)[0] == 0
+    (compare,) = (tmp_path / "compare").iterdir()
+    assert (compare / "predictions.png").stat().st_size > 1000 and len(result_tables(compare / "summary.md")[1]) == 3
+    for prediction in tmp_path.glob("mlp_quadratic_m*/prediction.json"):
+        prediction.unlink()
+    assert cli(capsys, "--compare", tmp_path)[0] == 0  # the losses alone: no predictions to draw
+    assert (compare / "valid_loss.png").exists()
 
 
 def test_the_table_shows_losses_only(tmp_path, capsys):
