@@ -404,12 +404,14 @@ def compare(points, pairs, own):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    drawing = False
     try:
         args = parse_args(argv)
         status = 0 if args.compare else train_all(args, argv)
         if status:
             return status
         with tools.interrupts():
+            drawing = True
             return draw(Path(args.compare or args.output_dir), args.study)
     except UserError as e:
         print(f"study.py: error: {e}", file=sys.stderr)
@@ -417,9 +419,11 @@ def main(argv=None):
     except tools.Interrupted as e:
         print(f"study.py: {e}", file=sys.stderr)
         return tools.stopped_status()
-    except KeyboardInterrupt:
-        print(f"study.py: stopped by {tools.STOP.get('signal', 'SIGINT')} while drawing; no file was left half-written; "
-              f"draw again with: python study.py {args.study} --compare {args.compare or args.output_dir}", file=sys.stderr)
+    except KeyboardInterrupt:  # a run stops itself and says how to go on; this is a stop outside any run
+        then = (f"while drawing; no file was left half-written; draw again with: python study.py {args.study} --compare "
+                f"{args.compare or args.output_dir}" if drawing else "outside a run (planning, fetching data or between "
+                f"runs); the finished runs are kept; go on with: python study.py {shlex.join(argv)}")
+        print(f"study.py: stopped by {tools.STOP.get('signal', 'SIGINT')} {then}", file=sys.stderr)
         return tools.stopped_status()
 
 

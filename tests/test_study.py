@@ -361,6 +361,16 @@ def test_a_study_downloads_the_official_release_once_before_its_workers_and_offl
     assert "runs are finished" not in out and not (tmp_path / "none").exists()  # before the plan, and nothing made
 
 
+def test_ctrl_c_outside_a_run_says_how_to_go_on_not_how_to_draw_again(tmp_path, capsys, monkeypatch):
+    def interrupted(args, argv):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(study, "train_all", interrupted)  # as while planning or fetching the data
+    assert study.main(["samples", "--output_dir", tmp_path, "--seed", 3]) == 130
+    err = capsys.readouterr().err
+    assert err == (f"study.py: stopped by SIGINT outside a run (planning, fetching data or between runs); the finished "
+                   f"runs are kept; go on with: python study.py samples --output_dir {tmp_path} --seed 3\n")
+
+
 def test_a_study_runs_each_setting_into_its_folder_then_draws_and_a_rerun_trains_nothing(small_cifar, tmp_path, capsys,
                                                                                           monkeypatch):
     monkeypatch.setitem(study.STUDIES, "where", SMALL_STUDY)
