@@ -159,10 +159,11 @@ def points_by_the_rule(args):
     if not points:
         raise UserError(f"{args.output_dir} holds no finished runs of the {args.study} study, and --more_seeds decides "
                         "from them: run the study first (or give its --output_dir)")
-    own = own_seeds(study)
+    own, undecided = own_seeds(study), 0
     for c in compare(points, study.pairs, own):
         if c.first is None:
             verdict = f"not all of seeds {own[0]}-{own[-1]} are paired yet: undecided"
+            undecided += 1
         elif stats.excludes_zero(c.first):
             verdict = f"excludes zero: seeds {' '.join(map(str, args.seed))} for both"
             chosen += [c.point, c.reference]
@@ -170,6 +171,10 @@ def points_by_the_rule(args):
             verdict = "includes zero: no more seeds"
         first = f"{stats.format_difference(c.first)} over seeds {own[0]}-{own[-1]} " if c.first else ""
         print(f"study.py: {c.label}: {first}{verdict}", flush=True)
+    if not chosen:
+        print(f"study.py: the rule adds no seeds now: no decided comparison excludes zero, and {undecided} wait for the "
+              f"study's own seeds (python study.py {args.study})" if undecided else
+              "study.py: no comparison's interval excludes zero: the rule adds no seeds", flush=True)
     return list(dict.fromkeys(chosen))  # one reference serves several comparisons
 
 
@@ -178,8 +183,7 @@ def train_all(args, argv):
     left to it."""
     resume = f"python study.py {shlex.join(argv)}"
     points = points_by_the_rule(args) if args.more_seeds else study_points(STUDIES[args.study])
-    if not points:
-        print("study.py: no comparison's interval excludes zero: the rule adds no seeds", flush=True)
+    if not points:  # the rule chose none, and said why
         return 0
     commands = run_commands(args, points)
     tools.check_writable(Path(args.output_dir))

@@ -227,6 +227,10 @@ def test_more_seeds_decides_over_the_studys_own_seeds_ten_for_convergence(tmp_pa
     out = capsys.readouterr().out
     assert "M=8 − M=1: +0.0000 [" in out and "over seeds 42-51 includes zero" in out
     assert "M=0 − M=1: not all of seeds 42-51 are paired yet: undecided" in out
+    assert "the rule adds no seeds now: no decided comparison excludes zero, and 1 wait for the study's own seeds" in out
+    write_runs(tmp_path / "blog-head", {0: [0.5]}, [51])  # now decided: 0.5 against 0.5 at every seed
+    assert study.points_by_the_rule(args) == []
+    assert capsys.readouterr().out.endswith("study.py: no comparison's interval excludes zero: the rule adds no seeds\n")
 
 
 def test_more_seeds_trains_only_the_rules_runs_or_nothing_and_then_draws(tmp_path, capsys, monkeypatch):
@@ -246,7 +250,10 @@ def test_more_seeds_trains_only_the_rules_runs_or_nothing_and_then_draws(tmp_pat
     for folder in (tmp_path / "blog-head").glob("m32_p0.5_s*"):
         folder.rename(tmp_path / folder.name)
     assert study.main(["samples", "--more_seeds", "--output_dir", tmp_path]) == 0 and not trained
-    assert "no comparison's interval excludes zero: the rule adds no seeds" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "M=16 − M=1: not all of seeds 42-46 are paired yet: undecided" in out
+    assert ("the rule adds no seeds now: no decided comparison excludes zero, and 5 wait for the study's own seeds "
+            "(python study.py samples)") in out
 
 
 @pytest.mark.parametrize("argv, message", [
