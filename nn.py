@@ -126,7 +126,9 @@ def head_problem(num_samples, p, rdrop_alpha=0.0, diversity="none", reduce="loss
         return f"the dropout probability (--dropout_p) must be in [0, 1), got {p}"
     if diversity not in DIVERSITIES:
         return f"diversity must be one of {', '.join(DIVERSITIES)}, got {diversity!r}"
-    if (reduce, heads) != ("loss", "shared") and (reduce not in REDUCES or heads not in HEADS):
+    if not 0 <= rdrop_alpha < float("inf"):  # NaN fails too
+        return f"R-Drop's weight (--rdrop_alpha) must be 0 (off) or a positive number, got {rdrop_alpha}"
+    if reduce not in REDUCES or heads not in HEADS:
         return f"reduce must be one of {', '.join(REDUCES)} and heads one of {', '.join(HEADS)}, got {reduce!r}, {heads!r}"
     for option, active in (("R-Drop (--rdrop_alpha)", rdrop_alpha), ("diversity (--diversity)", diversity != "none"),
                            ("the mean of logits (--msd_reduce logits)", reduce == "logits"),

@@ -187,8 +187,6 @@ def check_args(args):
             raise UserError(f"--{flag} must be positive, got {value}")
     if not math.isfinite(args.lr):
         raise UserError(f"--lr must be a finite number, got {args.lr}")
-    if not (0 <= args.rdrop_alpha < math.inf):
-        raise UserError(f"--rdrop_alpha must be 0 (off) or a positive number, got {args.rdrop_alpha}")
     if args.valid_split < 0:
         raise UserError(f"--valid_split must be 0 or more, got {args.valid_split}")
     if args.lr_milestone < 0:

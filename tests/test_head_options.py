@@ -293,6 +293,12 @@ def test_a_variant_needs_two_samples_and_a_known_name(kwargs):
         MultiSampleDropout(tnn.Linear(D, C), 8, 0.5, **{k: "other" for k in kwargs})
 
 
+@pytest.mark.parametrize("alpha", [-1.0, float("inf"), float("nan")])
+def test_a_negative_or_non_finite_rdrop_weight_is_refused_by_the_head_itself(alpha):
+    with pytest.raises(ValueError, match=r"R-Drop's weight \(--rdrop_alpha\) must be 0 \(off\) or a positive number"):
+        MultiSampleDropout(tnn.Linear(D, C), 8, 0.5, rdrop_alpha=alpha)
+
+
 def test_a_target_without_a_loss_function_is_refused_not_ignored(batch):
     features, target = batch
     with pytest.raises(ValueError, match="give both target and loss_fn"):
