@@ -68,8 +68,9 @@ def finished(run_dir, config, args):
     """Whether run_dir holds this run up to --epochs: by its checkpoint, or by its metrics alone (a committed run)."""
     epochs = 0 if args.overwrite else epochs_done(run_dir, config)
     if epochs >= args.epochs:
+        afresh = "" if args.resume else ", --overwrite starts it afresh"  # --resume continues, so it takes no --overwrite
         say(f"{run_dir} already holds this run, finished at epoch {epochs}: nothing to do "
-            f"(--epochs above {epochs} continues it, --overwrite starts it afresh)")
+            f"(--epochs above {epochs} continues it{afresh})")
     return epochs >= args.epochs
 
 

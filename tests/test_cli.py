@@ -57,13 +57,18 @@ def test_comparison_overlays_the_three_runs(trained):
     assert [line.split("|")[1].strip() for line in table] == ["0", "1", "8"]
 
 
-def test_rerunning_a_finished_run_does_not_train(trained, small_cifar, capsys):
+def test_rerunning_a_finished_run_does_not_train(trained, small_cifar, tmp_path, capsys):
     (run_dir,) = run_dirs(trained, 8)
     before = (run_dir / "last.pt").stat().st_mtime_ns, (run_dir / "metrics.csv").read_text()
     rc, out, err = cli(capsys, "--data_dir", small_cifar, "--output_dir", trained, "--dropout_num", 8, *TINY)
     assert rc == 0, err
-    assert "nothing to do" in out and str(run_dir) in out
+    assert "nothing to do" in out and str(run_dir) in out and "--overwrite starts it afresh" in out
     assert ((run_dir / "last.pt").stat().st_mtime_ns, (run_dir / "metrics.csv").read_text()) == before
+
+    copy = shutil.copytree(run_dir, tmp_path / run_dir.name)
+    rc, out, err = cli(capsys, "--resume", copy)  # --resume takes no --overwrite, so it is not offered
+    assert rc == 0 and "nothing to do (--epochs above 2 continues it)\n" in out, out + err
+    assert (copy / "metrics.csv").read_text() == before[1]
 
 
 def test_same_command_same_numbers_and_another_seed_others(trained, small_cifar, tmp_path, capsys):
@@ -127,8 +132,8 @@ def test_overwrite_starts_afresh(trained, small_cifar, tmp_path, capsys):
     (["--rdrop_alpha", "0", "1", "--dropout_num", "1", "2"], "needs 2 or more dropout samples (--dropout_num), got 1"),
     (["--msd_reduce", "logits", "--dropout_num", "1"], "the mean of logits (--msd_reduce logits) needs 2 or more"),
     (["--msd_heads", "separate", "--dropout_num", "0"], "separate heads (--msd_heads separate) needs 2 or more"),
-    (["--rdrop_alpha", "-1", "--dropout_num", "2"], "--rdrop_alpha must be 0 (off) or a positive number"),
-    (["--rdrop_alpha", "inf", "--dropout_num", "2"], "--rdrop_alpha must be 0 (off) or a positive number"),
+    (["--rdrop_alpha", "-1", "--dropout_num", "2"], "R-Drop's weight (--rdrop_alpha) must be 0 (off) or a positive number"),
+    (["--rdrop_alpha", "inf", "--dropout_num", "2"], "R-Drop's weight (--rdrop_alpha) must be 0 (off) or a positive number"),
 ])
 def test_bad_input_is_one_line_and_exit_2(flags, message, small_cifar, tmp_path, capsys):
     rc, out, err = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path / "out", *TINY, *flags)
