@@ -148,9 +148,9 @@ def epochs_to_target_table(points, pairs, own):
     """Epochs to reach one point below the M=1 runs' mean final valid accuracy, per setting and paired. The mean is
     over the study's own seeds where it has them, so that the rule's more seeds for two points move no other's target."""
     reference = finals(points.get(pairs[0].reference, {}))
-    of_own = [acc for seed, acc in reference.items() if seed in own]
-    target = np.mean(of_own or list(reference.values()) or [np.nan]) - 0.01
-    over = f"seeds {own[0]}-{own[-1]}" if of_own else "all seeds"
+    mine = sorted(seed for seed in reference if seed in own)
+    target = np.mean([reference[seed] for seed in mine] or list(reference.values()) or [np.nan]) - 0.01
+    over = (f"seeds {own[0]}-{own[-1]}" if mine == list(own) else f"seeds {', '.join(map(str, mine))}") if mine else "all seeds"
     lines = [f"Epochs to target: the first epoch whose valid accuracy reaches {target:.4f} (one point below the "
              f"M=1 runs' mean final valid accuracy over {over}); runs that never reach it are counted apart and left "
              "out of the pairs.", "", "| setting | M | runs | epochs to target | never reached |", "|---|---:|---:|---:|---:|"]
