@@ -41,6 +41,12 @@ def half_width(d):
     return (d["interval"][1] - d["interval"][0]) / 2 if d["interval"] else None
 
 
+def error_bar(differences):
+    """[below, above] each mean to its interval's ends, for matplotlib's errorbar: 0 where one seed has no interval."""
+    return [[d["mean"] - d["interval"][0] if d["interval"] else 0 for d in differences],
+            [d["interval"][1] - d["mean"] if d["interval"] else 0 for d in differences]]
+
+
 def format_difference(d):
     interval = f"[{d['interval'][0]:+.4f}, {d['interval'][1]:+.4f}]" if d["interval"] else "(one seed: no interval)"
     return f"{d['mean']:+.4f} {interval}"

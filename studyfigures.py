@@ -158,7 +158,7 @@ def epochs_to_target_table(points, pairs, own):
     for point, epochs in reached.items():
         hit = [e for e in epochs.values() if e is not None]
         lines.append(f"| {point.setting} | {point.dropout_num} | {len(epochs)} | "
-                     f"{epochs_mean_std(hit)} | {len(epochs) - len(hit)} |")
+                     f"{mean_std(hit, digits=1) if hit else '-'} | {len(epochs) - len(hit)} |")
     lines += ["", "| comparison | pairs | Δ epochs to target [95% CI] | 95% half-width | seeds sooner / later |",
               "|---|---:|---:|---:|---:|"]
     for c in pairs:
@@ -200,12 +200,6 @@ def per_epoch_table(points, pairs):
     return lines
 
 
-def epochs_mean_std(values):
-    if not values:
-        return "-"
-    return f"{np.mean(values):.1f}" + (f" ± {np.std(values, ddof=1):.1f}" if len(values) > 1 else "")
-
-
 def error_bars(ax, x, runs_by_x, label, marker="o"):
     """Final valid error, mean +- std over seeds, against x."""
     errors = [1 - np.array(list(finals(runs).values())) for runs in runs_by_x]
@@ -227,9 +221,7 @@ def seed_counts(ax, x, y, counts):
 def difference_bars(ax, x, differences, label=None):
     """Paired differences with their 95% intervals (a bare point where there is one seed), the pairs' count, and zero."""
     means = [d["mean"] for d in differences]
-    low = [d["mean"] - d["interval"][0] if d["interval"] else 0 for d in differences]
-    high = [d["interval"][1] - d["mean"] if d["interval"] else 0 for d in differences]
-    ax.errorbar(x, means, yerr=[low, high], fmt="o", capsize=4, label=label)
+    ax.errorbar(x, means, yerr=stats.error_bar(differences), fmt="o", capsize=4, label=label)
     seed_counts(ax, x, means, [d["n"] for d in differences])
     ax.axhline(0, color="grey", lw=1)
 

@@ -240,10 +240,7 @@ def plot_gain(path, gains, title, what="final valid accuracy minus dropout_num=1
     95% interval as an error bar (a bare point with one seed, where there is none). gains: [(label, difference)]."""
     fig, ax = plt.subplots(figsize=(7, 1.5 + 0.5 * len(gains)))  # one row per setting: long labels stay readable
     rows = range(len(gains))[::-1]  # the first setting on top
-    means = [d["mean"] for _, d in gains]
-    errors = [[d["mean"] - d["interval"][0] if d["interval"] else 0 for _, d in gains],
-              [d["interval"][1] - d["mean"] if d["interval"] else 0 for _, d in gains]]
-    ax.errorbar(means, rows, xerr=errors, fmt="o", capsize=4)
+    ax.errorbar([d["mean"] for _, d in gains], rows, xerr=stats.error_bar([d for _, d in gains]), fmt="o", capsize=4)
     ax.axvline(0, color="grey", lw=1)
     ax.set_ylim(-0.6, len(gains) - 0.4)  # half a row of margin above and below
     ax.set_yticks(rows, [f"{label} ({d['n']} seed{'s' * (d['n'] > 1)})" for label, d in gains], fontsize=8)
@@ -292,9 +289,9 @@ def _epochs_to_target(epochs, curve, target):
     return str(int(epochs[reached[0]])) if len(reached) else "not reached"
 
 
-def mean_std(values):
+def mean_std(values, digits=4):
     values = np.asarray(values, float)
-    return f"{values.mean():.4f}" + (f" ± {values.std(ddof=1):.4f}" if len(values) > 1 else "")
+    return f"{values.mean():.{digits}f}" + (f" ± {values.std(ddof=1):.{digits}f}" if len(values) > 1 else "")
 
 
 def draw_band(ax, x, curves, label, color=None):
