@@ -20,7 +20,8 @@ CONFIG_KEYS = {"model": str, "dataset": str, "dropout_num": int, "dropout_p": (i
                "precision": str, "device": str, "setup": str}
 # Keys added after the first runs: older runs lack them, but where present they are of their type.
 LATER_CONFIG_KEYS = {"data_source": str, "data_dir": str, "rdrop_alpha": (int, float), "valid_split": int,
-                     "head_hidden": int, "pool": str, "diversity": str, "msd_reduce": str, "msd_heads": str}
+                     "head_hidden": int, "pool": str, "diversity": str, "msd_reduce": str, "msd_heads": str, "earlier": list}
+EARLIER_KEYS = {"until_epoch": int, "device": str}  # and the other fields of train.PLACE, as the run had them
 ROW_KEYS = {"epoch": int, "train_loss": (int, float), "valid_loss": (int, float), "seconds": (int, float)}
 ACCURACY_KEYS = {"train_acc": (int, float), "valid_acc": (int, float)}  # a classification run's rows have them too
 CHECKPOINT_KEYS = {"epoch": int, "config": dict, "history": list, "model": dict, "optimizer": dict}
@@ -66,6 +67,8 @@ def check_keys(path, values, keys, what, later=None):
 
 def check_config(path, config, what="the config"):
     check_keys(path, config, CONFIG_KEYS, what, LATER_CONFIG_KEYS)
+    for i, place in enumerate(config.get("earlier", []), 1):  # where a resumed run's earlier epochs ran
+        check_keys(path, place, EARLIER_KEYS, f"{what}'s earlier place {i}")
     return config
 
 

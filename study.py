@@ -265,8 +265,9 @@ def its_pairs(p, planned, pairs, held):
 
 
 def place(config):
-    """(kind of device, precision): what both runs of a pair share, or they are two draws."""
-    return config["device"].split(":")[0], config["precision"]
+    """(kind of device, precision): what both runs of a pair share, or they are two draws. A run resumed on another
+    kind of device names each kind its epochs ran on."""
+    return "+".join(dict.fromkeys(c["device"].split(":")[0] for c in [*config.get("earlier", []), config])), config["precision"]
 
 
 def point_of(args):
@@ -363,9 +364,12 @@ def collect(output_dir, study):
 
 
 def where(run):
-    """The machine, precision and (on a CPU, where they change the bits) threads a run used, as the tables show it."""
-    threads = cpu_threads(run)
-    return machine(run) + (f", {threads} thread{'s' * (threads != 1)}" if threads else "")
+    """The machine, precision and (on a CPU, where they change the bits) threads a run used, as the tables show it,
+    and the machines its earlier epochs ran on where it was resumed on another."""
+    threads, c = cpu_threads(run), run["config"]
+    moves = [f"; epochs to {e['until_epoch']} on {machine({'config': {**c, **e}})}" for e in c.get("earlier", [])
+             if e.get("hardware") != c.get("hardware")]
+    return machine(run) + (f", {threads} thread{'s' * (threads != 1)}" if threads else "") + "".join(moves)
 
 
 def machine(run):

@@ -31,6 +31,7 @@ REDRAW_S = 10  # seconds between redraws of a run's figures (~0.3 s each); the l
 EVAL_BATCH = 1000  # images per evaluation step; no gradients, so larger than training's
 READS_PER_ROW = 20  # device reads a row (an epoch for images) for the progress bar, and for torchrun's ranks to agree on stopping
 EVAL_CHOICES = ("test_size", "precision")  # they choose how --eval evaluates, not which run it is (--device too)
+PLACE = ("device", "hardware", "threads", "torch", "torchvision", "numpy", "git_commit", "git_dirty")  # where it ran
 COMMAND_ONLY = ("resume", "eval", "compare")  # what the command did, not what the run is: kept out of config.json
 
 
@@ -109,6 +110,8 @@ def train(args, config, run_dir, device, checkpoint):
                   numpy=np.__version__, **hardware.tf32_state(device),
                   git_commit=commit, git_dirty=dirty, train_images=len(train_y), valid_images=len(valid_y),
                   test_images=len(splits["test"][1]))
+    earlier = earlier_places(checkpoint["config"], config, checkpoint["epoch"]) if checkpoint else []
+    config.update({"earlier": earlier} if earlier else {})
     say(f"{run_dir}: {args.model}, dropout_num={args.dropout_num}, p={args.dropout_p}, "
           f"{f'rdrop_alpha={args.rdrop_alpha}, ' if args.rdrop_alpha else ''}seed={args.seed}, "
           f"{len(train_y)} train / {len(valid_y)} {'valid' if args.valid_split else 'test'} examples, "
@@ -262,6 +265,14 @@ def row_starts(first, epochs, every):
 def stop_requested():
     """Whether a stop was asked of this rank or any other: the ranks agree, so none is left waiting for the rest."""
     return distributed.any_rank(bool(tools.STOP))
+
+
+def earlier_places(saved, config, epoch):
+    """Where the epochs up to this resume ran, one entry per change of machine, threads, versions or commit: a run
+    resumed elsewhere keeps the record of each place, while config.json's own fields say where it runs now."""
+    place = {k: saved.get(k) for k in PLACE}
+    moved = any(place[k] != config[k] for k in PLACE)
+    return [*saved.get("earlier", []), *([{"until_epoch": epoch, **place}] if moved else [])]
 
 
 def resume_threads(saved, device):

@@ -32,6 +32,9 @@ DAMAGES = {  # what is done to a finished run's files -> what the one line says
                          "'rdrop_alpha' is None"),
     "data_source null": (lambda run: edit(run / "config.json", lambda c: c.update(data_source=None)),
                          "'data_source' is None"),
+    "earlier place without its device": (lambda run: edit(run / "config.json", lambda c: c.update(earlier=[{"until_epoch": 1}])),
+                                         "the config's earlier place 1 has no 'device'"),
+    "earlier places not a list": (lambda run: edit(run / "config.json", lambda c: c.update(earlier="cpu")), "'earlier' is 'cpu'"),
     "NaN accuracy": (lambda run: edit(run / "metrics.json", lambda h: h[1].update(valid_acc=float("nan"))), "non-finite"),
     "infinite loss": (lambda run: edit(run / "metrics.json", lambda h: h[0].update(valid_loss=float("inf"))), "non-finite"),
 }

@@ -14,6 +14,7 @@ import torch
 
 import run
 import runfiles
+import study
 import train
 import trainingmonitor
 from conftest import ROOT, cli, fake_run, result_tables, rows, run_dirs
@@ -217,7 +218,23 @@ def test_a_cpu_run_resumes_with_the_thread_count_it_began_with(whole, small_cifa
     (run_dir,) = run_dirs(tmp_path, 0)
     assert rc == 0 and f"resumed from epoch 2 with the {began} thread(s) it began with, not this process's {other}" in out
     assert runfiles.read_config(run_dir / "config.json")["threads"] == began
+    assert "earlier" not in runfiles.read_config(run_dir / "config.json")  # it resumed where it began: one place
     assert rows(run_dir) == rows(whole)
+
+
+def test_a_run_resumed_on_another_machine_keeps_where_its_earlier_epochs_ran(small_cifar, tmp_path, capsys, monkeypatch):
+    args = ["--data_dir", small_cifar, "--output_dir", tmp_path, *FOUR_EPOCHS]
+    assert cli(capsys, *args, "--epochs", 2)[0] == 0
+    (run_dir,) = run_dirs(tmp_path, 0)
+    first = runfiles.read_config(run_dir / "config.json")
+    monkeypatch.setattr(train.hardware, "describe", lambda device: "Another CPU (family 9 model 9)")
+    assert cli(capsys, *args, "--epochs", 3)[0] == 0 and cli(capsys, *args)[0] == 0  # the second: no move, no entry
+    config = runfiles.read_config(run_dir / "config.json")
+    assert config["hardware"] == "Another CPU (family 9 model 9)"  # where it runs now; before, all of it was lost
+    assert config["earlier"] == [{"until_epoch": 2, **{k: first[k] for k in train.PLACE}}]
+    threads = f"{config['threads']} thread{'s' * (config['threads'] != 1)}"
+    assert study.where({"config": config}) == (f"Another CPU (family 9 model 9), {config['precision']}, {threads}; "
+                                               f"epochs to 2 on {first['hardware']}, {config['precision']}")
 
 
 @pytest.mark.parametrize("saved, device", [

@@ -331,6 +331,12 @@ def test_the_workers_say_how_long_a_run_took_and_how_long_the_runs_left_will_tak
     assert study.pace([], 5, 2) == "" and study.pace([600], 0, 2) == ""
 
 
+def test_a_run_resumed_on_another_kind_of_device_pairs_only_with_one_that_moved_alike():
+    gpu = {"device": "cuda:0", "precision": "fp32"}
+    moved = {**gpu, "earlier": [{"until_epoch": 3, "device": "cpu"}, {"until_epoch": 5, "device": "cuda:1"}]}
+    assert study.place(gpu) == ("cuda", "fp32") and study.place(moved) == ("cpu+cuda", "fp32")
+
+
 def test_a_pair_across_precisions_or_two_runs_of_one_seed_are_refused(tmp_path, capsys):
     write_runs(tmp_path / "blog-head", {1: [0.50, 0.52, 0.54]})
     write_runs(tmp_path / "blog-head", {8: [0.51, 0.55, 0.53]}, precision="bf16")
