@@ -267,7 +267,7 @@ def its_pairs(p, planned, pairs, held):
 def place(config):
     """(kind of device, precision): what both runs of a pair share, or they are two draws. A run resumed on another
     kind of device names each kind its epochs ran on."""
-    return "+".join(dict.fromkeys(c["device"].split(":")[0] for c in [*config.get("earlier", []), config])), config["precision"]
+    return "+".join(sorted({c["device"].split(":")[0] for c in [*config.get("earlier", []), config]})), config["precision"]
 
 
 def point_of(args):
@@ -282,6 +282,8 @@ def pair_precision(p, places):
     if len(places) > 1:
         return None, f"its pairs of seed {seed} ran on {' and '.join(map(', '.join, sorted(places)))}"
     ((kind, precision),) = places
+    if "+" in kind:  # resumed on another kind of device: no run of one kind can pair with it
+        return None, f"its pairs of seed {seed} ran on a {kind} in turn; retrain them in one place (--overwrite) to pair"
     if kind != p.device.type:
         return None, f"its pairs of seed {seed} ran on a {kind}, and --device {p.args.device} picks {p.device.type} here"
     if precision not in ("fp32", p.config["precision"]):  # bf16 where it is not native: several times slower
@@ -367,9 +369,22 @@ def where(run):
     """The machine, precision and (on a CPU, where they change the bits) threads a run used, as the tables show it,
     and the machines its earlier epochs ran on where it was resumed on another."""
     threads, c = cpu_threads(run), run["config"]
-    moves = [f"; epochs to {e['until_epoch']} on {machine({'config': {**c, **e}})}" for e in c.get("earlier", [])
-             if e.get("hardware") != c.get("hardware")]
+    moves = [f"; epochs {first}-{last} on {hardware}, {c['precision']}" for first, last, hardware in elsewhere(c)]
     return machine(run) + (f", {threads} thread{'s' * (threads != 1)}" if threads else "") + "".join(moves)
+
+
+def elsewhere(config):
+    """(first epoch, last epoch, machine) of each stretch of a resumed run's epochs on a machine other than its latest
+    (neighbouring entries on one machine, after a change of commit say, make one stretch)."""
+    stretches, first = [], 1
+    for e in config.get("earlier", []):
+        hardware = e.get("hardware")  # None: the run did not record its machine then
+        if stretches and stretches[-1][2] == hardware:
+            stretches[-1][1] = e["until_epoch"]
+        else:
+            stretches.append([first, e["until_epoch"], hardware])
+        first = e["until_epoch"] + 1
+    return [tuple(s) for s in stretches if s[2] not in (None, config.get("hardware"))]
 
 
 def machine(run):

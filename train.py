@@ -270,8 +270,8 @@ def stop_requested():
 def earlier_places(saved, config, epoch):
     """Where the epochs up to this resume ran, one entry per change of machine, threads, versions or commit: a run
     resumed elsewhere keeps the record of each place, while config.json's own fields say where it runs now."""
-    place = {k: saved.get(k) for k in PLACE}
-    moved = any(place[k] != config[k] for k in PLACE)
+    place = {k: saved[k] for k in PLACE if k in saved}  # an older run may lack some: not a move
+    moved = any(place[k] != config[k] for k in place)
     return [*saved.get("earlier", []), *([{"until_epoch": epoch, **place}] if moved else [])]
 
 

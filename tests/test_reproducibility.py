@@ -222,6 +222,13 @@ def test_a_cpu_run_resumes_with_the_thread_count_it_began_with(whole, small_cifa
     assert rows(run_dir) == rows(whole)
 
 
+def test_a_field_an_older_run_did_not_record_is_no_move():
+    now = {k: "same" for k in train.PLACE}
+    older = {k: "same" for k in train.PLACE if k != "hardware"}  # before the machine was recorded
+    assert train.earlier_places(older, now, 5) == []
+    assert train.earlier_places({**older, "threads": 1}, now, 5) == [{"until_epoch": 5, **older, "threads": 1}]
+
+
 def test_a_run_resumed_on_another_machine_keeps_where_its_earlier_epochs_ran(small_cifar, tmp_path, capsys, monkeypatch):
     args = ["--data_dir", small_cifar, "--output_dir", tmp_path, *FOUR_EPOCHS]
     assert cli(capsys, *args, "--epochs", 2)[0] == 0
@@ -234,7 +241,7 @@ def test_a_run_resumed_on_another_machine_keeps_where_its_earlier_epochs_ran(sma
     assert config["earlier"] == [{"until_epoch": 2, **{k: first[k] for k in train.PLACE}}]
     threads = f"{config['threads']} thread{'s' * (config['threads'] != 1)}"
     assert study.where({"config": config}) == (f"Another CPU (family 9 model 9), {config['precision']}, {threads}; "
-                                               f"epochs to 2 on {first['hardware']}, {config['precision']}")
+                                               f"epochs 1-2 on {first['hardware']}, {config['precision']}")
 
 
 @pytest.mark.parametrize("saved, device", [

@@ -334,7 +334,18 @@ def test_the_workers_say_how_long_a_run_took_and_how_long_the_runs_left_will_tak
 def test_a_run_resumed_on_another_kind_of_device_pairs_only_with_one_that_moved_alike():
     gpu = {"device": "cuda:0", "precision": "fp32"}
     moved = {**gpu, "earlier": [{"until_epoch": 3, "device": "cpu"}, {"until_epoch": 5, "device": "cuda:1"}]}
-    assert study.place(gpu) == ("cuda", "fp32") and study.place(moved) == ("cpu+cuda", "fp32")
+    back = {"device": "cpu", "precision": "fp32", "earlier": [{"until_epoch": 3, "device": "cuda:0"}]}
+    assert study.place(gpu) == ("cuda", "fp32") and study.place(moved) == study.place(back) == ("cpu+cuda", "fp32")
+
+
+def test_the_tables_name_each_stretch_of_epochs_a_resumed_run_ran_elsewhere():
+    a, b = "CPU A (family 1 model 1)", "CPU B (family 2 model 2)"
+    config = {"device": "cpu", "hardware": a, "precision": "bf16", "threads": 1, "earlier": [
+        {"until_epoch": 2, "device": "cpu", "hardware": a},  # then the commit changed: still A
+        {"until_epoch": 4, "device": "cpu", "hardware": b}, {"until_epoch": 6, "device": "cpu", "hardware": b},
+        {"until_epoch": 7, "device": "cpu"}]}  # a run that did not record its machine yet: none to name
+    assert study.elsewhere(config) == [(3, 6, b)]  # A, B, B, back on A: one stretch on B, merged
+    assert study.where({"config": config}) == f"{a}, bf16, 1 thread; epochs 3-6 on {b}, bf16"
 
 
 def test_a_pair_across_precisions_or_two_runs_of_one_seed_are_refused(tmp_path, capsys):
