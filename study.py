@@ -222,11 +222,13 @@ def to_train(commands, pairs):
             continue
         places = {place(r["config"]) for r in its_pairs(p, planned, pairs, held)}
         precision, why_not = pair_precision(p, places)
+        command = p.command + ["--precision", precision] * (precision not in (None, p.config["precision"]))
         if why_not:
-            print(f"study.py: {name} is left to another machine: {why_not}", flush=True)
+            anyway = f"; to train it here all the same, several times slower: python run.py {shlex.join(command)}"
+            print(f"study.py: {name} is left to another machine: {why_not}{anyway if precision else ''}", flush=True)
             elsewhere += 1
         else:
-            left.append((p.number, name, p.command + ["--precision", precision] * (precision != p.config["precision"])))
+            left.append((p.number, name, command))
     return left, elsewhere
 
 
@@ -275,7 +277,8 @@ def point_of(args):
 
 
 def pair_precision(p, places):
-    """(the precision to train in, None), or (None, why not here), given its pairs' (device kind, precision)s."""
+    """(the precision to train in, None), or (None, why not here), given its pairs' (device kind, precision)s; where
+    only the speed stands in the way (a precision this CPU emulates), (that precision, why not here)."""
     if p.args.precision != "auto" or not places:
         return p.config["precision"], None
     seed = p.args.seed
@@ -287,7 +290,7 @@ def pair_precision(p, places):
     if kind != p.device.type:
         return None, f"its pairs of seed {seed} ran on a {kind}, and --device {p.args.device} picks {p.device.type} here"
     if precision not in ("fp32", p.config["precision"]):  # bf16 where it is not native: several times slower
-        return None, f"its pairs of seed {seed} ran in {precision}, which this {kind} lacks natively"
+        return precision, f"its pairs of seed {seed} ran in {precision}, which this {kind} lacks natively"
     return precision, None
 
 
