@@ -37,6 +37,8 @@ STATS = {
 }
 # torchvision's "not found or corrupted", or a file cut short while another process's download rewrites it
 UNREADABLE = (RuntimeError, EOFError, pickle.UnpicklingError)
+CLASS_COUNTS = {"cifar10": 10, "cifar100": 100, "svhn": 10}  # a copy holds its set's classes or some of them
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 OFFICIAL = {  # (name, what to put in --data_dir by hand when offline)
     "cifar10": ("CIFAR-10", "the official cifar-10-python.tar.gz"),
     "cifar100": ("CIFAR-100", "the official cifar-100-python.tar.gz"),
@@ -67,10 +69,27 @@ def load(data_dir, dataset="cifar10"):
     source = source_id(path, dataset)
     if source.startswith("torchvision"):
         return _load_torchvision(path, dataset)
+    data = _read_cache(CACHE_DIR / f"{source}.npz") or _decode(path, source)
+    problem = _copy_problem(data["classes"], dataset)
+    if problem:
+        raise UserError(f"--data_dir {data_dir} {problem}")
+    return data
+
+
+def _copy_problem(classes, dataset):
+    """Why an image-folder copy cannot be one of --dataset (which sets its normalisation and its runs' names), or
+    None. A copy holds the set's classes or some of them (three, for a quick check); CIFAR-10's are known by name."""
+    if len(classes) > CLASS_COUNTS[dataset]:
+        return (f"holds {len(classes)} classes, more than {OFFICIAL[dataset][0]}'s {CLASS_COUNTS[dataset]}: give the "
+                "--dataset it is a copy of (cifar100 for CIFAR-100's 100)")
+    if classes == CIFAR10_CLASSES and dataset != "cifar10":
+        return f"holds CIFAR-10's ten classes, not {OFFICIAL[dataset][0]}: give --dataset cifar10"
+    return None
+
+
+def _decode(path, source):
+    """An image-folder copy's arrays, decoded once and cached where the cache can be written."""
     cache = CACHE_DIR / f"{source}.npz"
-    data = _read_cache(cache)
-    if data:
-        return data
     writable = _can_write(CACHE_DIR)
     print(f"decoding {path} once; the arrays are cached in {CACHE_DIR}" if writable else
           f"decoding {path}; {CACHE_DIR} cannot be written, so it is decoded again next time (set MSD_CACHE_DIR to a "

@@ -16,11 +16,11 @@ from tools import UserError
 CLASSES = ["cat", "dog", "frog"]
 
 
-def write_folder(root, per_class=(4, 2), size=32, seed=0):
+def write_folder(root, per_class=(4, 2), size=32, seed=0, classes=CLASSES):
     """An image-folder copy: train/<class>/*.png and test/<class>/*.png, plus hidden clutter."""
     rng = np.random.default_rng(seed)
     for split, n in zip(("train", "test"), per_class):
-        for c in CLASSES:
+        for c in classes:
             folder = root / split / c
             folder.mkdir(parents=True)
             for i in range(n):
@@ -165,6 +165,24 @@ def test_bad_folders_name_the_problem(tmp_path):
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(wrong_size / "train" / "dog" / "0001.png")
     with pytest.raises(UserError, match="0001.png is 20x20"):
         datasource.load(wrong_size)
+
+
+@pytest.mark.parametrize("classes, dataset, message", [
+    (datasource.CIFAR10_CLASSES, "cifar100", "holds CIFAR-10's ten classes, not CIFAR-100: give --dataset cifar10"),
+    (datasource.CIFAR10_CLASSES, "svhn", "holds CIFAR-10's ten classes, not SVHN: give --dataset cifar10"),
+    ([f"class{i:02d}" for i in range(11)], "cifar10", "holds 11 classes, more than CIFAR-10's 10: give the --dataset"),
+])
+def test_a_copy_of_another_set_than_dataset_is_one_line_and_exit_2(classes, dataset, message, tmp_path, capsys):
+    import run
+    folder = write_folder(tmp_path / "images", per_class=(1, 1), classes=classes)
+    out = tmp_path / "out"
+    rc = run.main(["--dataset", dataset, "--data_dir", str(folder), "--output_dir", str(out), "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and message in err, err
+    assert not out.exists()  # no run folder, no lock left behind
+    fits = "cifar10" if classes == datasource.CIFAR10_CLASSES else "cifar100"  # the set it can be a copy of: fine
+    assert datasource.load(folder, fits)["classes"] == classes
+    assert datasource.load(write_folder(tmp_path / "few", per_class=(1, 1)), dataset)["classes"] == CLASSES
 
 
 # --- torchvision's official release, with its download and md5 check replaced by test doubles ---
