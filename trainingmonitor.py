@@ -175,28 +175,28 @@ def _write_regression_comparison(out_dir, groups, setup, short):
 
 def summary_markdown(groups):
     """Per (dropout_num, p, R-Drop alpha): mean +- std over seeds at the last epoch all of them reached, and epochs to the
-    dropout_num=1 target; then every run on its own line."""
+    dropout_num=1 runs' best; then every run on its own line."""
     lines = ["| dropout_num | p | R-Drop α | seeds | epochs | final valid acc | best valid acc | final train loss | final valid loss "
-             "| epochs to target | test acc |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| epochs to M=1's best | test acc |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for g in groups:
         c = g["curves"]
         test = [r["test"]["test_acc"] for r in g["runs"] if r["test"]]
         lines.append(f"| {g['dropout_num']} | {g['dropout_p']} | {g['rdrop_alpha']} | {len(g['runs'])} | {g['epochs'][-1]} | "
                      f"{mean_std(c['valid_acc'][:, -1])} | {mean_std(c['valid_acc'].max(1))} | "
                      f"{mean_std(c['train_loss'][:, -1])} | {mean_std(c['valid_loss'][:, -1])} | "
-                     f"{_epochs_to_target(g['epochs'], c['valid_acc'].mean(0), _target(g, groups))} | "
+                     f"{_epochs_to_reach(g['epochs'], c['valid_acc'].mean(0), _m1_best(g, groups))} | "
                      f"{mean_std(np.array(test)) if test else '-'} |")
-    lines += ["", "Target: the best point of the mean valid accuracy curve of the dropout_num=1 runs with the same p; "
-              "epochs to target: the first epoch at which the mean curve (per seed: the run's curve) reaches it.", "",
+    lines += ["", "M=1's best: the best point of the mean valid accuracy curve of the dropout_num=1 runs with the same p; "
+              "epochs to M=1's best: the first epoch at which the mean curve (per seed: the run's curve) reaches it.", "",
               "| dropout_num | p | R-Drop α | seed | epochs | final valid acc | best valid acc (epoch) | final train loss "
-              "| final valid loss | epochs to target | run |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "| final valid loss | epochs to M=1's best | run |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for g in groups:
         for r, curve in zip(g["runs"], g["curves"]["valid_acc"]):
             last, best = r["history"][len(curve) - 1], r["history"][int(curve.argmax())]
             lines.append(f"| {g['dropout_num']} | {g['dropout_p']} | {g['rdrop_alpha']} | {r['config']['seed']} | {last['epoch']} | "
                          f"{last['valid_acc']:.4f} | {best['valid_acc']:.4f} ({best['epoch']}) | "
                          f"{last['train_loss']:.4f} | {last['valid_loss']:.4f} | "
-                         f"{_epochs_to_target(g['epochs'], curve, _target(g, groups))} | {r['dir'].name} |")
+                         f"{_epochs_to_reach(g['epochs'], curve, _m1_best(g, groups))} | {r['dir'].name} |")
     return "\n".join(lines) + "\n"
 
 
@@ -276,13 +276,13 @@ def samples_in_words(dropout_num):
     return {0: "no dropout", 1: "dropout"}.get(dropout_num, f"{dropout_num} samples")
 
 
-def _target(group, groups):
+def _m1_best(group, groups):
     """The best point of the mean curve of the dropout_num=1 runs with this group's p, or None."""
     reference = [g for g in groups if g["dropout_num"] == 1 and g["dropout_p"] == group["dropout_p"] and not g["rdrop_alpha"]]
     return reference[0]["curves"]["valid_acc"].mean(0).max() if reference else None
 
 
-def _epochs_to_target(epochs, curve, target):
+def _epochs_to_reach(epochs, curve, target):
     if target is None:
         return "no dropout_num=1 runs"
     reached = np.flatnonzero(curve >= target)

@@ -127,11 +127,13 @@ def test_valid_split_holds_out_training_images_and_tests_once(small_cifar, tmp_p
     assert 0 <= runfiles.read_json(run_dir / "test.json")["test_acc"] <= 1
 
 
-def test_summary_statistics_and_epochs_to_target():
+def test_summary_statistics_and_epochs_to_the_m1_runs_best():
     runs = [fake_run(1, 1, [0.5, 0.6, 0.7]), fake_run(1, 2, [0.5, 0.7, 0.7]),  # mean curve 0.5 0.65 0.7: target 0.7
             fake_run(8, 1, [0.6, 0.7, 0.8]), fake_run(8, 2, [0.6, 0.8, 0.8]),  # mean 0.6 0.75 0.8: reaches it at 2
             fake_run(0, 1, [0.1, 0.2, 0.3])]
-    table = trainingmonitor.summary_markdown(trainingmonitor.group_runs(runs)).split("\n\n")[0].splitlines()[2:]
+    summary = trainingmonitor.summary_markdown(trainingmonitor.group_runs(runs))
+    assert "| epochs to M=1's best |" in summary and "M=1's best: the best point of the mean valid accuracy" in summary
+    table = summary.split("\n\n")[0].splitlines()[2:]
     cells = {int(line.split("|")[1]): [c.strip() for c in line.split("|")[1:-1]] for line in table}
     assert cells[8][3] == "2" and cells[8][4] == "3" and cells[8][5] == "0.8000 ± 0.0000" and cells[8][6] == "0.8000 ± 0.0000"
     assert cells[1][5] == "0.7000 ± 0.0000" and cells[1][9] == "3"
