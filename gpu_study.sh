@@ -3,29 +3,37 @@
 # (30 runs: dropout_num 0, 1, 8 x seeds 42-51) with --workers, then as much of the samples study as fits.
 # Runs still training at the deadline are stopped at a step boundary; their finished epochs are kept.
 #
-#   bash gpu_study.sh        # DATA=data/cifar10-jpeg.tar.gz, PYTHON=python3, WORKERS=12, BUDGET_S=360
+#   bash gpu_study.sh        # DATA=data/cifar10-jpeg.tar.gz, PYTHON=python3, WORKERS=6, TOTAL_S=560
 #
 # Everything lands in outputs/gpu/ (bench-*/, study-full/ with convergence.md/.png and samples.md/.png,
 # times.txt with the seconds per run and how busy the GPU and the CPU were, gpu-utilization.csv); with $OUT set
 # (a device machine's result folder) also packed as $OUT/gpu.tar.gz, since such a folder takes few files. Commit the runs' config.json and metrics.json, the tables and the figures.
 #
-# Expected run time on one H200: about 9 minutes in all. The bench is about 3 minutes (two models in bf16 and
-# fp32, short blocks, peak memory for miniresnet in bf16 only); then the studies get BUDGET_S seconds (6 minutes).
-# The data must be on the machine: copy ../shared/data/cifar10-jpeg.tar.gz to data/ (git-ignored) and carry it. At the 47 s of device time
-# a full run cost with three processes, 7 minutes hold 9 runs; at the 15 s aimed for with 12 workers, 28.
-# SMOKE=1 runs the same steps on the CPU in a minute, on the smoke protocol (a check of this script).
+# Expected run time on one H200: TOTAL_S, 560 s (9.3 minutes), whatever finishes: a deadline, not an estimate, so
+# that one device command (at most 10 minutes) holds it. The bench is short blocks (about 30 s a model and
+# precision, each stopped at BENCH_S), peak memory for miniresnet in bf16 only; the studies get what is left but
+# the last 45 s, which stop the workers, draw the figures and pack the folder.
+# The data must be on the machine: copy ../shared/data/cifar10-jpeg.tar.gz to data/ (git-ignored) and carry it.
+# Why 6 workers: the full protocol is true fp32, about 0.57 PFLOP a run (69 GFLOP a step of 128, fwd+bwd, 7,820
+# steps), so at the H200's 67 TFLOP/s of fp32 no run costs under about 9 s however many share it; the 47 s a run
+# measured with three processes is about 12 TFLOP/s. Seeds come outermost, so 6 workers train two seeds' three runs
+# at once, and finish pairs before the deadline even if sharing gains nothing; 12 would stop mid-run at 47 s a run.
+# Measured on one H200 (torch 2.11.0, docs/gpu-study.md): 526 s in all; 6 workers, 53.5 s of device time a run.
+# SMOKE=1 runs the same steps on the CPU in a few minutes, on the smoke protocol (a check of this script).
 set -uo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 DATA=${DATA:-data/cifar10-jpeg.tar.gz}
-WORKERS=${WORKERS:-12}
-BUDGET_S=${BUDGET_S:-360}  # seconds for the studies, counted from the end of the bench
+WORKERS=${WORKERS:-6}
+TOTAL_S=${TOTAL_S:-560}  # seconds for everything, counted from the start
+BENCH_S=${BENCH_S:-75}  # at most, for each bench.py
+DRAW_S=45  # kept at the end to stop the workers (5 to 11 s seen), draw the figures, sum up and pack
 DEST=${DEST:-outputs/gpu}
 if [ "${SMOKE:-0}" = 1 ]; then
   DEVICE=cpu PROTOCOL=smoke MODELS=(miniresnet) BENCH=(--steps 1 --repeats 2 --warmup 0 --batch_size 8 --memory_steps 0)
-  WORKERS=2
+  WORKERS=2 DRAW_S=30
 else
-  DEVICE=cuda PROTOCOL=full MODELS=(miniresnet resnet18) BENCH=(--steps 50 --repeats 5 --warmup 10)
+  DEVICE=cuda PROTOCOL=full MODELS=(miniresnet resnet18) BENCH=(--steps 20 --repeats 3 --warmup 5)
 fi
 export PYTHONUNBUFFERED=1
 mkdir -p "$DEST"
@@ -37,13 +45,13 @@ $PYTHON -c "import datasource, sys; datasource.load(sys.argv[1])" "$DATA" || exi
 for model in "${MODELS[@]}"; do
   for precision in bf16 fp32; do  # the pipelines table has fp32 rows either way; this is every other table in fp32
     memory=(); [ "$model/$precision" = miniresnet/bf16 ] || memory=(--memory_steps 0)
-    $PYTHON bench.py --model "$model" --device "$DEVICE" --precision "$precision" "${BENCH[@]}" "${memory[@]}" \
+    timeout -k 5 "$BENCH_S" $PYTHON bench.py --model "$model" --device "$DEVICE" --precision "$precision" "${BENCH[@]}" "${memory[@]}" \
       --out "$DEST/bench-$model-$precision" > "$DEST/bench-$model-$precision.log" 2>&1
     log "bench $model $precision: exit $?"
   done
 done
 
-deadline=$((SECONDS + BUDGET_S))
+deadline=$((TOTAL_S - DRAW_S))
 # What limits the studies: the GPU's busy share and memory each second (nvidia-smi, where there is one), and the
 # CPU's busy share over the whole window (/proc/stat), summarised at the end.
 command -v nvidia-smi > /dev/null && { nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits \
@@ -55,7 +63,7 @@ study_start=$SECONDS
 for study in convergence samples; do
   left=$((deadline - SECONDS))
   [ "$left" -gt 30 ] || break
-  timeout -s INT "$left" $PYTHON study.py "$study" --protocol "$PROTOCOL" --data_dir "$DATA" \
+  timeout -s INT -k 20 "$left" $PYTHON study.py "$study" --protocol "$PROTOCOL" --data_dir "$DATA" \
     --output_dir "$DEST/study-$PROTOCOL" --workers "$WORKERS" > "$DEST/study-$study.log" 2>&1
   log "study $study: exit $?"
 done
