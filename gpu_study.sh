@@ -19,6 +19,8 @@
 # measured with three processes is about 12 TFLOP/s. Seeds come outermost, so 6 workers train two seeds' three runs
 # at once, and finish pairs before the deadline even if sharing gains nothing; 12 would stop mid-run at 47 s a run.
 # Measured on one H200 (torch 2.11.0, docs/gpu-study.md): 526 s in all; 6 workers, 53.5 s of device time a run.
+# Runs committed from an earlier GPU, PRIOR (docs/study-full-h200), are copied in first, so the studies go on
+# from them (seeds 44 and up) instead of training them again; BENCH_S=0 leaves the bench out.
 # SMOKE=1 runs the same steps on the CPU in a few minutes, on the smoke protocol (a check of this script).
 set -uo pipefail
 cd "$(dirname "$0")"
@@ -35,6 +37,8 @@ if [ "${SMOKE:-0}" = 1 ]; then
 else
   DEVICE=cuda PROTOCOL=full MODELS=(miniresnet resnet18) BENCH=(--steps 20 --repeats 3 --warmup 5)
 fi
+PRIOR=${PRIOR:-docs/study-$PROTOCOL-h200}  # an earlier GPU's committed runs of these studies, one folder per setting
+[ "$BENCH_S" -gt 0 ] || MODELS=()
 export PYTHONUNBUFFERED=1
 mkdir -p "$DEST"
 log() { echo "gpu_study.sh: $* (at ${SECONDS} s)" | tee -a "$DEST/times.txt"; }
@@ -42,6 +46,13 @@ log() { echo "gpu_study.sh: $* (at ${SECONDS} s)" | tee -a "$DEST/times.txt"; }
 log "start: $($PYTHON -c 'import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")')"
 # Decode the archive once, before several workers would each do it.
 $PYTHON -c "import datasource, sys; datasource.load(sys.argv[1])" "$DATA" || exit 2
+mkdir -p "$DEST/study-$PROTOCOL"
+if [ -d "$PRIOR" ]; then  # the setting folders alone: the studies skip their finished runs and resume the others
+  for setting in "$PRIOR"/*/; do
+    [ -d "$setting" ] && [ "$(basename "$setting")" != logs ] && cp -r "$setting" "$DEST/study-$PROTOCOL/"
+  done
+  log "runs copied from $PRIOR: $(ls "$PRIOR"/*/*/metrics.json 2>/dev/null | wc -l)"
+fi
 for model in "${MODELS[@]}"; do
   for precision in bf16 fp32; do  # the pipelines table has fp32 rows either way; this is every other table in fp32
     memory=(); [ "$model/$precision" = miniresnet/bf16 ] || memory=(--memory_steps 0)
@@ -73,10 +84,11 @@ cpu_after=$(head -1 /proc/stat)
 for study in convergence samples; do  # whatever finished, drawn (a study with no finished pair says so)
   $PYTHON study.py "$study" --compare "$DEST/study-$PROTOCOL" >> "$DEST/times.txt" 2>&1
 done
-# Device time per run: the studies' wall time over the runs they trained (unfinished ones by their epochs).
-$PYTHON - "$DEST/study-$PROTOCOL" "$study_seconds" "$WORKERS" "$cpu_before" "$cpu_after" "$DEST/gpu-utilization.csv" <<'EOF' | tee -a "$DEST/times.txt"
+# Device time per run: the studies' wall time over the epochs they trained, PRIOR's left out (in runs' worth).
+$PYTHON - "$DEST/study-$PROTOCOL" "$study_seconds" "$WORKERS" "$cpu_before" "$cpu_after" "$DEST/gpu-utilization.csv" \
+  "$PRIOR" <<'EOF' | tee -a "$DEST/times.txt"
 import json, os, pathlib, sys
-folder, seconds, workers = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+folder, seconds, workers, prior = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], pathlib.Path(sys.argv[7])
 (before, after), samples = ([int(x) for x in line.split()[1:]] for line in sys.argv[4:6]), pathlib.Path(sys.argv[6])
 ticks = [b - a for a, b in zip(before, after)]  # user nice system idle iowait ...: idle and iowait are not busy
 print(f"CPU busy during the studies: {1 - (ticks[3] + ticks[4]) / max(sum(ticks), 1):.0%} of {os.cpu_count()} cores")
@@ -85,9 +97,11 @@ rows = [[float(x) for x in line.split(",")] for line in lines if line.replace(",
 if rows:
     print(f"GPU busy during the studies: {sum(r[0] for r in rows) / len(rows):.0f}% on average over {len(rows)} one-second "
           f"samples (nvidia-smi: the share of time a kernel ran), memory up to {max(r[1] for r in rows):.0f} MiB")
-runs = [(json.loads((p.parent / "config.json").read_text()), json.loads(p.read_text())) for p in folder.glob("*/*/metrics.json")]
-finished = sum(len(history) >= config["epochs"] for config, history in runs)
-whole = sum(len(history) / config["epochs"] for config, history in runs)
+epochs = lambda path: len(json.loads(path.read_text())) if path.exists() else 0
+runs = [(json.loads((p.parent / "config.json").read_text())["epochs"], epochs(p), epochs(prior / p.relative_to(folder)))
+        for p in folder.glob("*/*/metrics.json")]  # (its epochs, epochs now, epochs before)
+finished = sum(now >= total > before for total, now, before in runs)
+whole = sum((now - before) / total for total, now, before in runs)
 print(f"{workers} workers, {seconds} s of studies: {finished} runs finished, {whole:.1f} runs' worth of epochs, "
       f"{seconds / max(whole, 1e-9):.1f} s of device time per run")
 EOF

@@ -1,25 +1,66 @@
 """The prepared GPU script, in its CPU smoke mode: it must run as it is when a GPU is there."""
+import json
 import os
 import subprocess
 import sys
 import tarfile
 
+import pytest
+
 from conftest import ROOT
 
 
-def test_the_gpu_script_benches_trains_draws_and_packs_within_its_total_seconds(small_cifar, tmp_path):
-    env = {**os.environ, "SMOKE": "1", "DATA": str(small_cifar), "DEST": str(tmp_path / "gpu"), "OUT": str(tmp_path),
-           "TOTAL_S": "120", "PYTHON": sys.executable}
+def run_script(data, dest, **env):
+    env = {**os.environ, "SMOKE": "1", "DATA": str(data), "DEST": str(dest), "PYTHON": sys.executable, **env}
     result = subprocess.run(["bash", str(ROOT / "gpu_study.sh")], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-500:]
-    times = (tmp_path / "gpu" / "times.txt").read_text()
+    return (dest / "times.txt").read_text()
+
+
+def ended_at(times):
+    return int(times.split("gpu_study.sh: end (at ")[1].split(" s)")[0])
+
+
+def finished(study_folder):
+    """{(dropout_num, seed): epochs} of the runs the folder holds to their last epoch."""
+    runs = {}
+    for metrics in study_folder.glob("*/*/metrics.json"):
+        config = json.loads((metrics.parent / "config.json").read_text())
+        if len(json.loads(metrics.read_text())) >= config["epochs"]:
+            runs[config["dropout_num"], config["seed"]] = config["epochs"]
+    return runs
+
+
+@pytest.fixture(scope="module")
+def first(small_cifar, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu")
+    return out, run_script(small_cifar, out / "gpu", OUT=str(out), TOTAL_S="120")
+
+
+def test_the_gpu_script_benches_trains_draws_and_packs_within_its_total_seconds(first):
+    out, times = first
     assert "bench miniresnet bf16: exit 0" in times and "bench miniresnet fp32: exit 0" in times
     assert "study convergence: exit" in times
     assert "s of device time per run" in times and " runs finished" in times
-    ended_at = int(times.split("gpu_study.sh: end (at ")[1].split(" s)")[0])
-    assert ended_at <= 120  # TOTAL_S holds everything, so that one device command of a fixed limit holds the script
+    assert ended_at(times) <= 120  # TOTAL_S holds everything, so that one device command of a fixed limit holds it
     assert f"% of {os.cpu_count()} cores" in times  # what limits it: the CPU's share here, and the GPU's where it has one
-    with tarfile.open(tmp_path / "gpu.tar.gz") as packed:
+    with tarfile.open(out / "gpu.tar.gz") as packed:
         names = packed.getnames()
     assert "gpu/bench-miniresnet-bf16/bench.md" in names and not any(n.endswith(".pt") for n in names)
     assert any(n.startswith("gpu/study-smoke/blog-head/") and n.endswith("/metrics.json") for n in names)
+
+
+def test_the_next_gpu_goes_on_from_the_committed_runs_and_counts_only_its_own(first, small_cifar, tmp_path):
+    out, _ = first
+    prior = out / "gpu" / "study-smoke"
+    before = finished(prior)
+    assert before, "the first run of the script finished no run to go on from"
+    times = run_script(small_cifar, tmp_path / "again", PRIOR=str(prior), BENCH_S="0", TOTAL_S="70")
+    assert "bench" not in times and f"runs copied from {prior}: {len(list(prior.glob('*/*/metrics.json')))}" in times
+    logs = tmp_path / "again" / "study-smoke" / "logs"
+    trained = {log.name for log in logs.glob("*.log")}
+    assert trained, "the second run trained nothing"
+    assert not trained & {f"blog-head-m{m}-p0.5-s{seed}.log" for m, seed in before}
+    now = finished(tmp_path / "again" / "study-smoke")
+    assert now.keys() >= before.keys()
+    assert f" s of studies: {len(now) - len(before)} runs finished" in times
