@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
-# Fill one GPU for about 9 minutes: bench.py on CUDA, then the convergence study on the blog's full recipe
+# Fill one GPU for up to TOTAL_S seconds: bench.py on CUDA, then the convergence study on the blog's full recipe
 # (30 runs: dropout_num 0, 1, 8 x seeds 42-51) with --workers, then as much of the samples study as fits.
 # Runs still training at the deadline are stopped at a step boundary; their finished epochs are kept.
 #
 #   bash gpu_study.sh        # DATA=data/cifar10-jpeg.tar.gz, PYTHON=python3, WORKERS=6, TOTAL_S=560
 #
 # Everything lands in outputs/gpu/ (bench-*/, study-full/ with convergence.md/.png and samples.md/.png,
-# times.txt with the seconds per run and how busy the GPU and the CPU were, gpu-utilization.csv); with $OUT set
-# (a device machine's result folder) also packed as $OUT/gpu.tar.gz, since such a folder takes few files. Commit the runs' config.json and metrics.json, the tables and the figures.
+# times.txt with the seconds per run and how busy the GPU and the CPU were, gpu-utilization.csv); with $OUT
+# set, also packed as $OUT/gpu.tar.gz (one file, for a remote machine that sends back few). Commit the runs'
+# config.json, metrics.json and metrics.csv, the tables and the figures.
 #
-# Expected run time on one H200: TOTAL_S, 560 s (9.3 minutes), whatever finishes: a deadline, not an estimate, so
-# that one device command (at most 10 minutes) holds it. The bench is short blocks (about 30 s a model and
-# precision, each stopped at BENCH_S), peak memory for miniresnet in bf16 only; the studies get what is left but
-# the last 45 s, which stop the workers, draw the figures and pack the folder.
-# The data must be on the machine: copy ../shared/data/cifar10-jpeg.tar.gz to data/ (git-ignored) and carry it.
-# Why 6 workers: the full protocol is true fp32, about 0.57 PFLOP a run (69 GFLOP a step of 128, fwd+bwd, 7,820
-# steps), so at the H200's 67 TFLOP/s of fp32 no run costs under about 9 s however many share it; the 47 s a run
-# measured with three processes is about 12 TFLOP/s. Seeds come outermost, so 6 workers train two seeds' three runs
-# at once, and finish pairs before the deadline even if sharing gains nothing; 12 would stop mid-run at 47 s a run.
+# Run time: at most TOTAL_S, 560 s (9.3 minutes), so that a remote command with a 10-minute limit holds it.
+# The bench is short blocks, each model and precision stopped at BENCH_S or at the deadline, peak memory for
+# miniresnet in bf16 only; the studies get what is left up to the deadline, TOTAL_S - 45 s; those last 45 s
+# stop the workers, draw the figures and pack the folder.
+# The data must be on the machine: copy ../shared/data/cifar10-jpeg.tar.gz to data/ (git-ignored).
+# Why 6 workers: the full protocol is true fp32, about 0.58 PFLOP a run (0.54 of training: 69 GFLOP a step of 128,
+# fwd+bwd, 7,820 steps; the rest evaluation), so at the H200's 67 TFLOP/s of fp32 no run costs under about 9 s
+# however many share it; the 50 s a run measured with three processes is about 12 TFLOP/s. Seeds come outermost,
+# so 6 workers train two seeds' three runs at once and finish pairs before the deadline even if sharing gains
+# nothing; 12 would stop mid-run at 50 s a run.
 # Measured on one H200 (torch 2.11.0, docs/gpu-study.md): 526 s in all; 6 workers, 53.5 s of device time a run.
 # Runs committed from an earlier GPU, PRIOR (docs/study-full-h200), are copied in first, so the studies go on
 # from them (seeds 44 and up) instead of training them again; BENCH_S=0 leaves the bench out.
@@ -28,7 +30,7 @@ PYTHON=${PYTHON:-python3}
 DATA=${DATA:-data/cifar10-jpeg.tar.gz}
 WORKERS=${WORKERS:-6}
 TOTAL_S=${TOTAL_S:-560}  # seconds for everything, counted from the start
-BENCH_S=${BENCH_S:-75}  # at most, for each bench.py
+BENCH_S=${BENCH_S:-75}  # at most, for each bench.py; 0: no bench
 DRAW_S=45  # kept at the end to stop the workers (5 to 11 s seen), draw the figures, sum up and pack
 DEST=${DEST:-outputs/gpu}
 if [ "${SMOKE:-0}" = 1 ]; then
@@ -39,6 +41,7 @@ else
 fi
 PRIOR=${PRIOR:-docs/study-$PROTOCOL-h200}  # an earlier GPU's committed runs of these studies, one folder per setting
 [ "$BENCH_S" -gt 0 ] || MODELS=()
+deadline=$((TOTAL_S - DRAW_S))
 export PYTHONUNBUFFERED=1
 mkdir -p "$DEST"
 log() { echo "gpu_study.sh: $* (at ${SECONDS} s)" | tee -a "$DEST/times.txt"; }
@@ -53,21 +56,27 @@ if [ -d "$PRIOR" ]; then  # the setting folders alone: the studies skip their fi
   done
   log "runs copied from $PRIOR: $(ls "$PRIOR"/*/*/metrics.json 2>/dev/null | wc -l)"
 fi
-for model in "${MODELS[@]}"; do
+for model in ${MODELS[@]+"${MODELS[@]}"}; do  # (the +: an empty array under set -u, on any bash)
   for precision in bf16 fp32; do  # the pipelines table has fp32 rows either way; this is every other table in fp32
-    memory=(); [ "$model/$precision" = miniresnet/bf16 ] || memory=(--memory_steps 0)
-    timeout -k 5 "$BENCH_S" $PYTHON bench.py --model "$model" --device "$DEVICE" --precision "$precision" "${BENCH[@]}" "${memory[@]}" \
-      --out "$DEST/bench-$model-$precision" > "$DEST/bench-$model-$precision.log" 2>&1
+    memory=(--memory_steps 0); [ "$model/$precision" = miniresnet/bf16 ] && memory=()
+    limit=$((deadline - SECONDS < BENCH_S ? deadline - SECONDS : BENCH_S))
+    [ "$limit" -gt 0 ] || break 2
+    timeout -k 5 "$limit" $PYTHON bench.py --model "$model" --device "$DEVICE" --precision "$precision" "${BENCH[@]}" \
+      ${memory[@]+"${memory[@]}"} --out "$DEST/bench-$model-$precision" > "$DEST/bench-$model-$precision.log" 2>&1
     log "bench $model $precision: exit $?"
   done
 done
 
-deadline=$((TOTAL_S - DRAW_S))
 # What limits the studies: the GPU's busy share and memory each second (nvidia-smi, where there is one), and the
 # CPU's busy share over the whole window (/proc/stat), summarised at the end.
 command -v nvidia-smi > /dev/null && { nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits \
   -l 1 > "$DEST/gpu-utilization.csv" 2>/dev/null & sampler=$!; }
 cpu_before=$(head -1 /proc/stat)
+epochs_held() {  # {run: epochs} of the runs in the studies' folder, as JSON: what the studies find there
+  $PYTHON -c 'import json, pathlib, sys; f = pathlib.Path(sys.argv[1]); print(json.dumps({str(p.relative_to(f)):
+    len(json.loads(p.read_text())) for p in f.glob("*/*/metrics.json")}))' "$DEST/study-$PROTOCOL"
+}
+held_before=$(epochs_held)
 # The studies, against the clock: SIGINT at the deadline reaches study.py, which passes it to each worker (each in
 # its own session); they stop at a step boundary, keep their last epoch, and study.py waits for them.
 study_start=$SECONDS
@@ -84,11 +93,11 @@ cpu_after=$(head -1 /proc/stat)
 for study in convergence samples; do  # whatever finished, drawn (a study with no finished pair says so)
   $PYTHON study.py "$study" --compare "$DEST/study-$PROTOCOL" >> "$DEST/times.txt" 2>&1
 done
-# Device time per run: the studies' wall time over the epochs they trained, PRIOR's left out (in runs' worth).
+# Device time per run: the studies' wall time over the epochs they trained (in runs' worth), not those they found.
 $PYTHON - "$DEST/study-$PROTOCOL" "$study_seconds" "$WORKERS" "$cpu_before" "$cpu_after" "$DEST/gpu-utilization.csv" \
-  "$PRIOR" <<'EOF' | tee -a "$DEST/times.txt"
+  "$held_before" <<'EOF' | tee -a "$DEST/times.txt"
 import json, os, pathlib, sys
-folder, seconds, workers, prior = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], pathlib.Path(sys.argv[7])
+folder, seconds, workers, held_before = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[7])
 (before, after), samples = ([int(x) for x in line.split()[1:]] for line in sys.argv[4:6]), pathlib.Path(sys.argv[6])
 ticks = [b - a for a, b in zip(before, after)]  # user nice system idle iowait ...: idle and iowait are not busy
 print(f"CPU busy during the studies: {1 - (ticks[3] + ticks[4]) / max(sum(ticks), 1):.0%} of {os.cpu_count()} cores")
@@ -97,9 +106,8 @@ rows = [[float(x) for x in line.split(",")] for line in lines if line.replace(",
 if rows:
     print(f"GPU busy during the studies: {sum(r[0] for r in rows) / len(rows):.0f}% on average over {len(rows)} one-second "
           f"samples (nvidia-smi: the share of time a kernel ran), memory up to {max(r[1] for r in rows):.0f} MiB")
-epochs = lambda path: len(json.loads(path.read_text())) if path.exists() else 0
-runs = [(json.loads((p.parent / "config.json").read_text())["epochs"], epochs(p), epochs(prior / p.relative_to(folder)))
-        for p in folder.glob("*/*/metrics.json")]  # (its epochs, epochs now, epochs before)
+runs = [(json.loads((p.parent / "config.json").read_text())["epochs"], len(json.loads(p.read_text())),
+         held_before.get(str(p.relative_to(folder)), 0)) for p in folder.glob("*/*/metrics.json")]  # (its, now, before)
 finished = sum(now >= total > before for total, now, before in runs)
 whole = sum((now - before) / total for total, now, before in runs)
 print(f"{workers} workers, {seconds} s of studies: {finished} runs finished, {whole:.1f} runs' worth of epochs, "

@@ -34,15 +34,15 @@ def finished(study_folder):
 @pytest.fixture(scope="module")
 def first(small_cifar, tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu")
-    return out, run_script(small_cifar, out / "gpu", OUT=str(out), TOTAL_S="120")
+    return out, run_script(small_cifar, out / "gpu", OUT=str(out), TOTAL_S="150")
 
 
 def test_the_gpu_script_benches_trains_draws_and_packs_within_its_total_seconds(first):
     out, times = first
     assert "bench miniresnet bf16: exit 0" in times and "bench miniresnet fp32: exit 0" in times
-    assert "study convergence: exit" in times
+    assert "study convergence: exit 124" in times  # the deadline stopped it: 30 smoke runs take longer
     assert "s of device time per run" in times and " runs finished" in times
-    assert ended_at(times) <= 120  # TOTAL_S holds everything, so that one device command of a fixed limit holds it
+    assert ended_at(times) <= 150  # TOTAL_S bounds it all, so a remote command with a time limit holds it
     assert f"% of {os.cpu_count()} cores" in times  # what limits it: the CPU's share here, and the GPU's where it has one
     with tarfile.open(out / "gpu.tar.gz") as packed:
         names = packed.getnames()
@@ -55,7 +55,7 @@ def test_the_next_gpu_goes_on_from_the_committed_runs_and_counts_only_its_own(fi
     prior = out / "gpu" / "study-smoke"
     before = finished(prior)
     assert before, "the first run of the script finished no run to go on from"
-    times = run_script(small_cifar, tmp_path / "again", PRIOR=str(prior), BENCH_S="0", TOTAL_S="70")
+    times = run_script(small_cifar, tmp_path / "again", PRIOR=str(prior), BENCH_S="0", TOTAL_S="80")
     assert "bench" not in times and f"runs copied from {prior}: {len(list(prior.glob('*/*/metrics.json')))}" in times
     logs = tmp_path / "again" / "study-smoke" / "logs"
     trained = {log.name for log in logs.glob("*.log")}
