@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+import distributed
 import runlock
 from tools import UserError, atomic_write
 
@@ -63,12 +64,13 @@ def source_id(data_dir, dataset="cifar10"):
     return f"torchvision-{dataset}"  # torchvision's root: the official release is downloaded into it
 
 
-def load(data_dir, dataset="cifar10"):
-    """{'train_x','test_x': (N,32,32,3) uint8, 'train_y','test_y': (N,) int64, 'classes': [str]}."""
+def load(data_dir, dataset="cifar10", made=None):
+    """{'train_x','test_x': (N,32,32,3) uint8, 'train_y','test_y': (N,) int64, 'classes': [str]}. made: the folders
+    a failed download removes where empty (default: those of data_dir this process finds missing)."""
     path = Path(data_dir)
     source = source_id(path, dataset)
     if source.startswith("torchvision"):
-        return _load_torchvision(path, dataset)
+        return _load_torchvision(path, dataset, made)
     data = _read_cache(CACHE_DIR / f"{source}.npz") or _decode(path, source)
     problem = _copy_problem(data["classes"], dataset)
     if problem:
@@ -175,7 +177,7 @@ def load_splits(args, device):
         data = quadratic()
         train, grid_points = to_device(data["train_x"], data["train_y"], device), to_device(data["test_x"], data["test_y"], device)
         return {"train": train, "valid": grid_points, "test": grid_points}, 1
-    data = load(args.data_dir, args.dataset)
+    data = load(args.data_dir, args.dataset, distributed.missing_on_every_rank(args.data_dir))  # all ranks, in step
     train, valid, test = split(data, args)
     splits = {"train": to_device(data["train_x"][train], data["train_y"][train], device),
               "test": to_device(data["test_x"][test], data["test_y"][test], device)}
@@ -223,7 +225,7 @@ def _write_npz(path, arrays):
         np.savez(f, **arrays)
 
 
-def _load_torchvision(root, dataset):
+def _load_torchvision(root, dataset, made=None):
     """The official release in root, downloaded into it first where missing or damaged. One process downloads while
     the others (torchrun's ranks, several run.py on one data/) wait for its lock, then find the files there; a failed
     download leaves no folder it made."""
@@ -232,7 +234,7 @@ def _load_torchvision(root, dataset):
         try:
             splits = _official_splits(root, dataset, download=False)
         except UNREADABLE:
-            with runlock.waiting(root / f".download-{dataset}.lock", f"download {name} into {root}/"):
+            with runlock.waiting(root / f".download-{dataset}.lock", f"download {name} into {root}/", made):
                 splits = _official_splits(root, dataset, download=True)  # finds another process's download, if any
     except (OSError, *UNREADABLE) as e:  # URLError is an OSError
         raise UserError(f"{name} is not in {root}/ and could not be downloaded ({e}): put {files} in {root}/, "

@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.rendezvous import rendezvous
 
+import tools
+
 
 def launched():
     """Started by torchrun (which sets RANK and WORLD_SIZE for every worker)."""
@@ -54,6 +56,16 @@ def process_group(device):
 def local_device(device):
     """Under torchrun each rank takes the GPU of its LOCAL_RANK; CPU ranks share the CPU."""
     return torch.device("cuda", int(os.environ["LOCAL_RANK"])) if device.type == "cuda" and launched() else device
+
+
+def missing_on_every_rank(folder):
+    """The folders that making `folder` would make, as every rank sees them before any rank makes them. Each rank
+    removes them at the end where nothing came to be in them, and the last rank out succeeds: the rank that made
+    them need not be the last to leave (an empty --output_dir stayed when it was not)."""
+    made = tools.missing_folders(folder)
+    if world() > 1:  # NCCL wants the rank's GPU named, or guesses it
+        dist.barrier(device_ids=[torch.cuda.current_device()] if dist.get_backend() == "nccl" else None)
+    return made
 
 
 def seed_dropout(seed):

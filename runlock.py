@@ -29,10 +29,11 @@ def lock_path(run_dir, rank=0):
 
 
 @contextlib.contextmanager
-def hold(run_dir, rank=0):
-    """Hold run_dir's lock for the block, or raise RunHeld naming the process that holds it."""
+def hold(run_dir, rank=0, made=None):
+    """Hold run_dir's lock for the block, or raise RunHeld naming the process that holds it. made: the folders to
+    remove at the end if nothing is saved in them (default: those this process finds missing)."""
     path = lock_path(run_dir, rank)
-    made = tools.missing_folders(path.parent)  # ours to remove if nothing is saved in them
+    made = tools.missing_folders(path.parent) if made is None else made
     f, holder = _locked_file(path, wait=False)
     if f is None:
         raise RunHeld(f"{run_dir} is being trained by {holder or 'another process'}; wait for it to finish (a rerun "
@@ -42,11 +43,11 @@ def hold(run_dir, rank=0):
 
 
 @contextlib.contextmanager
-def waiting(path, what):
+def waiting(path, what, made=None):
     """Hold the lock at path for the block; while another process holds it (to `what`: download X, say), say so
-    and wait for it."""
+    and wait for it. made: as for hold."""
     path = Path(path)
-    made = tools.missing_folders(path.parent)
+    made = tools.missing_folders(path.parent) if made is None else made
     f, holder = _locked_file(path, wait=False)
     if f is None:
         print(f"waiting for {holder or 'another process'} to {what}", flush=True)

@@ -46,7 +46,7 @@ def train_run(args, run_dir=None):
         check_ranks(args, device)
         tools.check_writable(run_dir.parent, advice="make it writable, or --resume a copy of the run in a "
                              "writable folder" if args.resume else None)
-        with runlock.hold(run_dir, distributed.rank()):
+        with runlock.hold(run_dir, distributed.rank(), distributed.missing_on_every_rank(run_dir.parent)):
             if not finished(run_dir, config, args):  # another process may have finished it while we waited
                 threads = torch.get_num_threads()  # a resumed run may take its own (resume_threads): not the next run
                 try:

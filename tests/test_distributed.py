@@ -97,6 +97,18 @@ def test_resuming_with_another_number_of_ranks_is_refused_but_a_finished_run_is_
     assert rc == 0 and "nothing to do" in out
 
 
+def test_ranks_that_fail_offline_say_it_once_and_leave_no_folder_whichever_rank_made_it(tmp_path):
+    """Each rank made its lock's folders or found them made; whichever leaves last removes them (before, the
+    folders stayed, empty, whenever the rank that made them left first)."""
+    unreachable = "http://127.0.0.1:9"  # a port nothing listens on: the download fails at once, network or not
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "http_proxy": unreachable, "https_proxy": unreachable}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "run.py"),
+               "--data_dir", str(tmp_path / "data" / "cifar"), "--output_dir", str(tmp_path / "out" / "runs"), *RUN]
+    for _ in range(3):  # the order the ranks leave in varies
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode != 0 and result.stderr.count("run.py: error: CIFAR-10 is not in") == 1
+        assert list(tmp_path.iterdir()) == [], result.stderr[-500:]
+
 def test_sync_bn_on_the_cpu_is_refused(small_cifar, tmp_path, capsys):
     rc, _, err = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path, *RUN, "--sync_bn", "--device", "cpu")
     assert rc == 2 and "--sync_bn" in err and "CPU" in err and err.count("\n") == 1 and not list(tmp_path.iterdir())

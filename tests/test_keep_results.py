@@ -93,6 +93,18 @@ def test_the_lock_takes_away_the_folders_it_made_only_while_they_are_empty(tmp_p
     assert (tmp_path / "new" / "deeper" / "run").is_dir() and not runlock.lock_path(tmp_path / "new" / "deeper" / "run").exists()
 
 
+def test_folders_several_locks_found_missing_go_with_the_last_lock_out_whichever_made_them(tmp_path):
+    """torchrun's ranks: each holds its own lock in a folder one of them made; the maker may leave first."""
+    run_dir = tmp_path / "new" / "deeper" / "run"
+    made = tools.missing_folders(run_dir.parent)  # as every rank saw it before any made it
+    maker, other = runlock.hold(run_dir, 0, made), runlock.hold(run_dir, 1, made)
+    maker.__enter__()
+    other.__enter__()
+    maker.__exit__(None, None, None)  # the rank that made the folders leaves first: the other's lock is still there
+    assert runlock.lock_path(run_dir, 1).exists()
+    other.__exit__(None, None, None)
+    assert list(tmp_path.iterdir()) == []
+
 def test_a_process_that_finds_the_download_lock_held_says_who_holds_it_and_waits_for_it(tmp_path, capsys):
     lock, entered = tmp_path / "data" / ".download-cifar10.lock", []
 
