@@ -22,7 +22,8 @@
 # nothing; 12 would stop mid-run at 50 s a run.
 # Measured on one H200 (torch 2.11.0, docs/gpu-study.md): 526 s in all; 6 workers, 53.5 s of device time a run.
 # Runs committed from an earlier GPU, PRIOR (docs/study-full-h200), are copied in first, so the studies go on
-# from them (seeds 44 and up) instead of training them again; BENCH_S=0 leaves the bench out.
+# from them (seeds 44 and up) instead of training them again; BENCH_S=0 leaves the bench out. MPS=1 (the default
+# on a GPU) runs the studies under NVIDIA's multi-process service where the GPU has it; MPS=0, without.
 # SMOKE=1 runs the same steps on the CPU in a few minutes, on the smoke protocol (a check of this script).
 set -uo pipefail
 cd "$(dirname "$0")"
@@ -35,10 +36,11 @@ DRAW_S=45  # kept at the end to stop the workers (5 to 11 s seen), draw the figu
 DEST=${DEST:-outputs/gpu}
 if [ "${SMOKE:-0}" = 1 ]; then
   DEVICE=cpu PROTOCOL=smoke MODELS=(miniresnet) BENCH=(--steps 1 --repeats 2 --warmup 0 --batch_size 8 --memory_steps 0)
-  WORKERS=2 DRAW_S=30
+  WORKERS=2 DRAW_S=30 MPS=${MPS:-0}
 else
   DEVICE=cuda PROTOCOL=full MODELS=(miniresnet resnet18) BENCH=(--steps 20 --repeats 3 --warmup 5)
 fi
+MPS=${MPS:-1}
 PRIOR=${PRIOR:-docs/study-$PROTOCOL-h200}  # an earlier GPU's committed runs of these studies, one folder per setting
 [ "$BENCH_S" -gt 0 ] || MODELS=()
 deadline=$((TOTAL_S - DRAW_S))
@@ -67,6 +69,19 @@ for model in ${MODELS[@]+"${MODELS[@]}"}; do  # (the +: an empty array under set
   done
 done
 
+# NVIDIA's multi-process service lets the workers' kernels run side by side instead of taking turns, the limit
+# without it (docs/gpu-study.md). It starts where the GPU has it, and the studies use it once one operation on the
+# device has gone through it; else they run without it. The bench above ran without it, as before.
+mps=off
+if [ "$MPS" = 1 ] && command -v nvidia-cuda-mps-control > /dev/null; then
+  if nvidia-cuda-mps-control -d && timeout 60 $PYTHON -c "import torch; torch.ones(1, device='$DEVICE').sum().item()"; then
+    mps=on
+  else
+    echo quit | nvidia-cuda-mps-control
+    mps="off (started, but the device did not answer through it)"
+  fi
+fi
+log "MPS: $mps"
 # What limits the studies: the GPU's busy share and memory each second (nvidia-smi, where there is one), and the
 # CPU's busy share over the whole window (/proc/stat), summarised at the end.
 command -v nvidia-smi > /dev/null && { nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits \
@@ -88,6 +103,7 @@ for study in convergence samples; do
   log "study $study: exit $?"
 done
 study_seconds=$((SECONDS - study_start))
+[ "$mps" = on ] && echo quit | nvidia-cuda-mps-control
 cpu_after=$(head -1 /proc/stat)
 [ -n "${sampler:-}" ] && kill "$sampler" 2>/dev/null
 for study in convergence samples; do  # whatever finished, drawn (a study with no finished pair says so)

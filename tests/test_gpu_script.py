@@ -40,6 +40,7 @@ def first(small_cifar, tmp_path_factory):
 def test_the_gpu_script_benches_trains_draws_and_packs_within_its_total_seconds(first):
     out, times = first
     assert "bench miniresnet bf16: exit 0" in times and "bench miniresnet fp32: exit 0" in times
+    assert "MPS: off" in times  # no multi-process service on this machine (and MPS=0 in the smoke mode)
     assert "study convergence: exit 124" in times  # the deadline stopped it: 30 smoke runs take longer
     assert "s of device time per run" in times and " runs finished" in times
     assert ended_at(times) <= 150  # TOTAL_S bounds it all, so a remote command with a time limit holds it
@@ -50,12 +51,18 @@ def test_the_gpu_script_benches_trains_draws_and_packs_within_its_total_seconds(
     assert any(n.startswith("gpu/study-smoke/blog-head/") and n.endswith("/metrics.json") for n in names)
 
 
-def test_the_next_gpu_goes_on_from_the_committed_runs_and_counts_only_its_own(first, small_cifar, tmp_path):
+def test_the_next_gpu_goes_on_from_the_committed_runs_under_mps_and_counts_only_its_own(first, small_cifar, tmp_path):
     out, _ = first
     prior = out / "gpu" / "study-smoke"
     before = finished(prior)
     assert before, "the first run of the script finished no run to go on from"
-    times = run_script(small_cifar, tmp_path / "again", PRIOR=str(prior), BENCH_S="0", TOTAL_S="80")
+    fake = tmp_path / "bin" / "nvidia-cuda-mps-control"  # NVIDIA's, as a script that notes what it was told
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\nif [ "$1" = -d ]; then echo start; else read what; echo "$what"; fi >> {tmp_path}/mps\n')
+    fake.chmod(0o755)
+    times = run_script(small_cifar, tmp_path / "again", PRIOR=str(prior), BENCH_S="0", TOTAL_S="80", MPS="1",
+                       PATH=f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    assert "MPS: on" in times and (tmp_path / "mps").read_text().split() == ["start", "quit"]
     assert "bench" not in times and f"runs copied from {prior}: {len(list(prior.glob('*/*/metrics.json')))}" in times
     logs = tmp_path / "again" / "study-smoke" / "logs"
     trained = {log.name for log in logs.glob("*.log")}
