@@ -87,11 +87,9 @@ log "MPS: $mps"
 command -v nvidia-smi > /dev/null && { nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits \
   -l 1 > "$DEST/gpu-utilization.csv" 2>/dev/null & sampler=$!; }
 cpu_before=$(head -1 /proc/stat)
-epochs_held() {  # {run: epochs} of the runs in the studies' folder, as JSON: what the studies find there
-  $PYTHON -c 'import json, pathlib, sys; f = pathlib.Path(sys.argv[1]); print(json.dumps({str(p.relative_to(f)):
-    len(json.loads(p.read_text())) for p in f.glob("*/*/metrics.json")}))' "$DEST/study-$PROTOCOL"
-}
-held_before=$(epochs_held)
+# {run: epochs} of the runs the studies find in their folder, as JSON: the summary counts only the epochs after them
+held_before=$($PYTHON -c 'import json, pathlib, sys; f = pathlib.Path(sys.argv[1]); print(json.dumps({str(p.relative_to(f)):
+  len(json.loads(p.read_text())) for p in f.glob("*/*/metrics.json")}))' "$DEST/study-$PROTOCOL")
 # The studies, against the clock: SIGINT at the deadline reaches study.py, which passes it to each worker (each in
 # its own session); they stop at a step boundary, keep their last epoch, and study.py waits for them.
 study_start=$SECONDS

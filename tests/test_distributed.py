@@ -109,6 +109,7 @@ def test_ranks_that_fail_offline_say_it_once_and_leave_no_folder_whichever_rank_
         assert result.returncode != 0 and result.stderr.count("run.py: error: CIFAR-10 is not in") == 1
         assert list(tmp_path.iterdir()) == [], result.stderr[-500:]
 
+
 def test_sync_bn_on_the_cpu_is_refused(small_cifar, tmp_path, capsys):
     rc, _, err = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path, *RUN, "--sync_bn", "--device", "cpu")
     assert rc == 2 and "--sync_bn" in err and "CPU" in err and err.count("\n") == 1 and not list(tmp_path.iterdir())
