@@ -20,7 +20,8 @@
 # however many share it; the 50 s a run measured with three processes is about 12 TFLOP/s. Seeds come outermost,
 # so 6 workers train two seeds' three runs at once and finish pairs before the deadline even if sharing gains
 # nothing; 12 would stop mid-run at 50 s a run.
-# Measured on one H200 (torch 2.11.0, docs/gpu-study.md): 526 s in all; 6 workers, 53.5 s of device time a run.
+# Measured on one H200 (torch 2.11.0, docs/gpu-study.md): 526 s in all; 6 workers, 53.5 s of device time a run;
+# 9 workers under MPS, 55.9 s (MPS changed nothing measurable; 9 also leave more runs cut at the deadline).
 # Runs committed from an earlier GPU, PRIOR (docs/study-full-h200), are copied in first, so the studies go on
 # from them (seeds 44 and up) instead of training them again; BENCH_S=0 leaves the bench out. MPS=1 (the default
 # on a GPU) runs the studies under NVIDIA's multi-process service where the GPU has it; MPS=0, without.
