@@ -582,6 +582,16 @@ def test_the_readmes_answer_tables_are_what_the_committed_runs_give():
     assert sorted(full) == [0, 1, 8] and answer_rows(accuracies, names) in readme
 
 
+def test_the_full_scale_numbers_the_pages_quote_are_the_committed_h200_table():
+    """gpu-study.md shows the committed full-scale table's comparison rows, and the README its M=8 − M=1 interval."""
+    table = (ROOT / "docs" / "study-full-h200" / "convergence.md").read_text().split("\n\n")
+    rows = next(block for block in table if block.startswith("| comparison | seeds paired |")).splitlines()[2:]
+    page, readme = (ROOT / "docs" / "gpu-study.md").read_text(), (ROOT / "README.md").read_text()
+    assert len(rows) == 2 and all(row.rsplit(" |", 2)[0] + " |" in page.splitlines() for row in rows), rows
+    interval = rows[0].split(" | ")[2]
+    assert rows[0].startswith("| M=8 − M=1 |") and interval.replace("-", "−") in readme.replace("\n", " "), interval
+
+
 COMMITTED_STUDIES = sorted((table.parent, table.stem) for table in (ROOT / "docs").glob("study-*/*.md")
                            if table.stem in study.STUDIES)
 
