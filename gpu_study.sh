@@ -3,7 +3,7 @@
 # (30 runs: dropout_num 0, 1, 8 x seeds 42-51) with --workers, then as much of the samples study as fits.
 # Runs still training at the deadline are stopped at a step boundary; their finished epochs are kept.
 #
-#   bash gpu_study.sh        # DATA=data/cifar10-jpeg.tar.gz, PYTHON=python3, WORKERS=6, TOTAL_S=560
+#   bash gpu_study.sh        # DATA=data/cifar10-jpeg.tar.gz, PYTHON=python3, WORKERS=4, TOTAL_S=560
 #
 # Everything lands in outputs/gpu/ (bench-*/, study-full/ with convergence.md/.png and samples.md/.png,
 # times.txt with the seconds per run and how busy the GPU and the CPU were, gpu-utilization.csv); with $OUT
@@ -15,22 +15,23 @@
 # miniresnet in bf16 only; the studies get what is left up to the deadline, TOTAL_S - 45 s; those last 45 s
 # stop the workers, draw the figures and pack the folder.
 # The data must be on the machine: copy ../shared/data/cifar10-jpeg.tar.gz to data/ (git-ignored).
-# Why 6 workers: the full protocol is true fp32, about 0.58 PFLOP a run (0.54 of training: 69 GFLOP a step of 128,
-# fwd+bwd, 7,820 steps; the rest evaluation), so at the H200's 67 TFLOP/s of fp32 no run costs under about 9 s
-# however many share it; the 50 s a run measured with three processes is about 12 TFLOP/s. Seeds come outermost,
-# so 6 workers train two seeds' three runs at once and finish pairs before the deadline even if sharing gains
-# nothing; 12 would stop mid-run at 50 s a run.
-# Measured on one H200 (torch 2.11.0, docs/gpu-study.md): 526 s in all; 6 workers, 53.5 s of device time a run;
-# 9 workers under MPS, 55.9 s (MPS changed nothing measurable; 9 also leave more runs cut at the deadline).
+# Why 4 workers: the best of three measured on H200s (torch 2.11.0, docs/gpu-study.md), each worker with the CPU's
+# cores shared out as threads: six without MPS (2 threads each) trained an epoch in 14 s side by side, 47 s of
+# device time a run; nine under MPS (1 thread each) in 20 to 25 s, about 50 s; four under MPS (4 threads each) in
+# 7 to 8 s, about 38 s. Which of the three changes made four faster is not separated. At about 150 s a run, four
+# workers finish some 12 runs in the window; a run cut at the deadline keeps its epochs only while the machine does.
+# The full protocol is true fp32, about 0.58 PFLOP a run (0.54 of training: 69 GFLOP a step of 128, fwd+bwd, 7,820
+# steps; the rest evaluation), so at the H200's 67 TFLOP/s of fp32 no run costs under about 9 s.
+# Measured: 526 s in all on one H200 with the bench, 525 s on another without it (BENCH_S=0).
 # Runs committed from an earlier GPU, PRIOR (docs/study-full-h200), are copied in first, so the studies go on
-# from them (seeds 44 and up) instead of training them again; BENCH_S=0 leaves the bench out. MPS=1 (the default
-# on a GPU) runs the studies under NVIDIA's multi-process service where the GPU has it; MPS=0, without.
+# from them (the seeds not yet trained) instead of training them again; BENCH_S=0 leaves the bench out. MPS=1
+# (the default on a GPU) runs the studies under NVIDIA's multi-process service where the GPU has it; MPS=0, without.
 # SMOKE=1 runs the same steps on the CPU in a few minutes, on the smoke protocol (a check of this script).
 set -uo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 DATA=${DATA:-data/cifar10-jpeg.tar.gz}
-WORKERS=${WORKERS:-6}
+WORKERS=${WORKERS:-4}
 TOTAL_S=${TOTAL_S:-560}  # seconds for everything, counted from the start
 BENCH_S=${BENCH_S:-75}  # at most, for each bench.py; 0: no bench
 DRAW_S=45  # kept at the end to stop the workers (5 to 11 s seen), draw the figures, sum up and pack

@@ -583,15 +583,20 @@ def test_the_readmes_answer_tables_are_what_the_committed_runs_give():
 
 
 def test_the_full_scale_numbers_the_pages_quote_are_the_committed_h200_table():
-    """gpu-study.md shows the committed full-scale table's comparison rows, the README and full-scale.md its M=8 − M=1
-    interval."""
-    table = (ROOT / "docs" / "study-full-h200" / "convergence.md").read_text().split("\n\n")
-    rows = next(block for block in table if block.startswith("| comparison | seeds paired |")).splitlines()[2:]
+    """gpu-study.md shows the committed full-scale table's comparison rows and each setting's final accuracies;
+    full-scale.md quotes both intervals, and the README M=8 − M=1's in each of its three places."""
+    blocks = (ROOT / "docs" / "study-full-h200" / "convergence.md").read_text().split("\n\n")
+    table = lambda header: next(b for b in blocks if b.startswith(header)).splitlines()[2:]
+    comparisons, settings = table("| comparison | seeds paired |"), table("| setting | M |")
     page = (ROOT / "docs" / "gpu-study.md").read_text()
-    quotes = [(ROOT / path).read_text().replace("\n", " ") for path in ("README.md", "docs/full-scale.md")]
-    assert len(rows) == 2 and all(row.rsplit(" |", 2)[0] + " |" in page.splitlines() for row in rows), rows
-    interval = rows[0].split(" | ")[2]
-    assert rows[0].startswith("| M=8 − M=1 |") and all(interval.replace("-", "−") in q for q in quotes), interval
+    assert len(comparisons) == 2 and all(row.rsplit(" |", 2)[0] + " |" in page.splitlines() for row in comparisons)
+    for row in settings:  # | blog-head | M | p | runs | final valid acc | final valid error | final train acc |
+        cells = row.split(" | ")
+        assert f"| {cells[3]} | {cells[4]} | {cells[6]}" in page, row
+    intervals = [row.split(" | ")[2].replace("-", "−") for row in comparisons]
+    readme, full_scale = ((ROOT / path).read_text().replace("\n", " ") for path in ("README.md", "docs/full-scale.md"))
+    assert comparisons[0].startswith("| M=8 − M=1 |") and readme.count(intervals[0]) == 3, intervals
+    assert all(interval in full_scale for interval in intervals), intervals
 
 
 COMMITTED_STUDIES = sorted((table.parent, table.stem) for table in (ROOT / "docs").glob("study-*/*.md")
