@@ -71,9 +71,10 @@ for model in ${MODELS[@]+"${MODELS[@]}"}; do  # (the +: an empty array under set
   done
 done
 
-# NVIDIA's multi-process service lets the workers' kernels run side by side instead of taking turns, the limit
-# without it (docs/gpu-study.md). It starts where the GPU has it, and the studies use it once one operation on the
-# device has gone through it; else they run without it. The bench above ran without it, as before.
+# NVIDIA's multi-process service lets the workers' kernels run side by side instead of taking turns; under it four
+# workers were the fastest measured, though not shown to be faster for it (docs/gpu-study.md). It starts where the
+# GPU has it, and the studies use it once one operation on the device has gone through it; else they run without
+# it. The bench above ran without it, as before.
 mps=off
 if [ "$MPS" = 1 ] && command -v nvidia-cuda-mps-control > /dev/null; then
   if nvidia-cuda-mps-control -d && timeout 60 $PYTHON -c "import torch; torch.ones(1, device='$DEVICE').sum().item()"; then

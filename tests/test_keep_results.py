@@ -105,6 +105,7 @@ def test_folders_several_locks_found_missing_go_with_the_last_lock_out_whichever
     other.__exit__(None, None, None)
     assert list(tmp_path.iterdir()) == []
 
+
 def test_a_process_that_finds_the_download_lock_held_says_who_holds_it_and_waits_for_it(tmp_path, capsys):
     lock, entered = tmp_path / "data" / ".download-cifar10.lock", []
 
