@@ -26,6 +26,7 @@
 # Runs committed from an earlier GPU, PRIOR (docs/study-full-h200), are copied in first, so the studies go on
 # from them (the seeds not yet trained) instead of training them again; BENCH_S=0 leaves the bench out. MPS=1
 # (the default on a GPU) runs the studies under NVIDIA's multi-process service where the GPU has it; MPS=0, without.
+# SEEDS (e.g. "52 53 54 55 56") trains those seeds in both studies instead of each study's own.
 # SMOKE=1 runs the same steps on the CPU in a few minutes, on the smoke protocol (a check of this script).
 set -uo pipefail
 cd "$(dirname "$0")"
@@ -36,6 +37,7 @@ TOTAL_S=${TOTAL_S:-560}  # seconds for everything, counted from the start
 BENCH_S=${BENCH_S:-75}  # at most, for each bench.py; 0: no bench
 DRAW_S=45  # kept at the end to stop the workers (5 to 11 s seen), draw the figures, sum up and pack
 DEST=${DEST:-outputs/gpu}
+SEEDS=${SEEDS:-}  # empty: each study's own seeds
 if [ "${SMOKE:-0}" = 1 ]; then
   DEVICE=cpu PROTOCOL=smoke MODELS=(miniresnet) BENCH=(--steps 1 --repeats 2 --warmup 0 --batch_size 8 --memory_steps 0)
   WORKERS=2 DRAW_S=30 MPS=${MPS:-0}
@@ -100,7 +102,7 @@ for study in convergence samples; do
   left=$((deadline - SECONDS))
   [ "$left" -gt 30 ] || break
   timeout -s INT -k 20 "$left" $PYTHON study.py "$study" --protocol "$PROTOCOL" --data_dir "$DATA" \
-    --output_dir "$DEST/study-$PROTOCOL" --workers "$WORKERS" > "$DEST/study-$study.log" 2>&1
+    --output_dir "$DEST/study-$PROTOCOL" --workers "$WORKERS" ${SEEDS:+--seed $SEEDS} > "$DEST/study-$study.log" 2>&1
   log "study $study: exit $?"
 done
 study_seconds=$((SECONDS - study_start))
