@@ -480,7 +480,7 @@ def test_a_protocol_that_fixes_the_precision_counts_only_its_own(small_cifar, tm
 
 def test_the_protocols_say_their_sizes_and_the_defaults_follow_the_study():
     full = run.build_parser().parse_args(study.PROTOCOLS["full"][0])
-    assert (full.epochs, full.lr_milestone, full.train_size, full.test_size, full.precision) == (20, 10, None, None, "fp32")
+    assert (full.epochs, full.lr_milestone, full.train_size, full.test_size, full.precision) == (20, 10, None, None, "auto")
     converged = run.build_parser().parse_args(study.PROTOCOLS["converged"][0])
     assert (converged.train_size, converged.test_size, converged.precision) == (10000, None, "auto")  # all test images
     args = study.parse_args(["samples", "--protocol", "full"])
