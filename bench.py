@@ -23,16 +23,19 @@ import statistics
 import sys
 from pathlib import Path
 
-import matplotlib
-import torch
-
-import hardware
-import run
 import tools
-from benchpipelines import (VARIANTS, blog_style_pipeline, flops_per_image, images_per_second_at_once,
+
+if __name__ == "__main__":  # a stop during the imports that take seconds: one line, not a traceback
+    tools.quiet_start("bench.py")
+import matplotlib  # noqa: E402
+import torch  # noqa: E402
+
+import hardware  # noqa: E402
+import run  # noqa: E402
+from benchpipelines import (VARIANTS, blog_style_pipeline, flops_per_image, images_per_second_at_once,  # noqa: E402
                             peak_memory_in_fresh_process, peak_tflops, project_model, project_pipeline, round_ratios,
                             seconds_per_step)
-from nn import MODEL_WIDTHS
+from nn import MODEL_WIDTHS, fit_problem  # noqa: E402
 
 matplotlib.use("Agg")  # files only, no window
 import matplotlib.pyplot as plt  # noqa: E402
@@ -130,10 +133,15 @@ def short_blocks_note(args):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     written = []  # files of this run, for an honest message after Ctrl-C
+    tools.started()
     try:
         args = parse_args(argv)
         check_args(args)  # everything is checked before any work
         device = hardware.pick_device(args.device)
+        problem = fit_problem(args.model, 10, max(args.dropout_num, *OVERHEAD_M), batch_size=args.batch_size,
+                              memory=hardware.memory_bytes(device))
+        if problem:
+            raise tools.UserError(problem)
         tools.check_writable(Path(args.out), "--out")
         with tools.interrupts():
             measure(args, device, argv, written)
@@ -183,7 +191,7 @@ def measure(args, device, argv, written):
     out.mkdir(parents=True, exist_ok=True)
     plot_overhead(out / "overhead.png", ratios, f"{args.model}, batch {args.batch_size}, {device.type}, {precision}")
     written.append(str(out / "overhead.png"))
-    tools.atomic_write(out / "bench.md", lambda tmp: Path(tmp).write_text("\n".join(report)))
+    tools.atomic_write(out / "bench.md", tools.text_writer("\n".join(report)))
     written.append(str(out / "bench.md"))
     print(f"written: {' and '.join(written)}")
 

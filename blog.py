@@ -11,14 +11,17 @@ import csv
 import sys
 from pathlib import Path
 
-import matplotlib
-import numpy as np
-
-import run
-import runfiles
 import tools
-import trainingmonitor
-from tools import UserError, atomic_write
+
+if __name__ == "__main__":  # a stop during the imports that take seconds: one line, not a traceback
+    tools.quiet_start("blog.py")
+import matplotlib  # noqa: E402
+import numpy as np  # noqa: E402
+
+import run  # noqa: E402
+import runfiles  # noqa: E402
+import trainingmonitor  # noqa: E402
+from tools import UserError, atomic_write  # noqa: E402
 
 matplotlib.use("Agg")  # files only, no window
 import matplotlib.pyplot as plt  # noqa: E402
@@ -102,13 +105,14 @@ def parse_args(argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    tools.started()
     try:
         folder = parse_args(argv)
         with tools.interrupts():
             groups = trainingmonitor.group_runs(blog_recipe_runs(folder))
             blog = blog_curves()
             try:
-                atomic_write(folder / "blog.md", lambda tmp: Path(tmp).write_text(table_markdown(groups, blog)))
+                atomic_write(folder / "blog.md", tools.text_writer(table_markdown(groups, blog)))
                 plot(folder / "blog_vs_ours.png", groups, blog)
             except OSError as e:
                 raise UserError(f"cannot write blog.md or blog_vs_ours.png in {folder} ({e.strerror or e}); "

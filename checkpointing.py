@@ -1,5 +1,8 @@
 """What makes a run resumable bit for bit: its seeds, every RNG state it draws from, and the checkpoint file."""
+import errno
+import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +50,19 @@ def _to_lists(x):
 
 
 def checkpoint_writer(checkpoint):
-    """What tools.atomic_writes calls with the temporary file."""
-    return lambda tmp: torch.save(checkpoint, tmp)
+    """What tools.atomic_writes calls with the temporary file. torch.save reports a failed write as a RuntimeError
+    ('unexpected pos ...'): it is an OSError here, as any other failed write is, and says so when the disk is full."""
+    def write(tmp):
+        try:
+            torch.save(checkpoint, tmp)
+        except RuntimeError as e:
+            full = shutil.disk_usage(Path(tmp).parent).free < CHECKPOINT_SLACK
+            raise OSError(errno.ENOSPC if full else errno.EIO, os.strerror(errno.ENOSPC) if full else
+                          f"torch.save failed: {str(e).strip().splitlines()[0] if str(e).strip() else 'no reason given'}") from None
+    return write
+
+
+CHECKPOINT_SLACK = 64 << 20  # bytes: a failed save with less than this free is a full disk (a checkpoint is 10 to 135 MB)
 
 
 # What to do about a checkpoint that cannot be read, when training would continue it, and when a command names it.
@@ -83,8 +97,9 @@ def epochs_done(run_dir, config):
     if (run_dir / "last.pt").exists():
         checkpoint = load_checkpoint(run_dir / "last.pt")
         experiment.check_same_experiment(checkpoint["config"], config, run_dir / "last.pt")
+        runfiles.read_config(run_dir / "config.json")  # saved with every checkpoint: without it the run is damaged
         return checkpoint["epoch"]
-    if not (run_dir / "metrics.json").exists():
+    if not os.path.lexists(run_dir / "metrics.json"):
         return 0
     saved = runfiles.read_config(run_dir / "config.json")
     experiment.check_same_experiment(saved, config, run_dir / "config.json")

@@ -306,7 +306,10 @@ def _decode_archive(path, scratch):
         root = _split_root(Path(tmp))
         if root is None:
             raise UserError(f"archive {path} is not in the image-folder layout {LAYOUT}")
-        return _decode_folder(root)
+        try:
+            return _decode_folder(root)
+        except UserError as e:  # it names files in the temporary folder, gone once we return: name them in the archive
+            raise UserError(str(e).replace(tmp, str(path))) from None
 
 
 def _refuse_unsafe(member, dest):

@@ -16,6 +16,15 @@ from torch.distributed.rendezvous import rendezvous
 import tools
 
 
+def check_ranks(batch_size, sync_bn, device):
+    """The ranks split every batch evenly; SyncBatchNorm needs NCCL, so CUDA."""
+    if batch_size % world():
+        raise tools.UserError(f"--batch_size {batch_size} does not split evenly over {world()} ranks; make it a "
+                              "multiple of --nproc_per_node")
+    if sync_bn and device.type != "cuda":
+        raise tools.UserError("--sync_bn synchronises BatchNorm over GPUs (NCCL); it does not run on the CPU: drop it")
+
+
 def launched():
     """Started by torchrun (which sets RANK and WORLD_SIZE for every worker)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ

@@ -51,6 +51,18 @@ def pick_device(name):
     return device
 
 
+def memory_bytes(device):
+    """The device's memory: the GPU's, or this machine's RAM on the CPU; None where unknown (MPS shares the RAM)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            return None
+    return None
+
+
 def cpu_has_native_bf16():
     """AVX512-BF16 or AMX: the CPUs where bf16 autocast is faster than fp32 (Linux only)."""
     try:

@@ -262,8 +262,9 @@ def main(argv=None, resume_command=None):
             return runlock.HELD if held else 0
     except UserError as e:
         return report(torchrun, f"run.py: error: {e}", 2)
-    except FloatingPointError as e:
-        return report(torchrun, f"run.py: stopped: {e}", 1)
+    except FloatingPointError as e:  # the row was not saved: a rerun resumes from the last one, --overwrite starts afresh
+        return report(torchrun, f"run.py: error: the run diverged: {e}; lower --lr and run again (a new run), or "
+                      "start this one afresh with --overwrite", 2)
     except (tools.Interrupted, KeyboardInterrupt) as e:  # KeyboardInterrupt: a second Ctrl-C, at once
         resume = shlex.join(a for a in argv if a != "--overwrite")  # rerunning must not start afresh
         launcher = "the same torchrun command with run.py" if torchrun else "python run.py"

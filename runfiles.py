@@ -9,11 +9,12 @@ import csv
 import io
 import json
 import math
+import os
 from pathlib import Path
 
 from experiment import run_identity
 from task import task_of
-from tools import UserError, json_writer
+from tools import UserError, json_writer, text_writer
 
 # The keys every reader relies on, and their types (bool is not a number here, though Python says so).
 CONFIG_KEYS = {"model": str, "dataset": str, "dropout_num": int, "dropout_p": (int, float), "seed": int, "epochs": int,
@@ -21,8 +22,9 @@ CONFIG_KEYS = {"model": str, "dataset": str, "dropout_num": int, "dropout_p": (i
 # Keys added after the first runs: older runs lack them, but where present they are of their type.
 LATER_CONFIG_KEYS = {"data_source": str, "data_dir": str, "rdrop_alpha": (int, float), "valid_split": int,
                      "head_hidden": int, "pool": str, "diversity": str, "msd_reduce": str, "msd_heads": str, "earlier": list}
-EARLIER_KEYS = {"until_epoch": int, "device": str}  # and the other fields of train.PLACE, as the run had them
-ROW_KEYS = {"epoch": int, "train_loss": (int, float), "valid_loss": (int, float), "seconds": (int, float)}
+EARLIER_KEYS = {"until_epoch": int, "device": str}  # and the other fields of provenance.PLACE, as the run had them
+ROW_KEYS = {"epoch": int, "lr": (int, float), "train_loss": (int, float), "valid_loss": (int, float),
+            "seconds": (int, float)}
 ACCURACY_KEYS = {"train_acc": (int, float), "valid_acc": (int, float)}  # a classification run's rows have them too
 CHECKPOINT_KEYS = {"epoch": int, "config": dict, "history": list, "model": dict, "optimizer": dict}
 FIELDS = ["epoch", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc", "seconds"]  # a row's, in order
@@ -35,7 +37,7 @@ def metrics_files(run_dir, history):
     writer = csv.DictWriter(out, [f for f in FIELDS if f in history[0]], lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
-    return [(run_dir / "metrics.csv", lambda tmp: Path(tmp).write_text(out.getvalue())),
+    return [(run_dir / "metrics.csv", text_writer(out.getvalue())),
             (run_dir / "metrics.json", json_writer(history))]
 
 
@@ -108,17 +110,24 @@ def check_checkpoint(path, checkpoint):
     return checkpoint
 
 
-def finished_runs(output_dir):
-    """Every run under output_dir that reached the epochs it was asked for: dir, config, history, test."""
-    runs = []
+def saved_run_dirs(output_dir):
+    """The folders under output_dir that hold a run's saved rows: metrics.json or last.pt, even as a broken link."""
     try:
-        config_paths = sorted(Path(output_dir).glob("*/config.json"))
-    except OSError as e:  # a name too long for the file system, say: glob ignores only a missing folder
+        folders = sorted(p for p in Path(output_dir).iterdir() if p.is_dir())
+    except FileNotFoundError:
+        return []
+    except OSError as e:  # a name too long for the file system, a loop of links, say
         raise UserError(f"cannot read {output_dir} ({e.strerror or e}); give another folder") from None
-    for config_path in config_paths:
-        run_dir = config_path.parent
-        if (run_dir / "metrics.json").exists():
-            config = read_config(config_path)
+    return [d for d in folders if any(os.path.lexists(d / name) for name in ("metrics.json", "last.pt"))]
+
+
+def finished_runs(output_dir):
+    """Every run under output_dir that reached the epochs it was asked for: dir, config, history, test. A run
+    whose rows were saved has its config.json beside them (training writes them together): one without is damaged."""
+    runs = []
+    for run_dir in saved_run_dirs(output_dir):
+        if os.path.lexists(run_dir / "metrics.json"):  # beside a checkpoint alone, the run is still training
+            config = read_config(run_dir / "config.json")
             history = read_history(run_dir / "metrics.json", config)
             if history and history[-1]["epoch"] >= config["epochs"]:
                 test, prediction = (read_json(run_dir / f) if (run_dir / f).exists() else None

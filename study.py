@@ -20,13 +20,16 @@ import sys
 import time
 from pathlib import Path
 
-import experiment
-import run
-import runfiles
-import runlock
-import stats
 import tools
-from tools import UserError
+
+if __name__ == "__main__":  # a stop during the imports that take seconds: one line, not a traceback
+    tools.quiet_start("study.py")
+import experiment  # noqa: E402
+import run  # noqa: E402
+import runfiles  # noqa: E402
+import runlock  # noqa: E402
+import stats  # noqa: E402
+from tools import UserError  # noqa: E402
 
 # --protocol: run.py's flags. --precision is left to auto (bf16 where the device computes it natively, else
 # fp32) except where a protocol fixes it; a run records what it used, and the tables say where each pair ran.
@@ -431,6 +434,7 @@ def compare(points, pairs, own):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    tools.started()
     drawing = False
     try:
         args = parse_args(argv)
@@ -469,9 +473,8 @@ def draw(output_dir, name):
             run_times[where(r)].append(sum(row["seconds"] for row in r["history"]))
     try:
         studyfigures.FIGURES[study.figure](output_dir / f"{name}.png", points, pairs, caption)
-        tools.atomic_write(output_dir / f"{name}.md",
-                           lambda tmp: Path(tmp).write_text(studyfigures.table(name, study, points, pairs, caption,
-                                                                               MORE_SEEDS, run_times, own_seeds(study))))
+        tools.atomic_write(output_dir / f"{name}.md", tools.text_writer(
+            studyfigures.table(name, study, points, pairs, caption, MORE_SEEDS, run_times, own_seeds(study))))
     except OSError as e:
         raise UserError(f"cannot write the study's figure or table in {output_dir} ({e.strerror or e}); choose another folder")
     print(f"study.py: wrote {output_dir / (name + '.png')} and {output_dir / (name + '.md')}")

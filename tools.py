@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -54,6 +55,23 @@ def _on_signals(handler):
             signal.signal(s, handler)
 
 
+def quiet_start(prog):
+    """For an entry point, before its heavy imports (torch, matplotlib, scipy: seconds): SIGINT or SIGTERM meanwhile
+    ends the command with one line, not an import's traceback. main() calls started() to take signals back."""
+    def stop(signum, frame):
+        print(f"{prog}: stopped by {signal.Signals(signum).name} while starting; nothing was done", file=sys.stderr)
+        sys.exit(128 + signum)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, stop)
+
+
+def started():
+    """Python's own signal handling back (a KeyboardInterrupt for SIGINT), for main() and the handlers it sets."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def stopped_status():
     """The exit status of a command stopped by a signal: 130 for SIGINT, 143 for SIGTERM."""
     return 128 + signal.Signals[STOP.get("signal", "SIGINT")].value
@@ -92,7 +110,13 @@ def _umask():
 
 
 def json_writer(obj):
-    return lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n")
+    return text_writer(json.dumps(obj, indent=2) + "\n")
+
+
+def text_writer(text):
+    """What atomic_write calls to write text: UTF-8, whatever the file names in it. A name the file system took that
+    is not UTF-8 (Python holds its odd bytes as lone surrogates) is written with them as backslash escapes."""
+    return lambda tmp: Path(tmp).write_bytes(text.encode("utf-8", errors="backslashreplace"))
 
 
 def require_path(value, flag):
@@ -105,6 +129,9 @@ def require_path(value, flag):
         except OSError as e:  # a missing path is for the command to judge: it may be about to make it
             if e.errno == errno.ENAMETOOLONG:
                 raise UserError(f"{flag} {value[:40]}...: a name too long for the file system; give a shorter path")
+            if e.errno == errno.ELOOP:
+                raise UserError(f"{flag} {value}: a symbolic link that leads back to itself; point it at a folder, "
+                                "or give another path")
     return value
 
 

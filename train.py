@@ -6,10 +6,8 @@ import itertools
 import math
 import shutil
 import time
-from importlib.metadata import version
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import datasource
@@ -17,13 +15,14 @@ import distributed
 import experiment
 import hardware
 import progressbar
+import provenance
 import runfiles
 import runlock
 import tools
 import trainingmonitor
 from checkpointing import (checkpoint_writer, epochs_done, load_state, resumable_checkpoint, rng_state,
                            seed_everything, set_rng_state)
-from nn import build_model
+from nn import build_model, fit_problem
 from task import task_of
 from tools import UserError
 
@@ -31,7 +30,6 @@ REDRAW_S = 10  # seconds between redraws of a run's figures (~0.3 s each); the l
 EVAL_BATCH = 1000  # images per evaluation step; no gradients, so larger than training's
 READS_PER_ROW = 20  # device reads a row (an epoch for images) for the progress bar, and for torchrun's ranks to agree on stopping
 EVAL_CHOICES = ("test_size", "precision")  # they choose how --eval evaluates, not which run it is (--device too)
-PLACE = ("device", "hardware", "threads", "torch", "torchvision", "numpy", "git_commit", "git_dirty")  # where it ran
 COMMAND_ONLY = ("resume", "eval", "compare")  # what the command did, not what the run is: kept out of config.json
 
 
@@ -43,7 +41,7 @@ def train_run(args, run_dir=None):
     hardware.configure_precision(config["precision"])
     run_dir = run_dir or default_dir
     if not finished(run_dir, config, args):  # a finished run is skipped even where nothing can be written
-        check_ranks(args, device)
+        distributed.check_ranks(args.batch_size, args.sync_bn, device)
         tools.check_writable(run_dir.parent, advice="make it writable, or --resume a copy of the run in a "
                              "writable folder" if args.resume else None)
         with runlock.hold(run_dir, distributed.rank(), distributed.missing_on_every_rank(run_dir.parent)):
@@ -86,7 +84,7 @@ def train(args, config, run_dir, device, checkpoint):
 
     seed_everything(args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)  # shuffling and augmentation, the same on every rank
-    model = make_model(args, num_outputs, device)  # the same initial weights on every rank
+    model = make_model(args, num_outputs, device, args.batch_size)  # the same initial weights on every rank
     distributed.seed_dropout(args.seed)
     forward = parallel(model, args, device)  # shares model's weights; model is what we save
     evaluator = model if distributed.world() > 1 else forward  # DDP's forward is a collective: ranks evaluate alone
@@ -103,14 +101,10 @@ def train(args, config, run_dir, device, checkpoint):
         load_state(optimizer, checkpoint["optimizer"], run_dir / "last.pt")
         set_rng_state(checkpoint["rank_rng"][distributed.rank()] if "rank_rng" in checkpoint else checkpoint["rng"], generator)
         history, first_epoch = checkpoint["history"], checkpoint["epoch"] + 1
-        resume_note = resume_threads(checkpoint["config"], device)
-    commit, dirty = tools.git_state()
-    config.update(run_dir=str(run_dir), device=str(device), hardware=hardware.describe(device),
-                  threads=torch.get_num_threads(), torch=str(torch.__version__), torchvision=version("torchvision"),
-                  numpy=np.__version__, **hardware.tf32_state(device),
-                  git_commit=commit, git_dirty=dirty, train_images=len(train_y), valid_images=len(valid_y),
-                  test_images=len(splits["test"][1]))
-    earlier = earlier_places(checkpoint["config"], config, checkpoint["epoch"]) if checkpoint else []
+        resume_note = provenance.resume_threads(checkpoint["config"], device)
+    config.update(run_dir=str(run_dir), **provenance.place_now(device), train_images=len(train_y),
+                  valid_images=len(valid_y), test_images=len(splits["test"][1]))
+    earlier = provenance.earlier_places(checkpoint["config"], config, checkpoint["epoch"]) if checkpoint else []
     config.update({"earlier": earlier} if earlier else {})
     say(f"{run_dir}: {args.model}, dropout_num={args.dropout_num}, p={args.dropout_p}, "
           f"{f'rdrop_alpha={args.rdrop_alpha}, ' if args.rdrop_alpha else ''}seed={args.seed}, "
@@ -144,6 +138,9 @@ def train(args, config, run_dir, device, checkpoint):
             raise type(e)(f"{e} of {span}; {kept_note(run_dir, epoch)}") from None
         distributed.share_buffers(model)
         valid_loss, valid_acc = evaluate(evaluator, valid_x, valid_y, autocast, prepare, task)
+        if not math.isfinite(valid_loss):  # diverged: the row is not saved, so the last one saved stays the run's end
+            raise FloatingPointError(f"non-finite {'valid' if args.valid_split else 'test'} loss ({valid_loss}) after "
+                                     f"{span}; {kept_note(run_dir, epoch)}")
         row = {"epoch": last, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
                "valid_loss": valid_loss, "valid_acc": valid_acc, "seconds": time.perf_counter() - start}
         history.append({k: v for k, v in row.items() if v is not None})  # a regression has no accuracy
@@ -267,36 +264,9 @@ def stop_requested():
     return distributed.any_rank(bool(tools.STOP))
 
 
-def earlier_places(saved, config, epoch):
-    """Where the epochs up to this resume ran, one entry per change of machine, threads, versions or commit: a run
-    resumed elsewhere keeps the record of each place, while config.json's own fields say where it runs now."""
-    place = {k: saved[k] for k in PLACE if k in saved}  # an older run may lack some: not a move
-    moved = any(place[k] != config[k] for k in place)
-    return [*saved.get("earlier", []), *([{"until_epoch": epoch, **place}] if moved else [])]
-
-
-def resume_threads(saved, device):
-    """On a CPU a run's bits depend on its thread count, so on the machine it began on it resumes with the count it
-    began with (elsewhere the bits differ anyway, and the cores may be fewer): '' or a note saying so."""
-    began, now = saved.get("threads"), torch.get_num_threads()
-    if device.type != "cpu" or began in (None, now) or saved.get("hardware") != hardware.describe(device):
-        return ""
-    torch.set_num_threads(began)
-    return f" with the {began} thread(s) it began with, not this process's {now}"
-
-
 def say(message):
     if distributed.is_main():
         print(message)
-
-
-def check_ranks(args, device):
-    """torchrun's ranks split every batch evenly; SyncBatchNorm needs NCCL, so CUDA."""
-    if args.batch_size % distributed.world():
-        raise UserError(f"--batch_size {args.batch_size} does not split evenly over {distributed.world()} ranks; "
-                        "make it a multiple of --nproc_per_node")
-    if args.sync_bn and device.type != "cuda":
-        raise UserError("--sync_bn synchronises BatchNorm over GPUs (NCCL); it does not run on the CPU: drop it")
 
 
 def parallel(model, args, device):
@@ -335,8 +305,13 @@ def evaluate_saved_run(args, checkpoint):
     return 0
 
 
-def make_model(args, num_outputs, device):
-    """The run's network on the device, channels_last: the layout the CPU and GPU convolutions are fastest in."""
+def make_model(args, num_outputs, device, batch_size=0):
+    """The run's network on the device, channels_last: the layout the CPU and GPU convolutions are fastest in; refused
+    in one line, before anything is allocated, where its head cannot train a batch of batch_size there (0: evaluate)."""
+    problem = fit_problem(args.model, num_outputs, args.dropout_num, args.head_hidden, args.pool, args.msd_heads,
+                          batch_size, hardware.memory_bytes(device))
+    if problem:
+        raise UserError(problem)
     model = build_model(args.model, num_outputs, args.dropout_num, args.dropout_p, args.rdrop_alpha,
                         args.head_hidden, args.pool, args.diversity, args.msd_reduce, args.msd_heads)
     return model.to(device, memory_format=torch.channels_last)

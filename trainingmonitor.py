@@ -11,7 +11,7 @@ from experiment import HEAD_OPTIONS, OMITTED_AT_DEFAULT, run_identity, setup_fla
 from task import task_of
 from runfiles import FIELDS
 from stats import format_difference
-from tools import UserError, atomic_write, check_writable
+from tools import UserError, atomic_write, check_writable, text_writer
 
 matplotlib.use("Agg")  # headless: files only, no window
 import matplotlib.pyplot as plt  # noqa: E402
@@ -114,7 +114,7 @@ def write_comparison(out_dir, runs, setup):
     if gains:
         plot_gain(out_dir / "gain.png", gains, short)
     text = "\n".join([describe_setup(setup, runs), summary_markdown(groups), paired_markdown(groups)])
-    atomic_write(out_dir / "summary.md", lambda tmp: Path(tmp).write_text(text))
+    atomic_write(out_dir / "summary.md", text_writer(text))
 
 
 def describe_setup(setup, runs):
@@ -170,7 +170,7 @@ def _write_regression_comparison(out_dir, groups, setup, short):
             lines.append(f"| {g['dropout_num']} | {g['dropout_p']} | {r['config']['seed']} | {last['epoch']} | "
                          f"{last['train_loss']:.4f} | {last['valid_loss']:.4f} | {best['valid_loss']:.4f} ({best['epoch']}) | "
                          f"{r['dir'].name} |")
-    atomic_write(out_dir / "summary.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    atomic_write(out_dir / "summary.md", text_writer("\n".join(lines) + "\n"))
 
 
 def summary_markdown(groups):

@@ -217,7 +217,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(small_cif
 
     monkeypatch.setattr(torch.nn, "CrossEntropyLoss", NanAtCall13)
     rc, _, err = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path, *TINY)
-    assert rc == 1 and "non-finite training loss at step 4 of epoch 2" in err and "epoch 1" in err
+    assert rc == 2 and "the run diverged: non-finite training loss at step 4 of epoch 2" in err and "epoch 1" in err
     (run_dir,) = run_dirs(tmp_path, 0)
     assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 1
     assert [r["epoch"] for r in json.loads((run_dir / "metrics.json").read_text())] == [1]

@@ -35,9 +35,19 @@ DAMAGES = {  # what is done to a finished run's files -> what the one line says
     "earlier place without its device": (lambda run: edit(run / "config.json", lambda c: c.update(earlier=[{"until_epoch": 1}])),
                                          "the config's earlier place 1 has no 'device'"),
     "earlier places not a list": (lambda run: edit(run / "config.json", lambda c: c.update(earlier="cpu")), "'earlier' is 'cpu'"),
+    "config deleted": (lambda run: (run / "config.json").unlink(), "config.json: cannot be read (No such file"),
+    "config a loop of links": (lambda run: loop(run / "config.json"), "config.json: cannot be read (Too many levels"),
+    "metrics a loop of links": (lambda run: loop(run / "metrics.json"), "metrics.json: cannot be read (Too many levels"),
+    "a row without lr": (lambda run: edit(run / "metrics.json", lambda h: h[1].pop("lr")), "row 2 has no 'lr'"),
     "NaN accuracy": (lambda run: edit(run / "metrics.json", lambda h: h[1].update(valid_acc=float("nan"))), "non-finite"),
     "infinite loss": (lambda run: edit(run / "metrics.json", lambda h: h[0].update(valid_loss=float("inf"))), "non-finite"),
 }
+
+
+def loop(path):
+    """path becomes a symbolic link to itself."""
+    path.unlink()
+    path.symlink_to(path.name)
 
 
 def edit(path, change):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import provenance
 import run
 import runfiles
 import study
@@ -225,10 +226,10 @@ def test_a_cpu_run_resumes_with_the_thread_count_it_began_with(whole, small_cifa
 
 
 def test_a_field_an_older_run_did_not_record_is_no_move():
-    now = {k: "same" for k in train.PLACE}
-    older = {k: "same" for k in train.PLACE if k != "hardware"}  # before the machine was recorded
-    assert train.earlier_places(older, now, 5) == []
-    assert train.earlier_places({**older, "threads": 1}, now, 5) == [{"until_epoch": 5, **older, "threads": 1}]
+    now = {k: "same" for k in provenance.PLACE}
+    older = {k: "same" for k in provenance.PLACE if k != "hardware"}  # before the machine was recorded
+    assert provenance.earlier_places(older, now, 5) == []
+    assert provenance.earlier_places({**older, "threads": 1}, now, 5) == [{"until_epoch": 5, **older, "threads": 1}]
 
 
 def test_a_run_resumed_on_another_machine_keeps_where_its_earlier_epochs_ran(small_cifar, tmp_path, capsys, monkeypatch):
@@ -240,7 +241,7 @@ def test_a_run_resumed_on_another_machine_keeps_where_its_earlier_epochs_ran(sma
     assert cli(capsys, *args, "--epochs", 3)[0] == 0 and cli(capsys, *args)[0] == 0  # the second: no move, no entry
     config = runfiles.read_config(run_dir / "config.json")
     assert config["hardware"] == "Another CPU (family 9 model 9)"  # where it runs now; before, all of it was lost
-    assert config["earlier"] == [{"until_epoch": 2, **{k: first[k] for k in train.PLACE}}]
+    assert config["earlier"] == [{"until_epoch": 2, **{k: first[k] for k in provenance.PLACE}}]
     threads = f"{config['threads']} thread{'s' * (config['threads'] != 1)}"
     assert study.where({"config": config}) == (f"Another CPU (family 9 model 9), {config['precision']}, {threads}; "
                                                f"epochs 1-2 on {first['hardware']}, {config['precision']}")
@@ -252,4 +253,4 @@ def test_a_run_resumed_on_another_machine_keeps_where_its_earlier_epochs_ran(sma
     ({"threads": 64}, "cuda")])  # the threads do not change a GPU run's bits
 def test_a_resume_keeps_this_process_threads_without_a_count_on_other_hardware_or_off_the_cpu(saved, device):
     now = torch.get_num_threads()
-    assert train.resume_threads(saved, torch.device(device)) == "" and torch.get_num_threads() == now
+    assert provenance.resume_threads(saved, torch.device(device)) == "" and torch.get_num_threads() == now
