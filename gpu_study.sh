@@ -20,11 +20,13 @@
 # device time a run; nine under MPS (1 thread each) in 20 to 25 s, about 50 s; four under MPS (4 threads each) in
 # 7 to 8 s, about 38 s. Which of the three changes made four faster is not separated. At about 150 s a run, four
 # workers finish some 12 runs in the window; a run cut at the deadline keeps its epochs only while the machine does.
-# The full protocol is true fp32, about 0.58 PFLOP a run (0.54 of training: 69 GFLOP a step of 128, fwd+bwd, 7,820
+# The full protocol leaves the precision to auto, so seeds not yet trained run in bf16 on these GPUs (seeds 42-46 ran
+# in true fp32, when the protocol fixed it); about 0.58 PFLOP a run (0.54 of training: 69 GFLOP a step of 128, fwd+bwd, 7,820
 # steps; the rest evaluation), so at the H200's 67 TFLOP/s of fp32 no run costs under about 9 s.
 # Measured: 526 s in all on one H200 with the bench, 525 s on another without it (BENCH_S=0).
-# Runs committed from an earlier GPU, PRIOR (docs/study-full-h200), are copied in first, so the studies go on
-# from them (the seeds not yet trained) instead of training them again; BENCH_S=0 leaves the bench out. MPS=1
+# The study's committed runs, PRIOR (docs/study-full: the H200s' and the CPUs'), are copied in first, so the studies go
+# on from them (the seeds not yet trained) instead of training them again; a seed whose runs trained on a CPU is left
+# to a CPU, as a pair shares its kind of device; BENCH_S=0 leaves the bench out. MPS=1
 # (the default on a GPU) runs the studies under NVIDIA's multi-process service where the GPU has it; MPS=0, without.
 # SEEDS (e.g. "52 53 54 55 56") trains those seeds in both studies instead of each study's own.
 # SMOKE=1 runs the same steps on the CPU in a few minutes, on the smoke protocol (a check of this script).
@@ -45,7 +47,7 @@ else
   DEVICE=cuda PROTOCOL=full MODELS=(miniresnet resnet18) BENCH=(--steps 20 --repeats 3 --warmup 5)
 fi
 MPS=${MPS:-1}
-PRIOR=${PRIOR:-docs/study-$PROTOCOL-h200}  # an earlier GPU's committed runs of these studies, one folder per setting
+PRIOR=${PRIOR:-docs/study-$PROTOCOL}  # the committed runs of these studies, one folder per setting
 [ "$BENCH_S" -gt 0 ] || MODELS=()
 deadline=$((TOTAL_S - DRAW_S))
 export PYTHONUNBUFFERED=1

@@ -60,7 +60,9 @@ def table(name, study, points, pairs, caption, more_seeds, run_times, own):
               "another study's runs of the same settings in the same folder) is shown over all of them, over "
               "its first, and over the seeds after those: the test of what the first found. Pairs ran on: "
               "'a / b threads' means the setting's run used a CPU threads and the reference's b (threads change a "
-              "CPU run's rounding, so its bits, not its initial weights, data order or masks)."]
+              "CPU run's rounding, so its bits, not its initial weights, data order or masks). Both runs of a pair "
+              "ran on one kind of device in one precision; a seed whose runs could not all be paired on one machine "
+              "is trained whole on one, and its runs from elsewhere stay out of this folder, uncounted."]
     lines += ["", *run_time_table(run_times)]
     if study.figure == "convergence":
         lines += ["", *epochs_to_target_table(points, pairs, own), "", *per_epoch_table(points, pairs)]
