@@ -556,49 +556,6 @@ def test_a_gpu_run_is_named_without_threads_which_do_not_change_its_bits():
     assert study.where({"config": {**config, "device": "cpu", "hardware": "Some CPU"}}) == "Some CPU, bf16, 8 threads"
 
 
-def answer_rows(accuracies, names):
-    """The README's rows for {M: {seed: final valid acc}}: mean ± std, and the paired difference from M=1."""
-    rows = []
-    for m, finals in accuracies.items():
-        d = stats.paired_by_seed(finals, accuracies[1]) if m != 1 else None
-        difference = f"{stats.format_difference(d)} | {d['higher']} / {d['lower']}" if d else "|"
-        rows.append(f"| {names.get(m, m)} | {mean_std(list(finals.values()))} | {difference} |".replace("-", "−"))
-    return "\n".join(rows)
-
-
-def test_the_readmes_answer_tables_are_what_the_committed_runs_give():
-    readme = (ROOT / "README.md").read_text()
-    samples = study.STUDIES["samples"]
-    points = study.collect(ROOT / "docs" / "study-converged", samples)
-    accuracies = {point.dropout_num: {seed: acc for seed, acc in runfiles.final_accuracies(runs).items()
-                                      if seed in study.own_seeds(samples)} for point, runs in points.items()}
-    assert len(accuracies) == 7 and all(len(finals) == 5 for finals in accuracies.values())
-    assert answer_rows(accuracies, {}) in readme, answer_rows(accuracies, {})
-    full = {}
-    for r in runfiles.finished_runs(ROOT / "docs" / "cifar10-full"):
-        full.setdefault(r["config"]["dropout_num"], {})[r["config"]["seed"]] = r
-    names = {0: "no dropout", 1: "dropout (M=1)", 8: "8 samples (M=8)"}
-    accuracies = {m: runfiles.final_accuracies(runs) for m, runs in sorted(full.items())}
-    assert sorted(full) == [0, 1, 8] and answer_rows(accuracies, names) in readme
-
-
-def test_the_full_scale_numbers_the_pages_quote_are_the_committed_h200_table():
-    """gpu-study.md shows the committed full-scale table's comparison rows and each setting's final accuracies;
-    full-scale.md quotes both intervals, and the README M=8 − M=1's in each of its three places."""
-    blocks = (ROOT / "docs" / "study-full-h200" / "convergence.md").read_text().split("\n\n")
-    table = lambda header: next(b for b in blocks if b.startswith(header)).splitlines()[2:]
-    comparisons, settings = table("| comparison | seeds paired |"), table("| setting | M |")
-    page = (ROOT / "docs" / "gpu-study.md").read_text()
-    assert len(comparisons) == 2 and all(row.rsplit(" |", 2)[0] + " |" in page.splitlines() for row in comparisons)
-    for row in settings:  # | blog-head | M | p | runs | final valid acc | final valid error | final train acc |
-        cells = row.split(" | ")
-        assert f"| {cells[3]} | {cells[4]} | {cells[6]}" in page, row
-    intervals = [row.split(" | ")[2].replace("-", "−") for row in comparisons]
-    readme, full_scale = ((ROOT / path).read_text().replace("\n", " ") for path in ("README.md", "docs/full-scale.md"))
-    assert comparisons[0].startswith("| M=8 − M=1 |") and readme.count(intervals[0]) == 3, intervals
-    assert all(interval in full_scale for interval in intervals), intervals
-
-
 COMMITTED_STUDIES = sorted((table.parent, table.stem) for table in (ROOT / "docs").glob("study-*/*.md")
                            if table.stem in study.STUDIES)
 
