@@ -12,12 +12,8 @@ taking the next run that no process holds. Then NAME.png and NAME.md, from the f
 seeds, for its two points only.
 """
 import collections
-import os
 import shlex
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import tools
@@ -29,77 +25,16 @@ import run  # noqa: E402
 import runfiles  # noqa: E402
 import runlock  # noqa: E402
 import stats  # noqa: E402
+from provenance import place, where, where_pair  # noqa: E402
+from studies import MORE_SEEDS, PROTOCOLS, SETTINGS, STUDIES, Point, own_seeds, study_points  # noqa: E402
 from tools import UserError  # noqa: E402
+from workers import train_in_workers  # noqa: E402
 
-# --protocol: run.py's flags. --precision is left to auto (bf16 where the device computes it natively, else
-# fp32) except where a protocol fixes it; a run records what it used, and the tables say where each pair ran.
-PROTOCOLS = {
-    "converged": (["--train_size", "10000", "--epochs", "25", "--lr_milestone", "20"],
-                  "10,000 training images, all 10,000 test images, 25 epochs, lr / 10 after epoch 20: dropout_num=1 "
-                  "ends at training accuracy 0.99 with a flat valid accuracy (the pilot in docs/pilot)"),
-    "reduced": (["--train_size", "5000", "--test_size", "5000", "--epochs", "10", "--lr_milestone", "5",
-                 "--precision", "fp32"], "5,000 training and 5,000 test images, 10 epochs, lr / 10 after epoch 5, "
-                "fp32 (far from converged: accuracies of 0.37 to 0.51)"),
-    "full": (["--epochs", "20", "--lr_milestone", "10"],
-             "the blog's recipe: all 50,000 / 10,000 images, 20 epochs, lr / 10 after epoch 10; precision auto: bf16 "
-             "on CPUs with AVX512-BF16 or AMX and on GPUs with bf16, else fp32 (seeds 42-46 on the H200 ran fp32)"),
-    "smoke": (["--train_size", "200", "--test_size", "100", "--epochs", "2", "--batch_size", "50"],
-              "200 training and 100 test images, 2 epochs: checks that a study runs, measures nothing"),
-}
-# folder: (label, run.py flags). Every setting's runs live in their own folder under the protocol's.
-SETTINGS = {
-    "blog-head": ("the blog's head", []),
-    "hidden512": ("--head_hidden 512", ["--head_hidden", "512"]),
-    "avg2": ("--pool avg2", ["--pool", "avg2"]),
-    "avg2-flip": ("--pool avg2 --diversity flip", ["--pool", "avg2", "--diversity", "flip"]),
-    "avg2-pad": ("--pool avg2 --diversity pad", ["--pool", "avg2", "--diversity", "pad"]),
-    "augment": ("the blog's head, --augment", ["--augment"]),
-    "logits": ("mean of logits", ["--msd_reduce", "logits"]),
-    "separate": ("separate heads", ["--msd_heads", "separate"]),
-}
-Study = collections.namedtuple("Study", "about seeds runs pairs figure")
-Point = collections.namedtuple("Point", "setting dropout_num dropout_p")  # one setting's runs at one (M, p)
 # A paired comparison of final valid accuracies over every shared seed (difference), over the study's own seeds
 # (first: None until all of them are paired; the rule decides on it) and over the seeds after them (later: the
 # rule's more seeds, the test of what first found; None without any), with a Counter of where the pairs ran.
 Comparison = collections.namedtuple("Comparison", "label point reference difference first later ran_on")
 Planned = collections.namedtuple("Planned", "number command args config device")  # a run to train or skip, parsed
-
-
-def eight_vs(setting, reference="blog-head", m=1):
-    return Point(setting, 8, 0.5), Point(reference, m, 0.5)
-
-
-FIRST_SEED = 42  # a study's seeds are 42, 43, ...: seeds run outermost, so the first ones complete first
-MORE_SEEDS = 5  # the rule: a comparison whose interval over the study's seeds excludes zero gets this many more
-SAMPLES = [1, 2, 4, 8, 16, 32, 64]
-RATES = [0.1, 0.3, 0.5, 0.7, 0.9]
-STUDIES = {
-    "samples": Study("final valid error against the number of dropout samples M, at p = 0.5", 5,
-                     [("blog-head", SAMPLES, [0.5])],
-                     [(f"M={m} − M=1", Point("blog-head", m, 0.5), Point("blog-head", 1, 0.5)) for m in SAMPLES[1:]],
-                     "samples"),
-    "rate": Study("final valid error against the dropout probability p, for M = 1 and 8", 5,
-                  [("blog-head", [1, 8], RATES)],
-                  [(f"p={p}: M=8 − M=1", Point("blog-head", 8, p), Point("blog-head", 1, p)) for p in RATES], "rate"),
-    "convergence": Study("valid accuracy and training loss epoch by epoch, no dropout, M = 1 and 8", 10,
-                         [("blog-head", [0, 1, 8], [0.5])],
-                         [("M=8 − M=1", *eight_vs("blog-head")), ("M=0 − M=1", Point("blog-head", 0, 0.5),
-                                                                   Point("blog-head", 1, 0.5))], "convergence"),
-    "where": Study("M=8 against M=1 for six heads and settings, and diversity against none", 5,
-                   [("blog-head", [1, 8], [0.5]), ("hidden512", [1, 8], [0.5]), ("avg2", [1, 8], [0.5]),
-                    ("avg2-flip", [8], [0.5]), ("avg2-pad", [8], [0.5]), ("augment", [1, 8], [0.5])],
-                   [(f"{SETTINGS[s][0]}: M=8 − M=1", *eight_vs(s, s)) for s in ("blog-head", "hidden512", "avg2")]
-                   + [(f"{SETTINGS[s][0]}: M=8 − avg2's M=1", *eight_vs(s, "avg2")) for s in ("avg2-flip", "avg2-pad")]
-                   + [(f"{SETTINGS[s][0]}: M=8 − avg2's M=8", *eight_vs(s, "avg2", 8)) for s in ("avg2-flip", "avg2-pad")]
-                   + [(f"{SETTINGS['augment'][0]}: M=8 − M=1", *eight_vs("augment", "augment"))], "gain"),
-    "variants": Study("the three heads called multi-sample dropout, M=8, against M=1 and against the paper's", 5,
-                      [("blog-head", [1, 8], [0.5]), ("logits", [8], [0.5]), ("separate", [8], [0.5])],
-                      [("the paper's (mean of losses): M=8 − M=1", *eight_vs("blog-head"))]
-                      + [(f"{SETTINGS[s][0]}: M=8 − M=1", *eight_vs(s)) for s in ("logits", "separate")]
-                      + [(f"{SETTINGS[s][0]} − the paper's, M=8", *eight_vs(s, "blog-head", 8)) for s in ("logits", "separate")],
-                      "gain"),
-}
 
 
 def parse_args(argv):
@@ -134,15 +69,6 @@ def parse_args(argv):
     more = range(own[-1] + 1, own[-1] + 1 + MORE_SEEDS)
     args.seed = args.seed or list(more if args.more_seeds else own)
     return args
-
-
-def own_seeds(study):
-    """The seeds a study runs without --seed, where the rule decides: 42, 43, ..."""
-    return range(FIRST_SEED, FIRST_SEED + study.seeds)
-
-
-def study_points(study):
-    return [Point(setting, m, p) for setting, samples, rates in study.runs for p in rates for m in samples]
 
 
 def run_commands(args, points):
@@ -270,12 +196,6 @@ def its_pairs(p, planned, pairs, held):
     return [r for r in runs if r]
 
 
-def place(config):
-    """(kind of device, precision): what both runs of a pair share, or they are two draws. A run resumed on another
-    kind of device names each kind its epochs ran on."""
-    return "+".join(sorted({c["device"].split(":")[0] for c in [*config.get("earlier", []), config]})), config["precision"]
-
-
 def point_of(args):
     return Point(Path(args.output_dir).name, args.dropout_num, args.dropout_p)  # run_commands: a folder per setting
 
@@ -296,57 +216,6 @@ def pair_precision(p, places):
     if precision not in ("fp32", p.config["precision"]):  # bf16 where it is not native: several times slower
         return precision, f"its pairs of seed {seed} ran in {precision}, which this {kind} lacks natively"
     return precision, None
-
-
-def train_in_workers(numbered, total, workers, log_dir, resume):
-    """K run.py processes at once for the (number, name, command) runs, each run's output in log_dir/NAME.log; a stop
-    request stops them all at a step boundary."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(tools.threads_per_worker(workers))}  # the cores, shared
-    pending, active, failed, stopping, took = list(numbered), {}, [], set(), []
-    with tools.stop_on_signals(second_stops_at_once=False):
-        while (pending and not tools.STOP and not failed) or active:
-            while pending and len(active) < workers and not tools.STOP and not failed:
-                i, name, command = pending.pop(0)
-                log = open(log_dir / f"{name}.log", "a")  # a resumed run keeps its earlier output
-                active[i] = (subprocess.Popen([sys.executable, str(Path(run.__file__)), *command], stdout=log,
-                                              stderr=subprocess.STDOUT, env=env, start_new_session=True), log,
-                             time.monotonic())
-                print(f"study.py: run {i}/{total} started (log: {log.name})", flush=True)
-            time.sleep(0.2)
-            for i, (process, log, started) in list(active.items()):
-                if tools.STOP and i not in stopping:  # its own session: a Ctrl-C reaches only us, so we pass it on once
-                    process.send_signal(signal.Signals[tools.STOP["signal"]])
-                    stopping.add(i)
-                if process.poll() is not None:
-                    log.close()
-                    del active[i]
-                    held = " (another process trains it)" if process.returncode == runlock.HELD else ""
-                    failed += [log] if process.returncode not in (0, runlock.HELD) and i not in stopping else []
-                    took += [time.monotonic() - started] if process.returncode == 0 else []
-                    left = "" if failed or tools.STOP else pace(took, len(pending) + len(active), workers)
-                    print(f"study.py: run {i}/{total} exited {process.returncode}{held}{left}", flush=True)
-    if tools.STOP:
-        raise tools.Interrupted(f"stopped by {tools.STOP['signal']}; resume with: {resume}")
-    if failed:
-        raise UserError(f"{len(failed)} run(s) failed, see {', '.join(log.name for log in failed)}; the first ends "
-                        f"\"{last_line(failed[0].name)}\"; fix the cause and rerun: {resume}")
-    return 0
-
-
-def last_line(path):
-    lines = Path(path).read_text(errors="replace").strip().splitlines()
-    return lines[-1] if lines else "nothing"
-
-
-def pace(took, left, workers):
-    """'; 14.8 min a run, 30 left: about 3.7 h more' from the runs this process saw finish, the left ones (running
-    ones counted whole) taken workers at a time: a rough guide, as a resumed run reports only the part it trained."""
-    if not took or not left:
-        return ""
-    minutes = sum(took) / len(took) / 60
-    more = minutes * -(-left // workers)
-    return f"; {minutes:.1f} min a run, {left} left: about {f'{more / 60:.1f} h' if more >= 60 else f'{more:.0f} min'} more"
 
 
 def collect(output_dir, study):
@@ -370,46 +239,6 @@ def collect(output_dir, study):
                         "a study compares runs of one protocol; move the others out of the folder")
     order = lambda point: (list(SETTINGS).index(point.setting), point.dropout_num, point.dropout_p)
     return {point: found[point] for point in sorted(found, key=order)}
-
-
-def where(run):
-    """The machine, precision and (on a CPU, where they change the bits) threads a run used, as the tables show it,
-    and the machines its earlier epochs ran on where it was resumed on another."""
-    threads, c = cpu_threads(run), run["config"]
-    moves = [f"; epochs {first}-{last} on {hardware}, {c['precision']}" for first, last, hardware in elsewhere(c)]
-    return machine(run) + (f", {threads} thread{'s' * (threads != 1)}" if threads else "") + "".join(moves)
-
-
-def elsewhere(config):
-    """(first epoch, last epoch, machine) of each stretch of a resumed run's epochs on a machine other than its latest
-    (neighbouring entries on one machine, after a change of commit say, make one stretch)."""
-    stretches, first = [], 1
-    for e in config.get("earlier", []):
-        hardware = e.get("hardware")  # None: the run did not record its machine then
-        if stretches and stretches[-1][2] == hardware:
-            stretches[-1][1] = e["until_epoch"]
-        else:
-            stretches.append([first, e["until_epoch"], hardware])
-        first = e["until_epoch"] + 1
-    return [tuple(s) for s in stretches if s[2] not in (None, config.get("hardware"))]
-
-
-def machine(run):
-    c = run["config"]
-    return f"{c.get('hardware') or c.get('device', '?')}, {c.get('precision', '?')}"
-
-
-def cpu_threads(run):
-    c = run["config"]
-    return c.get("threads") if str(c.get("device", "")).startswith("cpu") else None
-
-
-def where_pair(a, b):
-    """Where a pair ran: one place if both ran there; the machine once if only the threads differ."""
-    threads = cpu_threads(a), cpu_threads(b)
-    if machine(a) == machine(b) and None not in threads and threads[0] != threads[1]:
-        return f"{machine(a)}, {threads[0]} / {threads[1]} threads"
-    return " / ".join(dict.fromkeys([where(a), where(b)]))
 
 
 def compare(points, pairs, own):

@@ -1,6 +1,5 @@
 """The curves: per run, and the runs of one setup overlaid and compared, with their tables."""
 import fcntl
-from pathlib import Path
 
 import matplotlib
 import numpy as np

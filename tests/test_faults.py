@@ -3,7 +3,6 @@ while starting, a full disk, looping paths and file names that are not UTF-8. Ea
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile

@@ -11,6 +11,7 @@ import torch
 
 import run
 import runlock
+import studies
 import study
 import tools
 import train
@@ -126,7 +127,7 @@ def test_a_process_that_finds_the_download_lock_held_says_who_holds_it_and_waits
 
 
 def test_study_workers_train_each_run_once_and_leave_a_held_run_to_its_holder(small_cifar, tmp_path, capsys, monkeypatch):
-    small = study.Study("three runs", 1, [("avg2", [1, 8], [0.5]), ("avg2-flip", [8], [0.5])],
+    small = studies.Study("three runs", 1, [("avg2", [1, 8], [0.5]), ("avg2-flip", [8], [0.5])],
                         study.STUDIES["where"].pairs, "gain")
     monkeypatch.setitem(study.STUDIES, "where", small)
     argv = ["where", "--data_dir", small_cifar, "--output_dir", tmp_path, "--protocol", "smoke", "--seed", 1, "--workers", 2]

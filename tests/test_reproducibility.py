@@ -15,7 +15,6 @@ import torch
 import provenance
 import run
 import runfiles
-import study
 import train
 import trainingmonitor
 from conftest import ROOT, cli, fake_run, result_tables, rows, run_dirs
@@ -243,7 +242,7 @@ def test_a_run_resumed_on_another_machine_keeps_where_its_earlier_epochs_ran(sma
     assert config["hardware"] == "Another CPU (family 9 model 9)"  # where it runs now; before, all of it was lost
     assert config["earlier"] == [{"until_epoch": 2, **{k: first[k] for k in provenance.PLACE}}]
     threads = f"{config['threads']} thread{'s' * (config['threads'] != 1)}"
-    assert study.where({"config": config}) == (f"Another CPU (family 9 model 9), {config['precision']}, {threads}; "
+    assert provenance.where({"config": config}) == (f"Another CPU (family 9 model 9), {config['precision']}, {threads}; "
                                                f"epochs 1-2 on {first['hardware']}, {config['precision']}")
 
 

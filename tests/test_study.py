@@ -10,15 +10,16 @@ import torch
 import datasource
 import experiment
 import hardware
+import provenance
 import run
-import runfiles
 import stats
+import studies
 import study
 import studyfigures
 import train
 import trainingmonitor
+import workers
 from conftest import ROOT, cli, fake_run, run_dirs, write_json
-from trainingmonitor import mean_std
 
 T_975_2DF = 4.302652729749464  # Student t, 97.5th percentile, 2 degrees of freedom
 T_975_1DF = 12.706204736174698  # and with 1
@@ -327,16 +328,16 @@ def test_the_samples_table_gives_train_accuracy_and_loss_before_the_lr_drop_at_t
 
 
 def test_the_workers_say_how_long_a_run_took_and_how_long_the_runs_left_will_take():
-    assert study.pace([600, 1200], 3, 2) == "; 15.0 min a run, 3 left: about 30 min more"  # two rounds of two
-    assert study.pace([900], 30, 2) == "; 15.0 min a run, 30 left: about 3.8 h more"
-    assert study.pace([], 5, 2) == "" and study.pace([600], 0, 2) == ""
+    assert workers.pace([600, 1200], 3, 2) == "; 15.0 min a run, 3 left: about 30 min more"  # two rounds of two
+    assert workers.pace([900], 30, 2) == "; 15.0 min a run, 30 left: about 3.8 h more"
+    assert workers.pace([], 5, 2) == "" and workers.pace([600], 0, 2) == ""
 
 
 def test_a_run_resumed_on_another_kind_of_device_pairs_only_with_one_that_moved_alike():
     gpu = {"device": "cuda:0", "precision": "fp32"}
     moved = {**gpu, "earlier": [{"until_epoch": 3, "device": "cpu"}, {"until_epoch": 5, "device": "cuda:1"}]}
     back = {"device": "cpu", "precision": "fp32", "earlier": [{"until_epoch": 3, "device": "cuda:0"}]}
-    assert study.place(gpu) == ("cuda", "fp32") and study.place(moved) == study.place(back) == ("cpu+cuda", "fp32")
+    assert provenance.place(gpu) == ("cuda", "fp32") and provenance.place(moved) == provenance.place(back) == ("cpu+cuda", "fp32")
 
 
 def test_the_tables_name_each_stretch_of_epochs_a_resumed_run_ran_elsewhere():
@@ -345,8 +346,8 @@ def test_the_tables_name_each_stretch_of_epochs_a_resumed_run_ran_elsewhere():
         {"until_epoch": 2, "device": "cpu", "hardware": a},  # then the commit changed: still A
         {"until_epoch": 4, "device": "cpu", "hardware": b}, {"until_epoch": 6, "device": "cpu", "hardware": b},
         {"until_epoch": 7, "device": "cpu"}]}  # a run that did not record its machine yet: none to name
-    assert study.elsewhere(config) == [(3, 6, b)]  # A, B, B, back on A: one stretch on B, merged
-    assert study.where({"config": config}) == f"{a}, bf16, 1 thread; epochs 3-6 on {b}, bf16"
+    assert provenance.elsewhere(config) == [(3, 6, b)]  # A, B, B, back on A: one stretch on B, merged
+    assert provenance.where({"config": config}) == f"{a}, bf16, 1 thread; epochs 3-6 on {b}, bf16"
 
 
 def test_a_pair_across_precisions_or_two_runs_of_one_seed_are_refused(tmp_path, capsys):
@@ -362,7 +363,7 @@ def test_a_pair_across_precisions_or_two_runs_of_one_seed_are_refused(tmp_path, 
     assert not (tmp_path / "convergence.md").exists()
 
 
-SMALL_STUDY = study.Study("a small study", 1, [("avg2", [1, 8], [0.5]), ("avg2-flip", [8], [0.5])],
+SMALL_STUDY = studies.Study("a small study", 1, [("avg2", [1, 8], [0.5]), ("avg2-flip", [8], [0.5])],
                           study.STUDIES["where"].pairs, "gain")
 
 
@@ -552,8 +553,8 @@ def test_a_cpu_pair_names_its_thread_counts_which_change_a_runs_bits(tmp_path):
 
 def test_a_gpu_run_is_named_without_threads_which_do_not_change_its_bits():
     config = {"device": "cuda:0", "hardware": "NVIDIA H200", "precision": "bf16", "threads": 8}
-    assert study.where({"config": config}) == "NVIDIA H200, bf16"
-    assert study.where({"config": {**config, "device": "cpu", "hardware": "Some CPU"}}) == "Some CPU, bf16, 8 threads"
+    assert provenance.where({"config": config}) == "NVIDIA H200, bf16"
+    assert provenance.where({"config": {**config, "device": "cpu", "hardware": "Some CPU"}}) == "Some CPU, bf16, 8 threads"
 
 
 COMMITTED_STUDIES = sorted((table.parent, table.stem) for table in (ROOT / "docs").glob("study-*/*.md")
