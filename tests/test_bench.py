@@ -18,6 +18,7 @@ def test_ratios_are_taken_within_each_round():
     assert benchpipelines.round_ratios(times, 0) == {0: [1.0, 1.0, 1.0], 8: pytest.approx([1.1, 1.0, 1.2])}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the peak can be reset on Linux only")
 def test_peak_memory_resets_and_sees_a_new_allocation():
     """In a fresh process, as bench measures it: memory another test freed but kept would hide the allocation."""

@@ -82,6 +82,7 @@ def test_same_command_same_numbers_and_another_seed_others(trained, small_cifar,
     assert other.name != reference.name and rows(other) != rows(reference)
 
 
+@pytest.mark.slow
 def test_more_epochs_continue_a_finished_run_exactly(trained, small_cifar, tmp_path, capsys):
     args = ["--data_dir", small_cifar, "--dropout_num", 1, "--batch_size", 32, "--lr_milestone", 1, "--epochs", 3]
     rc, out, _ = cli(capsys, *args, "--output_dir", tmp_path / "fresh")
@@ -185,6 +186,7 @@ def test_unwritable_output_is_found_before_training(small_cifar, tmp_path, capsy
     assert rc == 2 and "cannot write to" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_the_real_command_line_exits_2_without_a_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "run.py", "--dropout_p", "2", "--output_dir", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True)
@@ -232,6 +234,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_afresh(trained, small_c
     assert rows(tmp_path / finished.name) == rows(finished)
 
 
+@pytest.mark.slow
 def test_help_and_flag_errors_do_not_import_torch():
     """--help and bad flags answer at once: torch (seconds to import) is imported only for a run, or for the
     head's own rules (nn.head_problem), which come last."""

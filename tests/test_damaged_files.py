@@ -192,6 +192,7 @@ sys.exit(main(sys.argv[2:]))
 @pytest.mark.parametrize("entry, argv", [("run.py", ["--compare", "{folder}/blog-head"]),
                                          ("study.py", ["convergence", "--compare", "{folder}"]),
                                          ("blog.py", ["{folder}/blog-head"])])
+@pytest.mark.slow
 def test_a_signal_while_drawing_is_one_line_its_status_and_no_temporary_file(sig, entry, argv, tmp_path):
     blog_like_runs(tmp_path)
     process = subprocess.Popen([sys.executable, "-c", SLOW_DRAWING, entry, *[a.format(folder=tmp_path) for a in argv]], cwd=ROOT,

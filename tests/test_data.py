@@ -266,6 +266,7 @@ def test_offline_and_missing_is_one_clear_error(tmp_path, no_network):
     assert "\n" not in message
 
 
+@pytest.mark.slow
 def test_processes_that_find_the_release_missing_download_it_once_while_the_others_wait(tmp_path, monkeypatch):
     """torchrun's ranks, or several run.py on one fresh data/: one downloads, the others wait, then read its files."""
     downloads, release = [], (np.zeros((2, 32, 32, 3), np.uint8), np.arange(2))

@@ -57,6 +57,7 @@ def two_ranks(small_cifar, tmp_path_factory):
     return tmp / "out", tmp, result
 
 
+@pytest.mark.slow
 def test_two_ranks_write_one_run_and_end_with_the_same_parameters(two_ranks):
     output, states, result = two_ranks
     (run_dir,) = run_dirs(output, 8)
@@ -80,6 +81,7 @@ def test_the_ranks_take_disjoint_slices_that_make_up_the_single_process_batch(au
         assert torch.equal(torch.cat([x0, x1]), xb) and torch.equal(torch.cat([y0, y1]), yb)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_nothing_happened(two_ranks, small_cifar, tmp_path):
     output, _, _ = two_ranks
     result = torchrun(tmp_path, small_cifar, tmp_path / "out", "--epochs", "2", kill_at="2,3")
@@ -88,6 +90,7 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_nothing_happened(tw
     assert "resumed from epoch 1" in result.stdout and rows(killed) == rows(run_dirs(output, 8)[0])
 
 
+@pytest.mark.slow
 def test_resuming_with_another_number_of_ranks_is_refused_but_a_finished_run_is_nothing_to_do(two_ranks, small_cifar,
                                                                                                   capsys):
     output, _, _ = two_ranks
@@ -97,6 +100,7 @@ def test_resuming_with_another_number_of_ranks_is_refused_but_a_finished_run_is_
     assert rc == 0 and "nothing to do" in out
 
 
+@pytest.mark.slow
 def test_ranks_that_fail_offline_say_it_once_and_leave_no_folder_whichever_rank_made_it(tmp_path):
     """Each rank made its lock's folders or found them made; whichever leaves last removes them (before, the
     folders stayed, empty, whenever the rank that made them left first)."""
@@ -120,6 +124,7 @@ def redraw_repeatedly(output_dir, setup, times):
         trainingmonitor.compare_setup(output_dir, setup)
 
 
+@pytest.mark.slow
 def test_comparisons_drawn_at_the_same_moment_are_never_torn(tmp_path):
     for m, seed in ((1, 1), (8, 1), (1, 2), (8, 2)):
         run = fake_run(m, seed, [0.5, 0.6])

@@ -53,6 +53,7 @@ class NanEvaluationAtEpoch2(torch.nn.CrossEntropyLoss):
         return super().forward(logits, target) * (float("nan") if NanEvaluationAtEpoch2.calls >= 2 else 1.0)
 
 
+@pytest.mark.slow
 def test_a_run_whose_evaluation_diverges_stops_at_that_epoch_and_a_rerun_or_overwrite_goes_on(
         small_cifar, tmp_path, capsys, monkeypatch):
     argv = ["--data_dir", small_cifar, "--output_dir", tmp_path, *TINY]
@@ -94,6 +95,7 @@ builtins.__import__ = stopping_import
 @pytest.mark.parametrize("argv", [["bench.py", "--quick"], ["blog.py", "docs/cifar10-full"],
                                   ["study.py", "convergence", "--compare", "docs/study-converged"],
                                   ["run.py", "--compare", "docs/cifar10-full"]])
+@pytest.mark.slow
 def test_ctrl_c_while_an_entry_point_starts_is_one_line_and_exit_130(argv, tmp_path):
     (tmp_path / "sitecustomize.py").write_text(STOP_WHILE_IMPORTING)
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
@@ -146,6 +148,7 @@ def test_a_data_dir_whose_name_is_not_utf8_trains_reruns_and_compares(small_cifa
     assert "caf\\udce9" in summary.read_text()  # as an ordinary open() reads it: UTF-8, the odd byte escaped
 
 
+@pytest.mark.slow
 def test_a_stop_signal_while_starting_ends_with_its_status(tmp_path):
     script = ("import os, signal, sys, tools\ntools.quiet_start('x.py')\nos.kill(os.getpid(), signal.SIGTERM)\n"
               "import time; time.sleep(5)\n")

@@ -9,6 +9,8 @@ import pytest
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # the script's smoke run: minutes, whatever the machine
+
 
 def run_script(data, dest, **env):
     env = {**os.environ, "SMOKE": "1", "DATA": str(data), "DEST": str(dest), "PYTHON": sys.executable, **env}

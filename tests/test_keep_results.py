@@ -7,6 +7,7 @@ import textwrap
 import threading
 import time
 
+import pytest
 import torch
 
 import run
@@ -66,6 +67,7 @@ HOLD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_second_trainer_is_refused_naming_the_first_and_a_killed_one_never_blocks(small_cifar, tmp_path, capsys):
     argv = ["--data_dir", small_cifar, "--output_dir", tmp_path, *TINY, "--dropout_num", 8]
     run_dir = run_dir_of(*argv)
@@ -94,6 +96,7 @@ def test_the_lock_takes_away_the_folders_it_made_only_while_they_are_empty(tmp_p
     assert (tmp_path / "new" / "deeper" / "run").is_dir() and not runlock.lock_path(tmp_path / "new" / "deeper" / "run").exists()
 
 
+@pytest.mark.slow
 def test_folders_several_locks_found_missing_go_with_the_last_lock_out_whichever_made_them(tmp_path):
     """torchrun's ranks: each holds its own lock in a folder one of them made; the maker may leave first."""
     run_dir = tmp_path / "new" / "deeper" / "run"

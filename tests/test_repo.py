@@ -41,6 +41,7 @@ def test_the_tables_the_pages_show_are_the_committed_files():
     assert shown_somewhere, "no page shows a committed table"
 
 
+@pytest.mark.slow
 def test_the_readme_example_of_the_head_runs_from_outside_the_repo(tmp_path):
     """The snippet under 'Use the head in your own model', as it stands, with nn.py copied in as msd.py."""
     section = (ROOT / "README.md").read_text().split("## Use the head in your own model")[1].split("\n## ")[0]
@@ -53,6 +54,7 @@ def test_the_readme_example_of_the_head_runs_from_outside_the_repo(tmp_path):
     assert result.stdout.startswith("loss ") and result.stdout.strip().endswith("pooled map: logits (32, 5)")
 
 
+@pytest.mark.slow
 def test_the_readmes_quick_check_runs_as_written_with_the_offline_copy(tmp_path):
     section = (ROOT / "README.md").read_text().split("## Quick check")[1].split("\n## ")[0]
     (command,) = section.split("```bash\n")[1].split("```")[0].strip().splitlines()

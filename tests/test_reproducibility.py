@@ -45,6 +45,7 @@ def start_and_stop(args, output_dir, sig):
     return proc.returncode, err
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_the_same_command_resumes_to_identical_metrics(whole, small_cifar, tmp_path, capsys):
     args = ["--data_dir", small_cifar, "--output_dir", tmp_path, *FOUR_EPOCHS]
     returncode, _ = start_and_stop(args, tmp_path, signal.SIGKILL)
@@ -56,6 +57,7 @@ def test_sigkill_mid_epoch_then_the_same_command_resumes_to_identical_metrics(wh
     assert rows(run_dirs(tmp_path, 0)[0]) == rows(whole)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_sigint_and_sigterm_keep_the_checkpoint_and_print_the_resume_command(sig, whole, small_cifar, tmp_path, capsys):
     args = ["--data_dir", small_cifar, "--output_dir", tmp_path, *FOUR_EPOCHS]
@@ -102,6 +104,7 @@ def test_a_corrupt_checkpoint_is_one_clear_error(damage, whole, tmp_path, capsys
     assert rc == 2 and "restore it from a copy" in err and "--overwrite" not in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_grid_runs_every_combination_then_skips_finished_and_resumes_unfinished(small_cifar, tmp_path, capsys):
     grid = ["--data_dir", small_cifar, "--output_dir", tmp_path, "--batch_size", 64, "--dropout_num", 0, 1, "--seed", 1, 2]
     rc, out, _ = cli(capsys, *grid, "--epochs", 1)
@@ -145,6 +148,7 @@ def test_summary_statistics_and_epochs_to_the_m1_runs_best():
     assert f"0.7500 ± {std:.4f}" in table
 
 
+@pytest.mark.slow
 def test_a_failed_checkpoint_write_keeps_the_previous_one_and_a_rerun_resumes(whole, small_cifar, tmp_path, capsys,
                                                                                 monkeypatch):
     real_save, calls = torch.save, []
@@ -186,6 +190,7 @@ def saved_epochs(output_dir):
     return len(runfiles.read_json(metrics[0])) if metrics else 0
 
 
+@pytest.mark.slow
 def test_five_sigkills_at_random_moments_still_end_with_identical_metrics(small_cifar, tmp_path, capsys):
     """Killed anywhere (start-up, training, evaluation, checkpoint writing), the same command picks up the run."""
     six = ["--data_dir", small_cifar, "--epochs", 6, "--batch_size", 32, "--lr_milestone", 3]

@@ -397,6 +397,7 @@ def test_ctrl_c_outside_a_run_says_how_to_go_on_not_how_to_draw_again(tmp_path, 
                    f"runs are kept; go on with: python study.py samples --output_dir {tmp_path} --seed 3\n")
 
 
+@pytest.mark.slow
 def test_a_study_runs_each_setting_into_its_folder_then_draws_and_a_rerun_trains_nothing(small_cifar, tmp_path, capsys,
                                                                                           monkeypatch):
     monkeypatch.setitem(study.STUDIES, "where", SMALL_STUDY)
