@@ -138,7 +138,8 @@ def main(argv=None):
         args = parse_args(argv)
         check_args(args)  # everything is checked before any work
         device = hardware.pick_device(args.device)
-        problem = fit_problem(args.model, 10, max(args.dropout_num, *OVERHEAD_M), batch_size=args.batch_size,
+        problem = fit_problem(args.model, 10, max(args.dropout_num, *(QUICK_OVERHEAD_M if args.quick else OVERHEAD_M)),
+                              batch_size=args.batch_size,
                               memory=hardware.memory_bytes(device))
         if problem:
             raise tools.UserError(problem)

@@ -49,20 +49,23 @@ def _to_lists(x):
     return [_to_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
 
 
+CHECKPOINT_SLACK = 64 << 20  # bytes: a failed save with less than this free is a full disk (a checkpoint is 10 to 135 MB)
+TORCH_WRITE_FAILURES = ("unexpected pos", "PytorchStreamWriter failed")  # how torch.save reports a write that failed
+
+
 def checkpoint_writer(checkpoint):
-    """What tools.atomic_writes calls with the temporary file. torch.save reports a failed write as a RuntimeError
-    ('unexpected pos ...'): it is an OSError here, as any other failed write is, and says so when the disk is full."""
+    """What tools.atomic_writes calls with the temporary file. torch.save reports a failed write as a RuntimeError:
+    here it is an OSError, as any other failed write is, and says so when the disk is full."""
     def write(tmp):
         try:
             torch.save(checkpoint, tmp)
         except RuntimeError as e:
             full = shutil.disk_usage(Path(tmp).parent).free < CHECKPOINT_SLACK
-            raise OSError(errno.ENOSPC if full else errno.EIO, os.strerror(errno.ENOSPC) if full else
-                          f"torch.save failed: {str(e).strip().splitlines()[0] if str(e).strip() else 'no reason given'}") from None
+            if not full and not any(failure in str(e) for failure in TORCH_WRITE_FAILURES):
+                raise  # not a write that failed: a bug, with its traceback
+            reason = os.strerror(errno.ENOSPC) if full else f"torch.save failed: {' '.join(str(e).split())}"
+            raise OSError(errno.ENOSPC if full else errno.EIO, reason) from None
     return write
-
-
-CHECKPOINT_SLACK = 64 << 20  # bytes: a failed save with less than this free is a full disk (a checkpoint is 10 to 135 MB)
 
 
 # What to do about a checkpoint that cannot be read, when training would continue it, and when a command names it.
@@ -97,7 +100,6 @@ def epochs_done(run_dir, config):
     if (run_dir / "last.pt").exists():
         checkpoint = load_checkpoint(run_dir / "last.pt")
         experiment.check_same_experiment(checkpoint["config"], config, run_dir / "last.pt")
-        runfiles.read_config(run_dir / "config.json")  # saved with every checkpoint: without it the run is damaged
         return checkpoint["epoch"]
     if not os.path.lexists(run_dir / "metrics.json"):
         return 0

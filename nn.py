@@ -292,20 +292,20 @@ def model_problem(name, dropout_num, dropout_p, rdrop_alpha=0.0, head_hidden=0, 
 
 def fit_problem(name, num_outputs, dropout_num, head_hidden=0, pool="avg4", heads="shared", batch_size=1, memory=None):
     """A run whose training step cannot fit in `memory` bytes, in one line, or None: checked before anything is
-    allocated, by a lower bound on what the head alone needs (in fp32, counted however the run computes): its
-    weights with their gradients and Adam's two moments (four copies; M of them with separate heads), and the M
-    dropped copies of the batch's features (and hidden units) with their masks and gradients (three copies).
-    batch_size 0: to evaluate, the weights once."""
+    allocated, by a lower bound on what the head alone needs. Its fp32 weights with their gradients and Adam's two
+    moments, 16 bytes a weight (M sets with separate heads); and the M dropped copies of a batch_size batch's
+    features, 3 bytes an element at least (2 in bf16, and a 1-byte mask), with the hidden units', 2 bytes each.
+    batch_size 0: to evaluate, the weights alone, 4 bytes each."""
     inputs = 10 if name == "mlp" else MODEL_WIDTHS[name][-1] * (4 // POOLS[pool]) ** 2
     hidden = 0 if name == "mlp" else head_hidden
-    weights = inputs * num_outputs if not hidden else (inputs + num_outputs) * hidden
-    copies = (4 if batch_size else 1) * (dropout_num if heads == "separate" else 1)
-    need = 4 * (copies * weights + 3 * max(dropout_num, 1) * batch_size * (inputs + hidden))
+    weights = (inputs * num_outputs if not hidden else (inputs + num_outputs) * hidden) * (dropout_num if heads == "separate" else 1)
+    need = (16 if batch_size else 4) * weights + max(dropout_num, 1) * batch_size * (3 * inputs + 2 * hidden)
     if memory is None or need <= memory:
         return None
+    lower = "--dropout_num, --head_hidden or --batch_size" if hidden else "--dropout_num or --batch_size"
     return (f"the head alone needs at least {need / 2**30:,.0f} GiB to train ({max(dropout_num, 1)} dropout "
-            f"sample(s) of a batch of {batch_size}, a hidden layer of {hidden}), more than the device's "
-            f"{memory / 2**30:,.0f} GiB: lower --dropout_num, --head_hidden or --batch_size")
+            f"sample(s) of a batch of {batch_size}{f', a hidden layer of {hidden}' if hidden else ''}), more than "
+            f"the device's {memory / 2**30:,.0f} GiB: lower {lower}")
 
 
 def resnet_head_problem(head_hidden, pool, diversity):

@@ -221,6 +221,7 @@ def check_quadratic_args(args):
 def main(argv=None, resume_command=None):
     """resume_command: what an interrupted run says resumes it (study.py gives its own command)."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    tools.started()
     torchrun = "RANK" in os.environ  # one worker of several: rank 0 alone prints
     args = None
     try:
@@ -263,8 +264,8 @@ def main(argv=None, resume_command=None):
     except UserError as e:
         return report(torchrun, f"run.py: error: {e}", 2)
     except FloatingPointError as e:  # the row was not saved: a rerun resumes from the last one, --overwrite starts afresh
-        return report(torchrun, f"run.py: error: the run diverged: {e}; lower --lr and run again (a new run), or "
-                      "start this one afresh with --overwrite", 2)
+        return report(torchrun, f"run.py: error: the run diverged: {e}; lower --lr and run again: the same flags "
+                      "diverge the same way, a lower --lr is a new run beside this one", 2)
     except (tools.Interrupted, KeyboardInterrupt) as e:  # KeyboardInterrupt: a second Ctrl-C, at once
         resume = shlex.join(a for a in argv if a != "--overwrite")  # rerunning must not start afresh
         launcher = "the same torchrun command with run.py" if torchrun else "python run.py"

@@ -122,17 +122,16 @@ def saved_run_dirs(output_dir):
 
 
 def finished_runs(output_dir):
-    """Every run under output_dir that reached the epochs it was asked for: dir, config, history, test. A run
-    whose rows were saved has its config.json beside them (training writes them together): one without is damaged."""
+    """Every run under output_dir that reached the epochs it was asked for: dir, config, history, test. A folder
+    with saved rows has its config.json and metrics.json (training writes them together): one without is damaged."""
     runs = []
-    for run_dir in saved_run_dirs(output_dir):
-        if os.path.lexists(run_dir / "metrics.json"):  # beside a checkpoint alone, the run is still training
-            config = read_config(run_dir / "config.json")
-            history = read_history(run_dir / "metrics.json", config)
-            if history and history[-1]["epoch"] >= config["epochs"]:
-                test, prediction = (read_json(run_dir / f) if (run_dir / f).exists() else None
-                                    for f in ("test.json", "prediction.json"))
-                runs.append({"dir": run_dir, "config": config, "history": history, "test": test, "prediction": prediction})
+    for run_dir in saved_run_dirs(output_dir):  # training renames the checkpoint into place last: each has both files
+        config = read_config(run_dir / "config.json")
+        history = read_history(run_dir / "metrics.json", config)
+        if history and history[-1]["epoch"] >= config["epochs"]:
+            test, prediction = (read_json(run_dir / f) if os.path.lexists(run_dir / f) else None
+                                for f in ("test.json", "prediction.json"))
+            runs.append({"dir": run_dir, "config": config, "history": history, "test": test, "prediction": prediction})
     return runs
 
 

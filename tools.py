@@ -67,9 +67,13 @@ def quiet_start(prog):
 
 
 def started():
-    """Python's own signal handling back (a KeyboardInterrupt for SIGINT), for main() and the handlers it sets."""
+    """For main(): Python's own signal handling back (a KeyboardInterrupt for SIGINT), under the handlers it sets;
+    and a file name that is not UTF-8 printed with its odd bytes escaped, as the reports write it, not a crash."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 def stopped_status():

@@ -84,7 +84,7 @@ def train(args, config, run_dir, device, checkpoint):
 
     seed_everything(args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)  # shuffling and augmentation, the same on every rank
-    model = make_model(args, num_outputs, device, args.batch_size)  # the same initial weights on every rank
+    model = make_model(args, num_outputs, device, args.batch_size // distributed.world())  # the same weights on every rank
     distributed.seed_dropout(args.seed)
     forward = parallel(model, args, device)  # shares model's weights; model is what we save
     evaluator = model if distributed.world() > 1 else forward  # DDP's forward is a collective: ranks evaluate alone
@@ -138,13 +138,13 @@ def train(args, config, run_dir, device, checkpoint):
             raise type(e)(f"{e} of {span}; {kept_note(run_dir, epoch)}") from None
         distributed.share_buffers(model)
         valid_loss, valid_acc = evaluate(evaluator, valid_x, valid_y, autocast, prepare, task)
-        if not math.isfinite(valid_loss):  # diverged: the row is not saved, so the last one saved stays the run's end
-            raise FloatingPointError(f"non-finite {'valid' if args.valid_split else 'test'} loss ({valid_loss}) after "
-                                     f"{span}; {kept_note(run_dir, epoch)}")
+        check_finite("valid" if args.valid_split else "test", valid_loss, span, run_dir, epoch)
         row = {"epoch": last, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
                "valid_loss": valid_loss, "valid_acc": valid_acc, "seconds": time.perf_counter() - start}
         history.append({k: v for k, v in row.items() if v is not None})  # a regression has no accuracy
         test = evaluate(evaluator, *splits["test"], autocast, prepare, task) if args.valid_split and last == args.epochs else None
+        if test:
+            check_finite("test", test[0], span, run_dir, epoch)
         prediction = grid_prediction(evaluator, splits, autocast) if task.predicts_grid else None
         redraw = last == args.epochs or time.perf_counter() - drawn_at >= REDRAW_S
         drawn_at = time.perf_counter() if redraw else drawn_at
@@ -337,6 +337,12 @@ def grid_prediction(model, splits, autocast):
     as_list = lambda t: t.flatten().tolist()
     return {"train_x": as_list(x), "train_y": as_list(y), "x": as_list(grid_x), "target": as_list(grid_y),
             "prediction": as_list(prediction)}
+
+
+def check_finite(what, loss, span, run_dir, epoch):
+    """A non-finite evaluation loss means the run diverged: it stops before the row is saved, so the last one stays."""
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"non-finite {what} loss ({loss}) after {span}; {kept_note(run_dir, epoch)}")
 
 
 def kept_note(run_dir, epoch):

@@ -180,7 +180,7 @@ import pathlib, sys, time, matplotlib.figure
 def slow(*args, **kwargs):  # called by tools.atomic_write with its temporary file in place
     print("drawing", flush=True)
     time.sleep(30)
-matplotlib.figure.Figure.savefig = pathlib.Path.write_text = slow
+matplotlib.figure.Figure.savefig = pathlib.Path.write_text = pathlib.Path.write_bytes = slow
 import blog, run, runfiles, study
 blog.blog_recipe_runs = runfiles.finished_runs  # two-epoch runs stand in for the blog's recipe
 main = {"run.py": run.main, "study.py": study.main, "blog.py": blog.main}[sys.argv[1]]
