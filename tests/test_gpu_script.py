@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow  # the script's smoke run: minutes, whatever the m
 
 def run_script(data, dest, **env):
     env = {**os.environ, "SMOKE": "1", "DATA": str(data), "DEST": str(dest), "PYTHON": sys.executable, **env}
-    result = subprocess.run(["bash", str(ROOT / "gpu_study.sh")], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(["bash", str(ROOT / "gpu_study.sh")], env=env, capture_output=True, text=True, timeout=420)
     assert result.returncode == 0, result.stderr[-500:]
     return (dest / "times.txt").read_text()
 
@@ -35,11 +35,12 @@ def finished(study_folder):
 
 @pytest.fixture(scope="module")
 def first(small_cifar, tmp_path_factory):
-    """The script with a workload no machine finishes before its deadline: 3,000 smoke runs, each its own run.py
-    process (a second or more apiece to start Python and torch), two at a time in a window of about 90 s."""
+    """The script with a workload no machine finishes before its deadline: 600 smoke runs, each its own run.py
+    process (a second or more apiece to start Python and torch), two at a time in what the bench leaves of 240 s
+    (at least 50 s: each bench stops at 75 s)."""
     out = tmp_path_factory.mktemp("gpu")
-    seeds = " ".join(map(str, range(42, 1042)))
-    return out, run_script(small_cifar, out / "gpu", OUT=str(out), TOTAL_S="150", SEEDS=seeds)
+    seeds = " ".join(map(str, range(42, 242)))
+    return out, run_script(small_cifar, out / "gpu", OUT=str(out), TOTAL_S="240", SEEDS=seeds)
 
 
 def test_the_gpu_script_benches_trains_draws_and_packs_within_its_total_seconds(first):
@@ -48,7 +49,7 @@ def test_the_gpu_script_benches_trains_draws_and_packs_within_its_total_seconds(
     assert "MPS: off" in times  # no multi-process service on this machine (and MPS=0 in the smoke mode)
     assert "study convergence: exit 124" in times  # the deadline stopped it: the fixture gave it more than fits
     assert "s of device time per run" in times and " runs finished" in times
-    assert ended_at(times) <= 150  # TOTAL_S bounds it all, so a remote command with a time limit holds it
+    assert ended_at(times) <= 240  # TOTAL_S bounds it all, so a remote command with a time limit holds it
     assert f"% of {os.cpu_count()} cores" in times  # what limits it: the CPU's share here, and the GPU's where it has one
     with tarfile.open(out / "gpu.tar.gz") as packed:
         names = packed.getnames()
