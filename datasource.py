@@ -9,25 +9,22 @@ Image folders are decoded once and cached as uint8 arrays under the repo's data/
 import hashlib
 import os
 import pickle
-import tarfile
 import tempfile
 import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 
 import distributed
+from imagefolders import LAYOUT, decode_archive, decode_folder, split_root, visible
 import runlock
 from tools import UserError, atomic_write
 
 # Decoded image-folder copies; MSD_CACHE_DIR moves them (the tests send theirs, subprocesses too, to a temporary folder)
 CACHE_DIR = Path(os.environ.get("MSD_CACHE_DIR") or Path(__file__).resolve().parent / "data" / "cache")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-LAYOUT = "train/<class>/*.png|jpg and test/<class>/*"
 
 # Per-channel mean and std of each official training set, as fractions of 255. We could not recompute
 # CIFAR-100's and SVHN's here (no copy offline), so these are the values public code uses for them.
@@ -56,10 +53,10 @@ def source_id(data_dir, dataset="cifar10"):
         return "archive-" + _file_sha256(path)[:12]
     if path.is_file():
         raise UserError(f"--data_dir {data_dir} is a file, not a folder or a {'/'.join(ARCHIVE_SUFFIXES)} archive")
-    root = _split_root(path) if path.is_dir() else None
+    root = split_root(path) if path.is_dir() else None
     if root:
         return f"folder-{_folder_key(root)[:12]}"
-    if path.is_dir() and any((d / "train").is_dir() for d in [path, *_visible(path)] if d.is_dir()):
+    if path.is_dir() and any((d / "train").is_dir() for d in [path, *visible(path)] if d.is_dir()):
         raise UserError(f"--data_dir {data_dir} has train/ but no test/ beside it; expected {LAYOUT}")
     return f"torchvision-{dataset}"  # torchvision's root: the official release is downloaded into it
 
@@ -97,7 +94,7 @@ def _decode(path, source):
           f"decoding {path}; {CACHE_DIR} cannot be written, so it is decoded again next time (set MSD_CACHE_DIR to a "
           "writable folder to keep it)", flush=True)
     scratch = CACHE_DIR if writable else None  # extract beside the cache, or in the system's temporary folder
-    data = _decode_archive(path, scratch) if source.startswith("archive") else _decode_folder(_split_root(path))
+    data = decode_archive(path, scratch) if source.startswith("archive") else decode_folder(split_root(path))
     if writable:
         atomic_write(cache, lambda tmp: _write_npz(tmp, data))
     return data
@@ -256,22 +253,6 @@ def _official_splits(root, dataset, download):
     return *[(s.data, np.asarray(s.targets, np.int64)) for s in splits], list(splits[0].classes)
 
 
-def _split_root(path):
-    """`path` or its single visible subfolder, whichever holds train/ and test/; else None."""
-    if _has_splits(path):
-        return path
-    subdirs = [d for d in _visible(path) if d.is_dir()]
-    return subdirs[0] if len(subdirs) == 1 and _has_splits(subdirs[0]) else None
-
-
-def _has_splits(folder):
-    return (folder / "train").is_dir() and (folder / "test").is_dir()
-
-
-def _visible(folder):
-    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-
-
 def _folder_key(root):
     """Hash of every visible file's path, size and mtime: a changed source is decoded again."""
     h = hashlib.sha256()
@@ -288,69 +269,3 @@ def _file_sha256(path):
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _decode_archive(path, scratch):
-    if not hasattr(tarfile, "data_filter"):
-        raise UserError("safe archive extraction needs Python 3.10.12+, 3.11.4+ or 3.12+; extract the archive "
-                        "yourself and pass --data_dir the folder")
-    with tempfile.TemporaryDirectory(dir=scratch, prefix=".extract-") as tmp:
-        try:
-            with tarfile.open(path) as tar:
-                tar.extractall(tmp, filter=_refuse_unsafe)
-        except tarfile.FilterError as e:
-            raise UserError(f"refusing archive {path}: {e}; it would write outside its folder")
-        except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-            reason = " ".join(str(e).split())  # tarfile's ReadError lists each method it tried, a line each
-            raise UserError(f"cannot read archive {path} ({reason}); it may be truncated or corrupt: fetch it again")
-        root = _split_root(Path(tmp))
-        if root is None:
-            raise UserError(f"archive {path} is not in the image-folder layout {LAYOUT}")
-        try:
-            return _decode_folder(root)
-        except UserError as e:  # it names files in the temporary folder, gone once we return: name them in the archive
-            raise UserError(str(e).replace(tmp, str(path))) from None
-
-
-def _refuse_unsafe(member, dest):
-    """tarfile's 'data' filter (no '..', no links out, no devices), and absolute names refused, not made relative."""
-    if member.name.startswith(("/", "\\")):
-        raise tarfile.AbsolutePathError(member)
-    return tarfile.data_filter(member, dest)
-
-
-def _decode_folder(root):
-    classes = [d.name for d in _visible(root / "train") if d.is_dir()]
-    test_classes = [d.name for d in _visible(root / "test") if d.is_dir()]
-    if not classes:
-        raise UserError(f"{root / 'train'} has no class folders; expected {LAYOUT}")
-    if test_classes != classes:
-        raise UserError(f"{root}: test classes {test_classes} differ from train classes {classes}; every class needs both")
-    (train_x, train_y), (test_x, test_y) = (_decode_split(root / split, classes) for split in ("train", "test"))
-    for split, x in (("train", train_x), ("test", test_x)):
-        if x.shape[1:3] != (32, 32):
-            raise UserError(f"{root / split} holds {x.shape[2]}x{x.shape[1]} images; the CIFAR networks take 32x32")
-    return {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y, "classes": classes}
-
-
-def _decode_split(split_dir, classes):
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        files = [f for f in _visible(split_dir / name) if f.is_file()]
-        if not files:
-            raise UserError(f"{split_dir / name} holds no images; every class needs some")
-        for f in files:
-            images.append(_read_image(f, images[0].shape if images else None))
-            labels.append(label)
-    return np.stack(images), np.asarray(labels, np.int64)
-
-
-def _read_image(path, expected_shape):
-    try:
-        with Image.open(path) as im:
-            pixels = np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
-        raise UserError(f"{path} is not a readable image ({e}); remove it or replace it")
-    if expected_shape is not None and pixels.shape != expected_shape:
-        raise UserError(f"{path} is {pixels.shape[1]}x{pixels.shape[0]}, the others {expected_shape[1]}x{expected_shape[0]}; remove or resize it")
-    return pixels

@@ -64,12 +64,12 @@ def test_wrapping_folder_is_found(tmp_path):
 def test_second_load_reads_the_cache_and_a_changed_source_is_decoded_again(tmp_path, monkeypatch):
     folder = write_folder(tmp_path / "cifar")
     first = datasource.load(folder)
-    decode = datasource._decode_folder
-    monkeypatch.setattr(datasource, "_decode_folder", lambda root: pytest.fail("decoded again"))
+    decode = datasource.decode_folder
+    monkeypatch.setattr(datasource, "decode_folder", lambda root: pytest.fail("decoded again"))
     assert np.array_equal(datasource.load(folder)["train_x"], first["train_x"])
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / "train" / "cat" / "0000.png")
     calls = []
-    monkeypatch.setattr(datasource, "_decode_folder", lambda root: calls.append(root) or decode(root))
+    monkeypatch.setattr(datasource, "decode_folder", lambda root: calls.append(root) or decode(root))
     changed = datasource.load(folder)
     assert len(calls) == 1 and changed["train_x"][0].max() == 0
 
