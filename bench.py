@@ -12,7 +12,9 @@ Prints, and writes to --out (bench.md, overhead.png):
   3. the head's variants at M = --dropout_num: the paper's, the mean of logits, separate heads;
   4. peak memory of a run the size of the blog's recipe (50,000 + 10,000 images) per dropout_num;
   5. with --workers K: images/s of K training processes at once (study.py --workers K), sharing the cores,
-     against one process with all of them.
+     against one process with all of them;
+  6. with --compile: the torch.compile'd step against the eager one, its compile time timed apart, and the
+     steps that pay it back.
 The images are random uint8: speed does not depend on what the pictures show. Timings are the
 median over --repeats blocks of --steps steps, the pipelines taking turns, after --warmup steps each;
 ratios are the median over rounds of the ratio within a round.
@@ -21,6 +23,7 @@ written only at the end.
 """
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import tools
@@ -34,7 +37,7 @@ import hardware  # noqa: E402
 import run  # noqa: E402
 from benchpipelines import (VARIANTS, blog_style_pipeline, flops_per_image, images_per_second_at_once,  # noqa: E402
                             peak_memory_in_fresh_process, peak_tflops, project_model, project_pipeline, round_ratios,
-                            seconds_per_step)
+                            seconds_per_step, sync)
 from nn import MODEL_WIDTHS, fit_problem  # noqa: E402
 
 matplotlib.use("Agg")  # files only, no window
@@ -56,7 +59,8 @@ def parse_args(argv):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="the 'default' rows' precision")
     p.add_argument("--augment", action="store_true", help="random crop and flip in both pipelines")
-    p.add_argument("--compile", action="store_true", help="torch.compile the project's model")
+    p.add_argument("--compile", action="store_true", help="also time the torch.compile'd step (run.py --compile) "
+                   "against the eager one, with its compile time and the steps that pay it back")
     for flag, help in (("steps", "timed steps per block (on a GPU, use more: 100)"),
                        ("warmup", "untimed steps before the first block"),
                        ("repeats", "timed blocks per pipeline; the median is reported"),
@@ -184,6 +188,8 @@ def measure(args, device, argv, written):
     report += section(heading, table, "\n\n".join(notes))
     if args.dropout_num >= 2:  # the variants differ only from two samples on
         report += section(*variants_table(args, device, precision))
+    if args.compile:
+        report += section(*compiled_table(args, device, precision))
     if args.memory_steps:
         report += section(*memory_table(args, device))
     if args.workers:
@@ -255,6 +261,30 @@ def variants_table(args, device, precision):
                              f"{statistics.median(per_round[label]):.3f} ({min(per_round[label]):.3f} - "
                              f"{max(per_round[label]):.3f})"] for label, _, _, objective in VARIANTS])
     return f"### Variants of the head (project pipeline, {precision}, M={m})", table
+
+
+def compiled_table(args, device, precision):
+    """The torch.compile'd step against the eager one at M; compiling is timed apart, as the first step's excess."""
+    m = args.dropout_num
+    eager, compiled = (project_pipeline(args, device, m, precision, compiled=c) for c in (False, True))
+    sync(device)
+    start = time.perf_counter()
+    compiled(1)  # compiles the forward and backward (and a last step of another size would compile again)
+    sync(device)
+    first_step_s = time.perf_counter() - start
+    times = seconds_per_step({"eager": eager, "compiled": compiled}, args, device)
+    speedups = {name: [1 / r for r in rs] for name, rs in round_ratios(times, "eager").items()}  # eager time / its
+    eager_s, compiled_s = statistics.median(times["eager"]), statistics.median(times["compiled"])
+    compile_s = first_step_s - compiled_s
+    payback = f"after {compile_s / (eager_s - compiled_s):,.0f} steps" if eager_s > compiled_s else "never"
+    table = markdown_table(["step", "ms/step", "images/s", "speed-up (lowest - highest round)"],
+                           [[name, f"{1e3 * statistics.median(ts):.1f}", per_second(args.batch_size / statistics.median(ts)),
+                             f"{statistics.median(speedups[name]):.2f}x ({min(speedups[name]):.2f} - {max(speedups[name]):.2f})"]
+                            for name, ts in times.items()])
+    note = (f"Compiling took {compile_s:.1f} s (the first compiled step, {first_step_s:.1f} s, less a steady one); "
+            f"the faster steps pay it back {payback} (an epoch of the blog's recipe is 390 steps at batch 128). "
+            "Evaluation compiles once more, at its own batch size.")
+    return f"### Compiled step (project pipeline, {precision}, M={m}; speed-up = eager time / this step's)", table, note
 
 
 def memory_table(args, device):

@@ -110,14 +110,15 @@ VARIANTS = [("the paper: shared head, mean of losses", "loss", "shared", "mean o
             ("separate heads", "loss", "separate", "mean over the M samples of CE(head_i(drop_i(f)), y)")]
 
 
-def project_pipeline(args, device, dropout_num, precision, images=None, reduce="loss", heads="shared"):
-    """A function that trains n steps with run.py's own loop (train.train_epoch) and waits for the device."""
+def project_pipeline(args, device, dropout_num, precision, images=None, reduce="loss", heads="shared", compiled=False):
+    """A function that trains n steps with run.py's own loop (train.train_epoch) and waits for the device;
+    compiled: the model under torch.compile, as run.py --compile trains it."""
     torch.manual_seed(0)
     model = project_model(args, device, dropout_num, reduce, heads)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
     x, y = datasource.to_device(*(images or synthetic_images(args.batch_size * (args.warmup + args.repeats * args.steps))), device)
     generator = torch.Generator(device=device).manual_seed(0)
-    forward = torch.compile(model) if args.compile else model
+    forward = hardware.compiled(model) if compiled else model
     autocast, prepare = train.autocast_for(device, precision), datasource.input_transform("cifar10", device)
 
     def train_steps(n):

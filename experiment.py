@@ -12,11 +12,11 @@ IMAGE_SETS = ["cifar10", "cifar100", "svhn"]
 # They name the run directory and decide what may be resumed and what may be compared.
 DEFINING = ["dataset", "data_source", "model", "dropout_num", "dropout_p", "batch_size", "lr", "lr_milestone",
             "augment", "seed", "data_seed", "train_size", "test_size", "valid_split", "precision", "rdrop_alpha",
-            "head_hidden", "pool", "diversity", "msd_reduce", "msd_heads"]
+            "head_hidden", "pool", "diversity", "msd_reduce", "msd_heads", "compile"]
 # Defining flags added after the first runs: at this value they stay out of a run's name and hash, so the
 # runs from before them keep theirs; another value enters both.
 OMITTED_AT_DEFAULT = {"valid_split": 0, "rdrop_alpha": 0.0, "head_hidden": 0, "pool": "avg4", "diversity": "none",
-                      "msd_reduce": "loss", "msd_heads": "shared"}
+                      "msd_reduce": "loss", "msd_heads": "shared", "compile": False}
 HEAD_OPTIONS = ["head_hidden", "pool", "diversity", "msd_reduce", "msd_heads"]  # the ResNet head's; none for quadratic
 GRID = ["seed", "dropout_p", "dropout_num", "rdrop_alpha"]  # flags that take several values; runs differing only in these are compared
 
@@ -44,13 +44,14 @@ def run_identity(config):
     rdrop = f"_r{c['rdrop_alpha']}" if c.get("rdrop_alpha") else ""
     head = "".join(f"_{label}{c[k]}" for k, label in zip(HEAD_OPTIONS, ("h", "", "", "", ""))
                    if c.get(k, OMITTED_AT_DEFAULT[k]) != OMITTED_AT_DEFAULT[k])  # _h512_avg2_flip, _logits; nothing by default
-    run = f"{c['model']}_{c['dataset']}_m{c['dropout_num']}_p{c['dropout_p']}{rdrop}{head}_s{c['seed']}-{short_hash(defining)}"
+    compiled = "_compiled" if c.get("compile") else ""  # inductor draws its own dropout masks: another experiment
+    run = f"{c['model']}_{c['dataset']}_m{c['dropout_num']}_p{c['dropout_p']}{rdrop}{head}{compiled}_s{c['seed']}-{short_hash(defining)}"
     return run, f"{c['model']}_{c['dataset']}-{short_hash(setup)}"
 
 
 def check_same_experiment(saved, wanted, path, advice="use another --output_dir or --overwrite"):
     """Refuse a checkpoint whose defining flags differ from this command's."""
-    saved, wanted = defining_flags(saved), defining_flags(wanted)
+    saved, wanted = (dict(OMITTED_AT_DEFAULT, **defining_flags(c)) for c in (saved, wanted))  # a flag at its default, named
     for flag in DEFINING:
         if saved.get(flag) != wanted.get(flag):
             name = "data (--data_dir)" if flag == "data_source" else f"--{flag}"  # the data's identity, not a flag

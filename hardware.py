@@ -1,4 +1,5 @@
 """Which device and precision a run uses, and the determinism switches that go with them."""
+import logging
 import os
 from pathlib import Path
 
@@ -99,3 +100,10 @@ def describe(device):
     info = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in lines)}  # the last CPU's
     name, family, model = info.get("model name", "cpu"), info.get("cpu family", "?"), info.get("model", "?")
     return f"{name} (family {family} model {model})"
+
+
+def compiled(model):
+    """torch.compile(model), without the warning that a CUDA build of torch logs on a machine without CUDA when
+    inductor imports torch.utils.cpp_extension, whatever the device."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    return torch.compile(model)

@@ -275,7 +275,7 @@ def parallel(model, args, device):
         if args.sync_bn:  # BatchNorm statistics over the global batch, not each rank's slice
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    return torch.compile(model) if args.compile else model
+    return hardware.compiled(model) if args.compile else model
 
 
 def evaluate_saved_run(args, checkpoint):

@@ -134,7 +134,8 @@ def short_setup(setup, runs):
     images = f"{c.get('train_images', s['train_size'] or 'all')}/{c.get('test_images', s['test_size'] or 'all')} img"
     head = [f"{k} {s[k]}" for k in HEAD_OPTIONS if s.get(k, OMITTED_AT_DEFAULT[k]) != OMITTED_AT_DEFAULT[k]]
     return ", ".join([s["model"], s["dataset"], images, f"{max(r['config']['epochs'] for r in runs)} ep", schedule,
-                      f"batch {s['batch_size']}", s["precision"]] + ["augment"] * bool(s["augment"]) + head)
+                      f"batch {s['batch_size']}", s["precision"]] + ["augment"] * bool(s["augment"]) + head
+                     + ["compiled"] * bool(s.get("compile")))
 
 
 def _write_regression_comparison(out_dir, groups, setup, short):

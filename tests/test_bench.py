@@ -1,14 +1,17 @@
 """bench.py runs end to end and its helpers compute what they say (a smoke test: no timing is asserted)."""
 import argparse
 import multiprocessing
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 import bench
 import benchpipelines
+import stepprofile
 import tools
 from conftest import ROOT
 
@@ -150,3 +153,45 @@ def test_quick_mode_keeps_the_timing_flags_given_with_it():
 
 def test_a_slow_rate_keeps_its_digits_instead_of_rounding_to_zero():
     assert [bench.per_second(x) for x in (0.4, 12.34, 99.96, 1234.5)] == ["0.4", "12.3", "100", "1,234"]
+
+
+def test_the_compiled_table_times_both_steps_and_the_compile_apart(tmp_path, capsys, monkeypatch):
+    """torch.compile is stood in for by a model that sleeps 2 s once, on its first step: the table must count
+    that as compile time, not as a step (a step here is well under a second, even on a busy machine)."""
+    def compile_that_takes_a_while(model):
+        first = []
+
+        def forward(*inputs):
+            if not first:
+                first.append(time.sleep(2))
+            return model(*inputs)
+        forward.parameters, forward.train, forward.eval = model.parameters, model.train, model.eval
+        return forward
+    monkeypatch.setattr(benchpipelines.hardware, "compiled", compile_that_takes_a_while)
+    args = bench.parse_args(TINY + ["--warmup", "1", "--compile", "--out", str(tmp_path)])
+    heading, table, note = bench.compiled_table(args, torch.device("cpu"), "fp32")
+    assert heading.startswith("### Compiled step") and "| eager |" in table and "| compiled |" in table
+    compile_s = float(re.search(r"Compiling took ([\d.]+) s", note).group(1))
+    assert 1.5 < compile_s < 5, note
+    assert "pay it back" in note
+
+
+def test_stepprofile_names_the_costly_operators_of_both_steps(tmp_path, capsys):
+    argv = ["--batch_size", "4", "--steps", "1", "--warmup", "1", "--device", "cpu", "--precisions", "fp32",
+            "--out", str(tmp_path)]
+    assert stepprofile.main(argv) == 0
+    report = (tmp_path / "profile.md").read_text()
+    assert report.count("ms a step, of which") == 2 and "**Training step**" in report and "**Evaluation step**" in report
+    assert "`aten::convolution_backward`" in report and "`aten::mkldnn_convolution`" in report
+    shares = [int(s) for s in re.findall(r"matrix work \(convolutions, linear layers\) [\d.]+ ms = (\d+)%", report)]
+    assert len(shares) == 2 and all(0 < s < 100 for s in shares)
+    tables = [t for t in report.split("\n\n") if t.startswith("| operator")]
+    assert [len(t.splitlines()) - 2 for t in tables] == [stepprofile.TOP] * 2
+
+
+@pytest.mark.parametrize("bad", [["--precisions", "fp16"], ["--steps", "0"], ["--model", "vgg"]])
+def test_stepprofile_refuses_bad_input_in_one_line(bad, tmp_path, capsys):
+    assert stepprofile.main(bad + ["--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("stepprofile.py: error:") and len(err.splitlines()) == 1
+    assert not (tmp_path / "p").exists()

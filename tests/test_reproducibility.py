@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import experiment
 import provenance
 import run
 import runfiles
@@ -258,3 +259,27 @@ def test_a_run_resumed_on_another_machine_keeps_where_its_earlier_epochs_ran(sma
 def test_a_resume_keeps_this_process_threads_without_a_count_on_other_hardware_or_off_the_cpu(saved, device):
     now = torch.get_num_threads()
     assert provenance.resume_threads(saved, torch.device(device)) == "" and torch.get_num_threads() == now
+
+
+def test_every_committed_run_keeps_its_name():
+    """A run's folder name is a function of its config.json: a new defining flag at its default changes no name."""
+    configs = list((ROOT / "docs").rglob("config.json"))
+    assert len(configs) > 200
+    for path in configs:
+        assert experiment.run_identity(runfiles.read_json(path))[0] == path.parent.name, path
+
+
+@pytest.mark.slow
+def test_a_compiled_run_reruns_to_the_bit_resumes_exactly_and_is_another_experiment(whole, small_cifar, tmp_path, capsys):
+    """inductor draws its own dropout masks: a compiled run is named apart from the eager run of its seed, differs
+    from it, and is resumed only as a compiled run; within the mode, reruns and resumes are bit for bit."""
+    args = ["--data_dir", small_cifar, "--compile", *FOUR_EPOCHS]
+    assert run.main([*args, "--epochs", "2", "--output_dir", tmp_path / "resumed"]) == 0  # the last --epochs wins
+    assert run.main([*args, "--output_dir", tmp_path / "resumed"]) == 0  # continues it from epoch 2
+    assert run.main([*args, "--output_dir", tmp_path / "again"]) == 0
+    (resumed,), (again,) = run_dirs(tmp_path / "resumed", 0), run_dirs(tmp_path / "again", 0)
+    assert "_compiled_s" in resumed.name and resumed.name == again.name != whole.name
+    assert rows(resumed) == rows(again) != rows(whole)
+    capsys.readouterr()
+    rc, _, err = cli(capsys, "--resume", whole, "--compile")
+    assert rc == 2 and "its --compile is False, this command's True" in err and len(err.splitlines()) == 1
