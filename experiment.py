@@ -32,8 +32,10 @@ def defining_flags(config):
 
 
 def setup_flags(config):
-    """The defining flags that are not grid flags: what every run of one comparison shares."""
-    return {k: config.get(k, OMITTED_AT_DEFAULT.get(k)) for k in DEFINING if k not in GRID}
+    """The defining flags that are not grid flags: what every run of one comparison shares (--compile only when on,
+    so the summaries of eager runs read as they did before it defined a run)."""
+    flags = {k: config.get(k, OMITTED_AT_DEFAULT.get(k)) for k in DEFINING if k not in GRID}
+    return {k: v for k, v in flags.items() if k != "compile" or v}
 
 
 def run_identity(config):

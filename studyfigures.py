@@ -11,6 +11,7 @@ from trainingmonitor import label_axes, mean_std, save_figure
 
 matplotlib.use("Agg")  # headless: files only, no window
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 finals = runfiles.final_accuracies
 
@@ -202,29 +203,31 @@ def per_epoch_table(points, pairs):
     return lines
 
 
-def error_bars(ax, x, runs_by_x, label, marker="o"):
-    """Final valid error, mean +- std over seeds, against x."""
+def error_bars(ax, x, runs_by_x, label, side=0):
+    """Final valid error, mean +- std over seeds, against x; side: where its seed counts go (see seed_counts)."""
     errors = [1 - np.array(list(finals(runs).values())) for runs in runs_by_x]
-    means = [e.mean() for e in errors]
-    ax.errorbar(x, means, yerr=[e.std(ddof=1) if len(e) > 1 else 0 for e in errors], capsize=3, marker=marker, label=label)
-    seed_counts(ax, x, means, [len(e) for e in errors])
+    means, stds = [e.mean() for e in errors], [e.std(ddof=1) if len(e) > 1 else 0 for e in errors]
+    line = ax.errorbar(x, means, yerr=stds, capsize=3, marker="o", label=label).lines[0]
+    seed_counts(ax, x, np.add(means, stds), [len(e) for e in errors], side, line.get_color())
 
 
 N_LEGEND = "n: seeds of a point, pairs of a difference"
 
 
-def seed_counts(ax, x, y, counts):
-    """'n=5' beside each point: the points of one figure may have different numbers of seeds (the rule's more)."""
-    for xi, yi, n in zip(x, y, counts):
-        ax.annotate(f"n={n}", (xi, yi), xytext=(5, 3), textcoords="offset points", fontsize=7, color="dimgrey")
-    ax.margins(x=0.08, y=0.1)  # room for the labels of the points at the edges
+def seed_counts(ax, x, tops, counts, side=0, color="dimgrey"):
+    """'n=5' over each point's bar, clear of it: the points of one figure may have different numbers of seeds.
+    side -1 or 1 puts the counts left or right of the bars' tops, so two series at one x keep theirs apart."""
+    for xi, top, n in zip(x, tops, counts):
+        ax.annotate(f"n={n}", (xi, top), xytext=(3 * side, 4), textcoords="offset points", va="bottom",
+                    ha={-1: "right", 0: "center", 1: "left"}[side], fontsize=7, color=color)
+    ax.margins(x=0.08, y=0.15)  # room for the labels over the highest bars
 
 
 def difference_bars(ax, x, differences, label=None):
     """Paired differences with their 95% intervals (a bare point where there is one seed), the pairs' count, and zero."""
-    means = [d["mean"] for d in differences]
-    ax.errorbar(x, means, yerr=stats.error_bar(differences), fmt="o", capsize=4, label=label)
-    seed_counts(ax, x, means, [d["n"] for d in differences])
+    means, (below, above) = [d["mean"] for d in differences], stats.error_bar(differences)
+    ax.errorbar(x, means, yerr=[below, above], fmt="o", capsize=4, label=label)
+    seed_counts(ax, x, np.add(means, above), [d["n"] for d in differences])
     ax.axhline(0, color="grey", lw=1)
 
 
@@ -248,6 +251,8 @@ def samples_figure(path, points, pairs, caption):
         trainingmonitor.draw_band(right, epochs_of(points[point]), losses,
                                   f"{trainingmonitor.samples_in_words(point.dropout_num)} (n={len(losses)})")
     right.set_yscale("log")
+    for axis in (right.yaxis.set_major_formatter, right.yaxis.set_minor_formatter):  # 0.03, not 3 × 10⁻²
+        axis(FuncFormatter(lambda v, _: f"{v:g}"))
     label_axes(right, "epoch", "training loss (mean ± std; log axis)", fontsize=8)
     save_figure(fig, path, f"final valid error against the number of dropout samples, and training loss\n{caption}\n{N_LEGEND}")
 
@@ -259,9 +264,9 @@ def epochs_of(runs):
 def rate_figure(path, points, pairs, caption):
     """Final valid error against p for M=1 and M=8, and under it their paired difference against p."""
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), height_ratios=[3, 2], sharex=True)
-    for m in sorted({p.dropout_num for p in points}):
+    for side, m in zip((-1, 1), sorted({p.dropout_num for p in points})):  # M=1 and M=8
         line = sorted(p for p in points if p.dropout_num == m)
-        error_bars(top, [p.dropout_p for p in line], [points[p] for p in line], trainingmonitor.samples_in_words(m))
+        error_bars(top, [p.dropout_p for p in line], [points[p] for p in line], trainingmonitor.samples_in_words(m), side)
     label_axes(top, "", "final valid error (mean ± std)", fontsize=8)
     by_p = {c.point.dropout_p: c.difference for c in pairs}
     difference_bars(bottom, sorted(by_p), [by_p[p] for p in sorted(by_p)])

@@ -22,19 +22,29 @@ def plot_run(run_dir, history, config):
     for metric, label in (("loss", task.loss_label), ("acc", "accuracy"))[:1 + task.classify]:
         fig, ax = plt.subplots(figsize=(6, 4))
         curves = [[row[f"{split}_{metric}"] for row in history] for split in ("train", "valid")]
-        for split, values in zip(("train", "valid"), curves):
-            ax.plot(epochs, values, marker=".", label=split)
+        lines = [ax.plot(epochs, values, marker=".", label=split)[0] for split, values in zip(("train", "valid"), curves)]
         if metric == "loss":
-            keep_in_view(ax, curves)
-        _save(fig, ax, run_dir / f"{metric}.png", f"{metric}\n{setup}", "epoch", label)
+            keep_in_view(ax, lines)
+        _save(fig, ax, run_dir / f"{metric}.png", f"{label}, train and valid, by epoch\n{setup}", "epoch", label)
 
 
-def keep_in_view(ax, curves):
-    """An exploding first epoch (a loss of 33, or 3112) would flatten the rest: then the axis stops above the rest."""
-    curves = [np.asarray(c, float) for c in curves if len(c) > 1]  # a curve of one epoch has no later epochs
-    later = max((c[1:].max() for c in curves), default=0)
-    if later > 0 and max(c[0] for c in curves) > 3 * later:
-        ax.set_ylim(0, later * 1.15)  # losses are not negative
+def keep_in_view(ax, lines):
+    """An exploding first epoch (a loss of 33, or 3112) would flatten the rest: then the axis stops above the rest,
+    and each first point above it is marked on the top edge with its value."""
+    firsts, later = [], 0.0
+    for line in lines:
+        values = np.asarray(line.get_ydata(), float)
+        if len(values) > 1:  # a curve of one epoch has no later epochs
+            firsts.append((line, values[0]))
+            later = max(later, values[1:].max())
+    if later > 0 and max(first for _, first in firsts) > 3 * later:
+        top = later * 1.15
+        ax.set_ylim(0, top)  # losses are not negative
+        for line, first in [(line, first) for line, first in firsts if first > top]:
+            x = line.get_xdata()[0]
+            ax.plot([x], [top], marker="^", color=line.get_color(), clip_on=False)
+            ax.annotate(f"{line.get_label()} {first:,.4g}, off the axis", (x, top), xytext=(8, -4 - 11 * lines.index(line)),
+                        textcoords="offset points", va="top", fontsize=8, color=line.get_color())
 
 
 def run_title(config):
@@ -98,7 +108,7 @@ def write_comparison(out_dir, runs, setup):
         for g in groups:
             draw_band(ax, g["epochs"], g["curves"][metric], g["label"])
         if metric.endswith("loss"):
-            keep_in_view(ax, [g["curves"][metric].mean(0) for g in groups])
+            keep_in_view(ax, list(ax.get_lines()))  # the means of the groups
         _save(fig, ax, out_dir / f"{metric}.png", f"{label}\n{short}", "epoch", label)
     fig, ax = plt.subplots(figsize=(6, 4))
     for g in groups:  # the speed claim is about wall-clock as much as epochs

@@ -9,7 +9,7 @@ import datasource
 import stats
 import train
 import trainingmonitor
-from conftest import cli, fake_run, run_dirs
+from conftest import ROOT, cli, fake_run, run_dirs
 
 T_975_2DF = 4.302652729749464  # Student t, 97.5th percentile, 2 degrees of freedom (from a printed table)
 
@@ -145,11 +145,12 @@ def test_every_figure_title_and_the_summary_say_which_setup_they_compare(tmp_pat
     assert summary.startswith(f"#### {short}\n") and "| data_source | archive-x |" in summary and "| augment | True |" in summary
 
 
-def test_a_runs_figures_are_titled_with_its_setup_and_an_exploding_first_epoch_leaves_the_picture(tmp_path, monkeypatch):
-    titles, limits, real_save = {}, {}, trainingmonitor._save
+def test_a_runs_figures_are_titled_with_its_setup_and_an_exploding_first_epoch_is_marked_off_the_axis(tmp_path, monkeypatch):
+    titles, limits, marks, real_save = {}, {}, {}, trainingmonitor._save
 
     def record(fig, ax, path, title, *rest, **options):
         titles[path.name], limits[path.name] = title, ax.get_ylim()
+        marks[path.name] = [text.get_text() for text in ax.texts]
         real_save(fig, ax, path, title, *rest, **options)
     monkeypatch.setattr(trainingmonitor, "_save", record)
     history = [{"epoch": e, "lr": 0.01, "train_loss": loss, "train_acc": 0.5, "valid_loss": loss, "valid_acc": 0.5,
@@ -159,11 +160,13 @@ def test_a_runs_figures_are_titled_with_its_setup_and_an_exploding_first_epoch_l
     run_dir = tmp_path / "miniresnet_cifar10_m8_p0.5_s42-0123abcd"
     run_dir.mkdir()
     trainingmonitor.plot_run(run_dir, history, config)
-    assert titles["loss.png"] == "loss\nminiresnet, cifar10, 8 samples (p=0.5), seed 42, 300 img, fp32"
-    assert "0123abcd" not in titles["acc.png"]
+    setup = "miniresnet, cifar10, 8 samples (p=0.5), seed 42, 300 img, fp32"
+    assert titles["loss.png"] == f"cross-entropy loss, train and valid, by epoch\n{setup}"
+    assert titles["acc.png"] == f"accuracy, train and valid, by epoch\n{setup}" and "0123abcd" not in titles["acc.png"]
     assert limits["loss.png"] == (0, pytest.approx(1.5 * 1.15))  # 33.4 would have flattened 1.5, 1.2 and 1.0
+    assert marks["loss.png"] == ["train 33.4, off the axis", "valid 33.4, off the axis"]
     trainingmonitor.plot_run(run_dir, history[1:], config)  # no explosion: matplotlib's own limits
-    assert limits["loss.png"][1] < 1.6 and limits["loss.png"][0] > 0.9
+    assert limits["loss.png"][1] < 1.6 and limits["loss.png"][0] > 0.9 and marks["loss.png"] == []
     prediction = {"train_x": [1, 2], "train_y": [1, 4], "x": [0, 1, 2], "target": [0, 1, 4], "prediction": [0, 1, 3]}
     regression = {**config, "model": "mlp", "dataset": "quadratic", "train_images": 10}
     trainingmonitor.plot_prediction(run_dir, prediction, regression)
@@ -181,3 +184,16 @@ def test_the_ablation_legends_are_words(tmp_path, monkeypatch):
     trainingmonitor._plot_final_vs(tmp_path / "m.png", trainingmonitor.group_runs(runs), "dropout_num", "setup")
     trainingmonitor._plot_final_vs(tmp_path / "p.png", trainingmonitor.group_runs(runs), "dropout_p", "setup")
     assert labels == {"m.png": ["p=0.3", "p=0.5"], "p.png": ["no dropout", "dropout", "8 samples"]}
+
+
+def test_compare_redraws_the_committed_comparison_byte_for_byte(tmp_path, capsys):
+    """The comparison of the blog's recipe in docs/, drawn again from its runs' config and metrics alone."""
+    copy = shutil.copytree(ROOT / "docs" / "cifar10-full", tmp_path / "cifar10-full")
+    drawn = sorted(p.relative_to(copy) for p in (copy / "compare").rglob("*") if p.suffix in (".png", ".md"))
+    for path in drawn:
+        (copy / path).unlink()
+    rc, _, err = cli(capsys, "--compare", copy)
+    assert rc == 0, err
+    assert len(drawn) >= 6
+    for path in drawn:
+        assert (copy / path).read_bytes() == (ROOT / "docs" / "cifar10-full" / path).read_bytes(), path
