@@ -97,26 +97,31 @@ def data_in_words(config):
 
 
 def parse_args(argv):
+    """(the runs' folder, the folder to write into)."""
     p = run.Parser(prog="blog.py", description="Write blog.md (final and best valid accuracy, ours beside the blog's "
-                   "figures) and blog_vs_ours.png (the curves overlaid) into RUNS_DIR.")
+                   "figures) and blog_vs_ours.png (the curves overlaid) into RUNS_DIR, or --output_dir.")
     p.add_argument("runs_dir", metavar="RUNS_DIR", help="a folder of finished runs of the blog's recipe, e.g. docs/cifar10-full")
-    return Path(tools.require_path(p.parse_args(argv).runs_dir, "RUNS_DIR"))
+    p.add_argument("--output_dir", help="where blog.md and blog_vs_ours.png go (default: RUNS_DIR)")
+    args = p.parse_args(argv)
+    runs_dir = Path(tools.require_path(args.runs_dir, "RUNS_DIR"))
+    return runs_dir, runs_dir if args.output_dir is None else Path(tools.require_path(args.output_dir, "--output_dir"))
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     tools.started()
     try:
-        folder = parse_args(argv)
+        runs_dir, folder = parse_args(argv)
         with tools.interrupts():
-            groups = trainingmonitor.group_runs(blog_recipe_runs(folder))
+            groups = trainingmonitor.group_runs(blog_recipe_runs(runs_dir))
             blog = blog_curves()
             try:
+                folder.mkdir(parents=True, exist_ok=True)
                 atomic_write(folder / "blog.md", tools.text_writer(table_markdown(groups, blog)))
                 plot(folder / "blog_vs_ours.png", groups, blog)
             except OSError as e:
                 raise UserError(f"cannot write blog.md or blog_vs_ours.png in {folder} ({e.strerror or e}); "
-                                "copy the runs to a writable folder") from None
+                                "choose a writable --output_dir") from None
         print(f"wrote {folder / 'blog.md'} and {folder / 'blog_vs_ours.png'}")
         return 0
     except UserError as e:

@@ -117,7 +117,8 @@ def build_parser():
                    "flags that define the run must match it; --device, --test_size, --precision and a --data_dir of the same data "
                    "choose how it is evaluated")
     p.add_argument("--compare", metavar="DIR", help="redraw the comparison of every setup from the finished runs under "
-                   "DIR (their config.json and metrics.json are enough), without training; takes no other flag")
+                   "DIR (their config.json and metrics.json are enough) into DIR/compare, or --output_dir's compare, "
+                   "without training; takes no other flag")
     return p
 
 
@@ -229,7 +230,7 @@ def main(argv=None, resume_command=None):
         args, explicit = parse_args(argv)  # --help and flag errors end here, before the slow imports
         if args.compare:
             with tools.interrupts():
-                return compare(Path(args.compare), explicit)
+                return compare(Path(args.compare), explicit, Path(args.output_dir))
         check_modes(explicit)
         runs = [] if args.eval or args.resume else grid(args)
         for run in runs:  # every run of the grid is checked before any trains
@@ -285,16 +286,17 @@ def report(torchrun, line, status):
     return status
 
 
-def compare(folder, explicit):
-    """--compare DIR: the comparisons redrawn from the runs' own files, so no other flag applies."""
-    if set(explicit) != {"compare"}:
-        raise UserError(f"--compare redraws from the runs' own config.json and takes no other flag; drop "
-                        f"{', '.join('--' + f for f in sorted(set(explicit) - {'compare'}))}")
+def compare(folder, explicit, output_dir):
+    """--compare DIR: the comparisons redrawn from the runs' own files, so no flag but where to draw them applies."""
+    if set(explicit) - {"compare", "output_dir"}:
+        raise UserError(f"--compare redraws from the runs' own config.json and takes no other flag but --output_dir; "
+                        f"drop {', '.join('--' + f for f in sorted(set(explicit) - {'compare', 'output_dir'}))}")
+    out = output_dir if "output_dir" in explicit else folder
     import trainingmonitor  # matplotlib: imported only for the work that draws
     try:
-        return trainingmonitor.compare_all(folder)
+        return trainingmonitor.compare_all(folder, out)
     except OSError as e:
-        raise UserError(f"cannot write the comparison under {folder} ({e.strerror or e}); choose another folder")
+        raise UserError(f"cannot write the comparison under {out} ({e.strerror or e}); choose another --output_dir")
 
 
 if __name__ == "__main__":

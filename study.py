@@ -53,10 +53,13 @@ def parse_args(argv):
                    "5-seed study, or --seed's) for the two points of each comparison whose interval over the study's "
                    "seeds excludes zero, as the finished runs in --output_dir give it; nothing else trains")
     p.add_argument("--compare", metavar="DIR", help="draw STUDY.png and STUDY.md from the finished runs under DIR "
-                   "(config.json and metrics.json are enough), without training; no other flag")
+                   "(config.json and metrics.json are enough) into DIR, or --output_dir, without training; no other flag")
     args = p.parse_args(argv)
-    if args.compare is not None and (args.compare == "" or len([a for a in argv if a.startswith("--")]) > 1):
-        raise UserError("--compare takes the folder of a study and no other flag, e.g. --compare docs/study-converged")
+    given = {a.split("=")[0] for a in argv if a.startswith("--")}
+    if args.compare is not None and (args.compare == "" or given - {"--compare", "--output_dir"}):
+        raise UserError("--compare takes the folder of a study and no other flag but --output_dir, e.g. "
+                        "--compare docs/study-converged")
+    args.drawn_into = args.output_dir or args.compare  # --compare: where its figure and table go
     for flag in ("data_dir", "output_dir", "compare"):
         tools.require_path(getattr(args, flag), f"--{flag}")
     if args.workers < 1:
@@ -272,7 +275,7 @@ def main(argv=None):
             return status
         with tools.interrupts():
             drawing = True
-            return draw(Path(args.compare or args.output_dir), args.study)
+            return draw(Path(args.compare or args.output_dir), args.study, Path(args.drawn_into or args.output_dir))
     except UserError as e:
         print(f"study.py: error: {e}", file=sys.stderr)
         return 2
@@ -287,20 +290,21 @@ def main(argv=None):
         return tools.stopped_status()
 
 
-def draw(output_dir, name):
-    """NAME.png and NAME.md from the finished runs under output_dir."""
+def draw(runs_dir, name, output_dir):
+    """output_dir/NAME.png and NAME.md from the finished runs under runs_dir."""
     import studyfigures
     study = STUDIES[name]
-    points = collect(output_dir, study)
+    points = collect(runs_dir, study)
     pairs = [c for c in compare(points, study.pairs, own_seeds(study)) if c.difference]
     if not pairs:
-        raise UserError(f"{output_dir} holds no finished pair of runs for the {name} study; run it first")
+        raise UserError(f"{runs_dir} holds no finished pair of runs for the {name} study; run it first")
     caption = studyfigures.caption(points, protocol_of(points))
     run_times = collections.defaultdict(list)  # where a run ran: its seconds, epochs summed
     for runs in points.values():
         for r in runs.values():
             run_times[where(r)].append(sum(row["seconds"] for row in r["history"]))
     try:
+        output_dir.mkdir(parents=True, exist_ok=True)
         studyfigures.FIGURES[study.figure](output_dir / f"{name}.png", points, pairs, caption)
         tools.atomic_write(output_dir / f"{name}.md", tools.text_writer(
             studyfigures.table(name, study, points, pairs, caption, MORE_SEEDS, run_times, own_seeds(study))))

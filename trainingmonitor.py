@@ -1,5 +1,6 @@
 """The curves: per run, and the runs of one setup overlaid and compared, with their tables."""
 import fcntl
+import os
 
 import matplotlib
 import numpy as np
@@ -65,31 +66,36 @@ def _draw_regression_data(ax, prediction):
     ax.plot(prediction["x"], prediction["target"], color="orange", ls="--", label="y = x²")
 
 
-def compare_setup(output_dir, setup):
-    """Redraw output_dir/compare/<setup>/ from the finished runs of that setup; returns (that folder, their number).
+def compare_setup(runs_dir, setup, out_dir=None):
+    """Redraw (out_dir or runs_dir)/compare/<setup>/ from the finished runs of that setup under runs_dir; returns
+    (that folder, their number).
 
-    Runs that finish at the same moment (a job array on a cluster) take turns, under a lock: the last to draw
-    has seen every run that finished before it, and each file is replaced whole, never torn.
+    Runs that finish at the same moment (a job array on a cluster) take turns, under a lock on the folder itself
+    (no lock file is left): the last to draw has seen every run that finished before it, and each file is
+    replaced whole, never torn.
     """
-    compare_dir = output_dir / "compare" / setup
+    compare_dir = (out_dir or runs_dir) / "compare" / setup
     compare_dir.mkdir(parents=True, exist_ok=True)
-    with open(compare_dir / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        runs = runfiles.one_per_identity([r for r in runfiles.finished_runs(output_dir)
+    lock = os.open(compare_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when it closes
+        runs = runfiles.one_per_identity([r for r in runfiles.finished_runs(runs_dir)
                                           if run_identity(r["config"])[1] == setup])
         write_comparison(compare_dir, runs, setup_flags(runs[0]["config"]))
+    finally:
+        os.close(lock)
     return compare_dir, len(runs)
 
 
-def compare_all(folder):
-    """run.py --compare: every setup's comparison under folder, from the finished runs alone."""
+def compare_all(folder, out_dir=None):
+    """run.py --compare: every setup's comparison of the finished runs under folder, drawn into out_dir (or folder)."""
     runs = runfiles.finished_runs(folder) if folder.is_dir() else []
     if not runs:
         raise UserError(f"{folder} holds no finished runs (folders with config.json and metrics.json up to their "
                         "last epoch); give the --output_dir of a grid")
-    check_writable(folder / "compare")
+    check_writable((out_dir or folder) / "compare")
     for setup in sorted({run_identity(r["config"])[1] for r in runs}):
-        compare_dir, count = compare_setup(folder, setup)
+        compare_dir, count = compare_setup(folder, setup, out_dir)
         print(f"{compare_dir}: comparison of {count} finished run(s)")
     return 0
 

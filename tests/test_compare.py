@@ -108,7 +108,7 @@ def test_compare_redraws_from_config_and_metrics_alone(small_cifar, tmp_path, ca
     assert "| dropout_num=8 | dropout_num=1 | 2 |" in summary and "| batch_size | 100 |" in summary
 
 
-@pytest.mark.parametrize("extra, message", [((), "holds no finished runs"), (("--seed", "3"), "takes no other flag")])
+@pytest.mark.parametrize("extra, message", [((), "holds no finished runs"), (("--seed", "3"), "takes no other flag but --output_dir; drop --seed")])
 def test_compare_refuses_an_empty_folder_and_other_flags(tmp_path, capsys, extra, message):
     rc, out, err = cli(capsys, "--compare", tmp_path, *extra)
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
@@ -197,3 +197,21 @@ def test_compare_redraws_the_committed_comparison_byte_for_byte(tmp_path, capsys
     assert len(drawn) >= 6
     for path in drawn:
         assert (copy / path).read_bytes() == (ROOT / "docs" / "cifar10-full" / path).read_bytes(), path
+
+
+def test_every_redraw_can_go_to_another_folder_and_leaves_the_runs_folder_as_it_was(tmp_path, capsys):
+    """run.py --compare, study.py --compare and blog.py draw into --output_dir what they draw in place, byte for byte,
+    and write nothing under the runs' folder, not even a lock."""
+    import blog
+    import study
+    runs = shutil.copytree(ROOT / "docs" / "cifar10-full", tmp_path / "runs")
+    before = {p: p.read_bytes() for p in runs.rglob("*") if p.is_file()}
+    assert cli(capsys, "--compare", runs, "--output_dir", tmp_path / "run")[0] == 0
+    assert study.main(["convergence", "--compare", ROOT / "docs" / "study-full", "--output_dir", tmp_path / "study"]) == 0
+    assert blog.main([runs, "--output_dir", tmp_path / "blog"]) == 0
+    assert {p: p.read_bytes() for p in runs.rglob("*") if p.is_file()} == before
+    drawn = [(tmp_path / "run" / p.relative_to(runs), p) for p in (runs / "compare").rglob("*") if p.is_file()]
+    drawn += [(tmp_path / "blog" / p.name, p) for p in runs.glob("blog*")]
+    drawn += [(tmp_path / "study" / p.name, p) for p in (ROOT / "docs" / "study-full").glob("convergence.*")]
+    assert len(drawn) >= 10 and all(new.read_bytes() == old.read_bytes() for new, old in drawn)
+    assert not list(tmp_path.rglob(".lock"))

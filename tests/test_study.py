@@ -494,7 +494,7 @@ def test_the_protocols_say_their_sizes_and_the_defaults_follow_the_study():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["samples", "--compare", "x", "--seed", "1"], "takes the folder of a study and no other flag"),
+    (["samples", "--compare", "x", "--seed", "1"], "takes the folder of a study and no other flag but --output_dir"),
     (["samples", "--compare", ""], "takes the folder of a study"),
     (["samples", "--output_dir", ""], "--output_dir needs a path"),
     (["samples", "--workers", "0"], "--workers must be 1 or more"),
