@@ -74,7 +74,7 @@ def elsewhere(config):
 
 def machine(run):
     c = run["config"]
-    return f"{c.get('hardware') or c.get('device', '?')}, {c.get('precision', '?')}"
+    return f"{c.get('hardware') or c['device']}, {c['precision']}"
 
 
 def cpu_threads(run):

@@ -18,15 +18,16 @@ from tools import UserError, json_writer, text_writer
 
 # The keys every reader relies on, and their types (bool is not a number here, though Python says so).
 CONFIG_KEYS = {"model": str, "dataset": str, "dropout_num": int, "dropout_p": (int, float), "seed": int, "epochs": int,
-               "precision": str, "device": str, "setup": str}
-# Keys added after the first runs: older runs lack them, but where present they are of their type.
-LATER_CONFIG_KEYS = {"data_source": str, "data_dir": str, "rdrop_alpha": (int, float), "valid_split": int,
-                     "head_hidden": int, "pool": str, "diversity": str, "msd_reduce": str, "msd_heads": str, "earlier": list}
+               "precision": str, "device": str, "setup": str, "data_source": str, "data_dir": str,
+               "rdrop_alpha": (int, float), "valid_split": int, "head_hidden": int, "pool": str, "diversity": str,
+               "msd_reduce": str, "msd_heads": str, "compile": bool}
+EARLIER_PLACES = {"earlier": list}  # a resumed run's: where its earlier epochs ran
 EARLIER_KEYS = {"until_epoch": int, "device": str}  # and the other fields of provenance.PLACE, as the run had them
 ROW_KEYS = {"epoch": int, "lr": (int, float), "train_loss": (int, float), "valid_loss": (int, float),
             "seconds": (int, float)}
 ACCURACY_KEYS = {"train_acc": (int, float), "valid_acc": (int, float)}  # a classification run's rows have them too
-CHECKPOINT_KEYS = {"epoch": int, "config": dict, "history": list, "model": dict, "optimizer": dict}
+CHECKPOINT_KEYS = {"epoch": int, "config": dict, "history": list, "model": dict, "optimizer": dict,
+                   "rank_rng": list}  # each rank's generator state, so a resume draws what the run would have
 FIELDS = ["epoch", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc", "seconds"]  # a row's, in order
 ROW_NUMBERS = FIELDS[1:]  # the floats, each of which must be finite
 
@@ -63,12 +64,12 @@ def check_keys(path, values, keys, what, later=None):
     for key, kind in {**keys, **{k: v for k, v in (later or {}).items() if k in values}}.items():
         if key not in values:
             raise damaged(path, f"{what} has no {key!r}")
-        if isinstance(values[key], bool) or not isinstance(values[key], kind):
+        if isinstance(values[key], bool) != (kind is bool) or not isinstance(values[key], kind):
             raise damaged(path, f"{what}'s {key!r} is {values[key]!r}, not of the type a run writes")
 
 
 def check_config(path, config, what="the config"):
-    check_keys(path, config, CONFIG_KEYS, what, LATER_CONFIG_KEYS)
+    check_keys(path, config, CONFIG_KEYS, what, EARLIER_PLACES)
     for i, place in enumerate(config.get("earlier", []), 1):  # where a resumed run's earlier epochs ran
         check_keys(path, place, EARLIER_KEYS, f"{what}'s earlier place {i}")
     return config

@@ -99,7 +99,7 @@ def train(args, config, run_dir, device, checkpoint):
     if checkpoint:
         load_state(model, checkpoint["model"], run_dir / "last.pt")
         load_state(optimizer, checkpoint["optimizer"], run_dir / "last.pt")
-        set_rng_state(checkpoint["rank_rng"][distributed.rank()] if "rank_rng" in checkpoint else checkpoint["rng"], generator)
+        set_rng_state(checkpoint["rank_rng"][distributed.rank()], generator)
         history, first_epoch = checkpoint["history"], checkpoint["epoch"] + 1
         resume_note = provenance.resume_threads(checkpoint["config"], device)
     config.update(run_dir=str(run_dir), **provenance.place_now(device), train_images=len(train_y),
@@ -152,8 +152,8 @@ def train(args, config, run_dir, device, checkpoint):
         if distributed.is_main():
             progressbar.print_row(history[-1])
             save_epoch(run_dir, config, history, test, prediction, redraw, {
-                "epoch": last, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rank_rng[0],
-                "history": history, "config": config, **({"rank_rng": rank_rng} if len(rank_rng) > 1 else {})})
+                "epoch": last, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rank_rng": rank_rng,
+                "history": history, "config": config})
 
 
 def train_epoch(model, optimizer, task, batches, autocast, steps, reads=1, bar=None):

@@ -266,7 +266,7 @@ def plot_gain(path, gains, title, what="final valid accuracy minus dropout_num=1
 
 def _group_key(run):
     c = run["config"]
-    return c["dropout_p"], c["dropout_num"], c.get("rdrop_alpha", 0.0)  # runs from before R-Drop had none
+    return c["dropout_p"], c["dropout_num"], c["rdrop_alpha"]
 
 
 def group_runs(runs):

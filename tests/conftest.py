@@ -108,8 +108,10 @@ def fake_run(m, seed, accs, p=0.5):
     """A finished run as finished_runs() gives it, with this valid accuracy curve."""
     history = [{"epoch": e, "lr": 0.01, "train_loss": 1.0, "train_acc": a, "valid_loss": 2.0 - a, "valid_acc": a,
                 "seconds": 1.0} for e, a in enumerate(accs, 1)]
-    return {"dir": Path(f"m{m}_s{seed}"), "config": {"dropout_num": m, "dropout_p": p, "seed": seed},
-            "history": history, "test": None}
+    config = {"dropout_num": m, "dropout_p": p, "seed": seed, "data_source": "x", "data_dir": "data", "rdrop_alpha": 0.0,
+              "valid_split": 0, "head_hidden": 0, "pool": "avg4", "diversity": "none", "msd_reduce": "loss",
+              "msd_heads": "shared", "compile": False}
+    return {"dir": Path(f"m{m}_s{seed}"), "config": config, "history": history, "test": None}
 
 
 def run_dirs(output_dir, dropout_num):

@@ -3,13 +3,12 @@ import numpy as np
 import pytest
 
 import blog
-from conftest import write_json
+from conftest import fake_run, write_json
 
 
 def write_run(folder, m, seed, final_acc, **changes):
-    config = {**blog.RECIPE, "dropout_num": m, "seed": seed, "rdrop_alpha": 0.0, "setup": "miniresnet_cifar10-abc",
-              "precision": "fp32", "device": "cuda",
-              **changes}
+    config = {**fake_run(m, seed, [final_acc])["config"], **blog.RECIPE, "setup": "miniresnet_cifar10-abc",
+              "precision": "fp32", "device": "cuda", **changes}
     history = [{"epoch": e, "lr": 0.01, "train_loss": 1.0, "train_acc": 0.5, "valid_loss": 1.0,
                 "valid_acc": final_acc - 0.1 + 0.1 * (e == 20) + 0.2 * (e == 12), "seconds": 1.0} for e in range(1, 21)]
     run_dir = folder / f"m{m}_s{seed}"

@@ -9,7 +9,7 @@ import datasource
 import stats
 import train
 import trainingmonitor
-from conftest import ROOT, cli, fake_run, run_dirs
+from conftest import ROOT, cli, fake_run, run_dirs, write_json
 
 T_975_2DF = 4.302652729749464  # Student t, 97.5th percentile, 2 degrees of freedom (from a printed table)
 
@@ -63,6 +63,7 @@ def test_paired_table_with_one_seed_gives_no_interval():
     assert all("[" not in c[3] for c in cells.values())
 
 
+@pytest.mark.slow
 def test_same_seed_means_same_initial_weights_and_data_order_whatever_the_dropout(small_cifar, tmp_path, capsys,
                                                                                    monkeypatch):
     weights, batches, real_model, real_batches = {}, {}, train.make_model, datasource.train_batches
@@ -88,6 +89,7 @@ def test_same_seed_means_same_initial_weights_and_data_order_whatever_the_dropou
     assert batches[0] == batches[1] == batches[2]  # dropout masks draw from another generator than shuffling
 
 
+@pytest.mark.slow
 def test_compare_redraws_from_config_and_metrics_alone(small_cifar, tmp_path, capsys):
     rc, _, _ = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path / "runs", "--epochs", 1,
                    "--batch_size", 100, "--dropout_num", 1, 8, "--seed", 1, 2, "--precision", "fp32")
@@ -118,9 +120,9 @@ def test_compare_refuses_an_empty_folder_and_other_flags(tmp_path, capsys, extra
 def test_compare_of_a_truncated_metrics_file_is_one_line(tmp_path, capsys):
     run_dir = tmp_path / "some_run"
     run_dir.mkdir()
-    (run_dir / "config.json").write_text('{"epochs": 2, "model": "miniresnet", "dataset": "cifar10", "seed": 1, '
-                                         '"dropout_num": 1, "dropout_p": 0.5, "precision": "fp32", "device": "cpu", '
-                                         '"setup": "miniresnet_cifar10-x"}')
+    write_json(run_dir / "config.json", {**fake_run(1, 1, [0.5])["config"], "epochs": 2, "model": "miniresnet",
+                                         "dataset": "cifar10", "precision": "fp32", "device": "cpu",
+                                         "setup": "miniresnet_cifar10-x"})
     (run_dir / "metrics.json").write_text('[{"epoch": 1, "valid_')  # a copy cut short
     rc, out, err = cli(capsys, "--compare", tmp_path)
     assert rc == 2 and "may be truncated" in err and len(err.strip().splitlines()) == 1
