@@ -53,6 +53,7 @@ def test_bench_writes_every_table_and_the_overhead_plot(tmp_path, capsys):
     assert "**Too short to trust** (--warmup 0: " in notes and "--steps 1: " in notes and "--repeats 2: " in notes
 
 
+@pytest.mark.slow
 def test_workers_times_k_fresh_processes_at_once_against_one(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(bench, "WORKER_ROUNDS", 1)  # one round: one process, then two at once
     monkeypatch.setattr(bench, "OVERHEAD_M", [0])  # the other tables as small as they go
@@ -69,6 +70,7 @@ def test_images_per_second_counts_every_process_from_the_first_start_to_the_last
     assert benchpipelines.images_per_second([(10.0, 12.0), (11.0, 14.0)], images_each=100) == 200 / 4
 
 
+@pytest.mark.slow
 def test_a_process_that_dies_ends_the_one_waiting_for_it_and_is_one_line(tmp_path):
     args = bench.parse_args(TINY + ["--dropout_num", "0", "--out", str(tmp_path)])
     dies = argparse.Namespace(**{**vars(args), "device": "no such device"})  # its pick_device raises at once
@@ -134,6 +136,7 @@ def test_the_overhead_plot_has_no_tick_left_of_zero(tmp_path):
     assert min(ticks) >= 0 and sorted(ticks) == bench.OVERHEAD_M
 
 
+@pytest.mark.slow
 def test_quick_mode_prints_each_table_under_its_heading(tmp_path, capsys):
     assert bench.main(["--quick", "--batch_size", "4", "--device", "cpu", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -176,6 +179,7 @@ def test_the_compiled_table_times_both_steps_and_the_compile_apart(tmp_path, cap
     assert "pay it back" in note
 
 
+@pytest.mark.slow
 def test_stepprofile_names_the_costly_operators_of_both_steps(tmp_path, capsys):
     argv = ["--batch_size", "4", "--steps", "1", "--warmup", "1", "--device", "cpu", "--precisions", "fp32",
             "--out", str(tmp_path)]

@@ -27,6 +27,7 @@ def trained(small_cifar, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_each_run_writes_metrics_config_curves_and_checkpoint(trained):
     for m in (0, 1, 8):
         (run_dir,) = run_dirs(trained, m)
@@ -48,6 +49,7 @@ def test_each_run_writes_metrics_config_curves_and_checkpoint(trained):
             assert (run_dir / name).stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_comparison_overlays_the_three_runs(trained):
     (compare_dir,) = (trained / "compare").iterdir()
     for name in ("train_loss.png", "valid_loss.png", "valid_acc.png", "valid_acc_vs_time.png", "final_acc_vs_m.png"):
@@ -57,6 +59,7 @@ def test_comparison_overlays_the_three_runs(trained):
     assert [line.split("|")[1].strip() for line in table] == ["0", "1", "8"]
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_run_does_not_train(trained, small_cifar, tmp_path, capsys):
     (run_dir,) = run_dirs(trained, 8)
     before = (run_dir / "last.pt").stat().st_mtime_ns, (run_dir / "metrics.csv").read_text()
@@ -71,6 +74,7 @@ def test_rerunning_a_finished_run_does_not_train(trained, small_cifar, tmp_path,
     assert (copy / "metrics.csv").read_text() == before[1]
 
 
+@pytest.mark.slow
 def test_same_command_same_numbers_and_another_seed_others(trained, small_cifar, tmp_path, capsys):
     (reference,) = run_dirs(trained, 8)
     args = ["--data_dir", small_cifar, "--dropout_num", 8, *TINY]
@@ -95,6 +99,7 @@ def test_more_epochs_continue_a_finished_run_exactly(trained, small_cifar, tmp_p
     assert rows(run_dirs(continued, 1)[0]) == rows(run_dirs(tmp_path / "fresh", 1)[0])
 
 
+@pytest.mark.slow
 def test_overwrite_starts_afresh(trained, small_cifar, tmp_path, capsys):
     (finished,) = run_dirs(trained, 0)
     shutil.copytree(finished, tmp_path / finished.name)
@@ -142,6 +147,7 @@ def test_bad_input_is_one_line_and_exit_2(flags, message, small_cifar, tmp_path,
     assert not list((tmp_path).glob("out/*/metrics.csv"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("modes", [["--resume", "--overwrite"], ["--eval", "--resume"], ["--eval", "--overwrite"]])
 def test_eval_resume_and_overwrite_contradict_each_other_and_nothing_is_touched(modes, trained, tmp_path, capsys):
     (finished,) = run_dirs(trained, 1)
@@ -153,6 +159,7 @@ def test_eval_resume_and_overwrite_contradict_each_other_and_nothing_is_touched(
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
 
 
+@pytest.mark.slow
 def test_resuming_in_a_read_only_folder_says_what_helps(trained, tmp_path, capsys, monkeypatch):
     (finished,) = run_dirs(trained, 1)
     run_dir = shutil.copytree(finished, tmp_path / finished.name)
@@ -165,6 +172,7 @@ def test_resuming_in_a_read_only_folder_says_what_helps(trained, tmp_path, capsy
     assert "--output_dir" not in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_rdrop_runs_sit_beside_the_others_labelled(trained, small_cifar, tmp_path, capsys):
     (plain,) = run_dirs(trained, 8)
     shutil.copytree(plain, tmp_path / plain.name)
@@ -209,6 +217,7 @@ def test_help_shows_every_default(capsys, monkeypatch):
         assert "(default: " in entries[flag], entries[flag]  # 0 is a default too, not 'no default'
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(small_cifar, tmp_path, capsys, monkeypatch):
     class NanAtCall13(torch.nn.CrossEntropyLoss):  # 9 steps an epoch: training's call 13 is epoch 2, step 4
         calls = 0
@@ -225,6 +234,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(small_cif
     assert [r["epoch"] for r in json.loads((run_dir / "metrics.json").read_text())] == [1]
 
 
+@pytest.mark.slow
 def test_a_run_killed_before_its_first_checkpoint_starts_afresh(trained, small_cifar, tmp_path, capsys):
     (finished,) = run_dirs(trained, 0)
     shutil.copytree(finished, tmp_path / finished.name)
@@ -252,6 +262,7 @@ def test_the_model_names_of_the_flags_are_the_networks_nn_builds():
 
 @pytest.mark.parametrize("flags, refused", [(["--dataset", "cifar100"], "--dataset"), (["--dataset", "svhn"], "--dataset"),
                                             (["--model", "resnet18"], "--model"), (["--dropout_p", "0.3"], "--dropout_p")])
+@pytest.mark.slow
 def test_eval_refuses_flags_that_contradict_the_run(trained, capsys, flags, refused):
     (run_dir,) = run_dirs(trained, 8)
     rc, out, err = cli(capsys, "--eval", run_dir, *flags)
@@ -259,6 +270,7 @@ def test_eval_refuses_flags_that_contradict_the_run(trained, capsys, flags, refu
     assert err.count("\n") == 1 and out == ""
 
 
+@pytest.mark.slow
 def test_eval_accepts_flags_that_cannot_change_the_evaluation(trained, capsys):
     (run_dir,) = run_dirs(trained, 8)
     saved = json.loads((run_dir / "config.json").read_text())
@@ -267,6 +279,7 @@ def test_eval_accepts_flags_that_cannot_change_the_evaluation(trained, capsys):
     assert rc == 0 and err == "" and "epoch 2, 100 test examples" in out
 
 
+@pytest.mark.slow
 def test_eval_may_choose_how_many_test_images_and_the_precision_and_says_so(trained, capsys):
     (run_dir,) = run_dirs(trained, 8)
     other = {"bf16": "fp32", "fp32": "bf16"}[json.loads((run_dir / "config.json").read_text())["precision"]]
@@ -278,12 +291,14 @@ def test_eval_may_choose_how_many_test_images_and_the_precision_and_says_so(trai
 
 @pytest.mark.parametrize("flags, message", [(["--test_size", 0], "--test_size must be positive, got 0"),
                                             (["--test_size", -5], "--test_size must be positive, got -5")])
+@pytest.mark.slow
 def test_eval_checks_its_flags_as_training_does(trained, capsys, flags, message):
     (run_dir,) = run_dirs(trained, 8)
     rc, out, err = cli(capsys, "--eval", run_dir, *flags)
     assert rc == 2 and message in err and err.count("\n") == 1 and out == ""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
 def test_files_get_the_permissions_open_gives_under_the_umask(small_cifar, tmp_path, capsys, umask, mode):
     old = os.umask(umask)
@@ -306,6 +321,7 @@ def test_a_run_stopped_before_its_first_row_leaves_no_folder(small_cifar, tmp_pa
     assert [p.name for p in tmp_path.iterdir()] == []  # no folder that later looks like a run
 
 
+@pytest.mark.slow
 def test_resumed_is_said_on_the_run_line_after_nothing_else(trained, small_cifar, tmp_path, capsys):
     (finished,) = run_dirs(trained, 1)
     shutil.copytree(finished, tmp_path / finished.name)

@@ -89,6 +89,7 @@ def test_a_copied_run_folder_is_refused_not_counted_twice(tmp_path, capsys):
     assert "are the same run" in err and f"{damaged.name} (copy)" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", ["config", "epoch", "history", "model"])
 def test_a_checkpoint_without_a_key_is_one_line_for_resume_and_eval(key, small_cifar, tmp_path, capsys):
     assert cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path, "--epochs", 1, "--batch_size", 100)[0] == 0
@@ -101,6 +102,7 @@ def test_a_checkpoint_without_a_key_is_one_line_for_resume_and_eval(key, small_c
         assert rc == 2 and f"has no {key!r}" in err and err.count("\n") == 1, err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("part", ["model", "optimizer"])
 def test_a_checkpoint_of_another_network_is_one_line_for_resume_and_eval(part, small_cifar, tmp_path, capsys):
     assert cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path, "--epochs", 1, "--batch_size", 100)[0] == 0
@@ -116,6 +118,7 @@ def test_a_checkpoint_of_another_network_is_one_line_for_resume_and_eval(part, s
         assert rc == 2 and "does not fit this code's" in err and "git_commit" in err and err.count("\n") == 1, err
 
 
+@pytest.mark.slow
 def test_a_checkpoint_whose_metrics_stop_short_of_its_epoch_is_one_line(small_cifar, tmp_path, capsys):
     assert cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path, "--epochs", 2, "--batch_size", 100)[0] == 0
     (run_dir,) = run_dirs(tmp_path, 0)
@@ -205,6 +208,7 @@ def test_a_signal_while_drawing_is_one_line_its_status_and_no_temporary_file(sig
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_a_stop_during_the_last_runs_last_redraw_is_said_and_exits_143(small_cifar, tmp_path, capsys, monkeypatch):
     import tools
     import train

@@ -85,6 +85,7 @@ def test_fp32_turns_off_the_tf32_that_cudnn_uses_by_default(precision, tf32, mon
         torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
 
 
+@pytest.mark.slow
 def test_an_fp32_run_trains_and_records_without_tf32(small_cifar, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # cuDNN's default; restored after the test
     rc, _, _ = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path, "--epochs", 1, "--batch_size", 100,

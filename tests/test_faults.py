@@ -76,6 +76,7 @@ def test_a_run_whose_evaluation_diverges_stops_at_that_epoch_and_a_rerun_or_over
     assert cli(capsys, *argv, "--overwrite")[0] == 0
 
 
+@pytest.mark.slow
 def test_a_finished_run_without_its_config_is_named_as_damaged_on_a_rerun(small_cifar, tmp_path, capsys):
     argv = ["--data_dir", small_cifar, "--output_dir", tmp_path, *TINY]
     assert cli(capsys, *argv)[0] == 0
@@ -111,6 +112,7 @@ def test_ctrl_c_while_an_entry_point_starts_is_one_line_and_exit_130(argv, tmp_p
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_a_save_that_fails_is_one_line_saying_the_disk_is_full_and_the_last_epoch_stays(
         small_cifar, tmp_path, capsys, monkeypatch):
     argv = ["--data_dir", small_cifar, "--output_dir", tmp_path, *TINY]
@@ -147,6 +149,7 @@ def test_a_path_that_loops_is_one_line_before_any_work(flag, small_cifar, tmp_pa
     assert err.count("\n") == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["loop"]
 
 
+@pytest.mark.slow
 def test_a_data_dir_whose_name_is_not_utf8_trains_reruns_and_compares(small_cifar, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(datasource, "CACHE_DIR", tmp_path / "cache")  # empty: the name is printed as it is decoded
     odd = os.fsdecode(bytes(tmp_path) + b"/caf\xe9")  # Latin-1, as an older file system would have written it

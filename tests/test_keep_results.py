@@ -28,6 +28,7 @@ def run_dir_of(*argv):
     return train.identity(args, torch.device("cpu"))[1]
 
 
+@pytest.mark.slow
 def test_a_committed_run_without_checkpoint_is_finished_and_a_partial_one_is_refused(small_cifar, tmp_path, capsys):
     argv = ["--data_dir", small_cifar, "--output_dir", tmp_path, *TINY, "--dropout_num", 8]
     assert cli(capsys, *argv)[0] == 0
@@ -44,6 +45,7 @@ def test_a_committed_run_without_checkpoint_is_finished_and_a_partial_one_is_ref
     assert len(rows(run_dir)) == 3
 
 
+@pytest.mark.slow
 def test_a_finished_grid_on_a_read_only_file_system_is_skipped(small_cifar, tmp_path, capsys, monkeypatch):
     argv = ["--data_dir", small_cifar, "--output_dir", tmp_path, *TINY, "--dropout_num", 1]
     assert cli(capsys, *argv)[0] == 0
@@ -129,6 +131,7 @@ def test_a_process_that_finds_the_download_lock_held_says_who_holds_it_and_waits
     assert entered == ["second"] and not lock.exists()  # the second's lock file went too
 
 
+@pytest.mark.slow
 def test_study_workers_train_each_run_once_and_leave_a_held_run_to_its_holder(small_cifar, tmp_path, capsys, monkeypatch):
     small = studies.Study("three runs", 1, [("avg2", [1, 8], [0.5]), ("avg2-flip", [8], [0.5])],
                         study.STUDIES["where"].pairs, "gain")

@@ -65,6 +65,7 @@ def quadratic_runs(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_rows_come_every_100_epochs_without_accuracy(quadratic_runs):
     for m in (0, 1, 8):
         (run_dir,) = quadratic_runs.glob(f"mlp_quadratic_m{m}_p0.4_s42-*")
@@ -87,6 +88,7 @@ def test_rows_come_every_100_epochs_without_accuracy(quadratic_runs):
     assert [line.split("|")[1].strip() for line in per_run] == ["0", "1", "8"]  # one seed each
 
 
+@pytest.mark.slow
 def test_compare_redraws_runs_kept_without_their_prediction(quadratic_runs, tmp_path, capsys):
     for run_dir in quadratic_runs.glob("mlp_quadratic_m*"):  # config.json and metrics.json are enough to compare
         shutil.copytree(run_dir, tmp_path / run_dir.name, ignore=shutil.ignore_patterns("*.pt", "*.png"))
@@ -106,6 +108,7 @@ def test_the_table_shows_losses_only(tmp_path, capsys):
     assert rc == 0 and header[0].split() == ["epoch", "lr", "train_loss", "valid_loss", "seconds"]
 
 
+@pytest.mark.slow
 def test_rerun_and_resume_give_the_same_numbers(quadratic_runs, tmp_path, capsys):
     (reference,) = quadratic_runs.glob("mlp_quadratic_m8_*")
     assert cli(capsys, *FAST[:-1], "100", "--dropout_num", 8, "--output_dir", tmp_path)[0] == 0  # stop at 100
@@ -114,6 +117,7 @@ def test_rerun_and_resume_give_the_same_numbers(quadratic_runs, tmp_path, capsys
     assert rows(tmp_path / reference.name) == rows(reference)
 
 
+@pytest.mark.slow
 def test_a_run_extended_from_a_rows_middle_keeps_the_rows_and_learning_rates_of_one_trained_at_once(tmp_path, capsys):
     flags = ["--dataset", "quadratic", "--dropout_num", 1, "--lr_milestone", 100]
     assert cli(capsys, *flags, "--epochs", 200, "--output_dir", tmp_path / "at_once")[0] == 0

@@ -78,6 +78,7 @@ def test_sigint_and_sigterm_keep_the_checkpoint_and_print_the_resume_command(sig
     assert rows(run_dir) == rows(whole)
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_flag_that_differs_from_the_run(whole, capsys):
     rc, _, err = cli(capsys, "--resume", whole, "--dropout_num", 8)
     assert rc == 2 and "its --dropout_num is 0, this command's 8" in err
@@ -88,12 +89,14 @@ def test_resume_of_a_folder_without_checkpoint_is_an_error(tmp_path, capsys):
     assert rc == 2 and "holds no checkpoint" in err
 
 
+@pytest.mark.slow
 def test_eval_reports_the_saved_model_on_the_test_set(whole, capsys):
     rc, out, _ = cli(capsys, "--eval", whole)
     last = runfiles.read_json(whole / "metrics.json")[-1]
     assert rc == 0 and f"accuracy {last['valid_acc']:.4f}" in out and f"loss {last['valid_loss']:.4f}" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_a_corrupt_checkpoint_is_one_clear_error(damage, whole, tmp_path, capsys, small_cifar):
     shutil.copytree(whole, tmp_path / whole.name)
@@ -121,6 +124,7 @@ def test_grid_runs_every_combination_then_skips_finished_and_resumes_unfinished(
     assert all("±" in c[5] for c in cells)  # mean +- std over the two seeds
 
 
+@pytest.mark.slow
 def test_valid_split_holds_out_training_images_and_tests_once(small_cifar, tmp_path, capsys):
     rc, out, _ = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path, "--epochs", 1, "--batch_size", 64,
                      "--valid_split", 60)
@@ -174,6 +178,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_a_rerun_resumes(wh
     assert rc == 0 and "resumed from epoch 1" in out and rows(run_dir) == rows(whole)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_cannot_run_code(whole, tmp_path, capsys, small_cifar):
     class RunsCode:
         def __reduce__(self):
@@ -212,6 +217,7 @@ def test_five_sigkills_at_random_moments_still_end_with_identical_metrics(small_
     assert rows(run_dirs(tmp_path / "killed", 0)[0]) == rows(run_dirs(tmp_path / "whole", 0)[0])
 
 
+@pytest.mark.slow
 def test_a_cpu_run_resumes_with_the_thread_count_it_began_with(whole, small_cifar, tmp_path, capsys):
     began = torch.get_num_threads()
     args = ["--data_dir", small_cifar, "--output_dir", tmp_path, *FOUR_EPOCHS]
@@ -237,6 +243,7 @@ def test_a_field_an_older_run_did_not_record_is_no_move():
     assert provenance.earlier_places({**older, "threads": 1}, now, 5) == [{"until_epoch": 5, **older, "threads": 1}]
 
 
+@pytest.mark.slow
 def test_a_run_resumed_on_another_machine_keeps_where_its_earlier_epochs_ran(small_cifar, tmp_path, capsys, monkeypatch):
     args = ["--data_dir", small_cifar, "--output_dir", tmp_path, *FOUR_EPOCHS]
     assert cli(capsys, *args, "--epochs", 2)[0] == 0

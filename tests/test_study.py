@@ -46,6 +46,7 @@ def test_refused_head_options_are_one_line_and_exit_2(small_cifar, tmp_path, cap
     assert rc == 2 and message in err and err.count("\n") == 1 and not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag, value, part", [("--msd_reduce", "logits", "_logits_s42-"), ("--msd_heads", "separate", "_separate_s42-")])
 def test_each_variant_trains_from_the_command_line_and_names_its_run(small_cifar, tmp_path, capsys, flag, value, part):
     rc, _, err = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path, "--epochs", 1, "--batch_size", 100,
@@ -58,6 +59,7 @@ def test_each_variant_trains_from_the_command_line_and_names_its_run(small_cifar
     assert default.startswith("miniresnet_cifar10_m8_p0.5_s42-") and default[-8:] != run_dir.name[-8:]  # name and hash
 
 
+@pytest.mark.slow
 def test_every_head_option_trains_from_the_command_line(small_cifar, tmp_path, capsys):
     rc, out, err = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path, "--epochs", 1, "--batch_size", 100,
                        "--dropout_num", 4, "--head_hidden", 64, "--pool", "avg2", "--diversity", "flip+pad",
