@@ -277,10 +277,14 @@ def compiled_table(args, device, precision):
     eager_s, compiled_s = statistics.median(times["eager"]), statistics.median(times["compiled"])
     compile_s = first_step_s - compiled_s
     payback = f"after {compile_s / (eager_s - compiled_s):,.0f} steps" if eager_s > compiled_s else "never"
-    table = markdown_table(["step", "ms/step", "images/s", "speed-up (lowest - highest round)"],
-                           [[name, f"{1e3 * statistics.median(ts):.1f}", per_second(args.batch_size / statistics.median(ts)),
-                             f"{statistics.median(speedups[name]):.2f}x ({min(speedups[name]):.2f} - {max(speedups[name]):.2f})"]
-                            for name, ts in times.items()])
+    flops, peak = flops_per_image(args, device, precision), peak_tflops(device, precision)
+    rows = []
+    for name, ts in times.items():
+        ips, gain = args.batch_size / statistics.median(ts), speedups[name]
+        rows.append([name, f"{1e3 * statistics.median(ts):.1f}", per_second(ips),
+                     f"{statistics.median(gain):.2f}x ({min(gain):.2f} - {max(gain):.2f})", f"{flops * ips / 1e12:.3f}",
+                     f"{flops * ips / 1e12 / peak:.1%}" if peak else "-"])
+    table = markdown_table(["step", "ms/step", "images/s", "speed-up (lowest - highest round)", "TFLOP/s", "of peak"], rows)
     note = (f"Compiling took {compile_s:.1f} s (the first compiled step, {first_step_s:.1f} s, less a steady one); "
             f"the faster steps pay it back {payback} (an epoch of the blog's recipe is 390 steps at batch 128). "
             "Evaluation compiles once more, at its own batch size.")

@@ -174,6 +174,7 @@ def test_the_compiled_table_times_both_steps_and_the_compile_apart(tmp_path, cap
     args = bench.parse_args(TINY + ["--warmup", "1", "--compile", "--out", str(tmp_path)])
     heading, table, note = bench.compiled_table(args, torch.device("cpu"), "fp32")
     assert heading.startswith("### Compiled step") and "| eager |" in table and "| compiled |" in table
+    assert "| TFLOP/s | of peak |" in table
     compile_s = float(re.search(r"Compiling took ([\d.]+) s", note).group(1))
     assert 1.5 < compile_s < 5, note
     assert "pay it back" in note
