@@ -2,7 +2,7 @@
 
     python blog.py docs/cifar10-full    # writes blog.md and blog_vs_ours.png into that folder
 
-The blog's code publishes its results only as figures. docs/blog/blog_curves.csv holds their
+The blog's code publishes its results only as figures. blog_curves.csv, beside this file, holds their
 values read off the pixels (about +-0.003 in accuracy, +-0.01 in loss): one run of each setting
 (seed 42) on the official CIFAR-10, fp32 on a GPU. Our side is every finished run under the folder
 that follows the blog's recipe, any number of seeds.
@@ -26,7 +26,7 @@ from tools import UserError, atomic_write  # noqa: E402
 matplotlib.use("Agg")  # files only, no window
 import matplotlib.pyplot as plt  # noqa: E402
 
-BLOG_CSV = Path(__file__).resolve().parent / "docs" / "blog" / "blog_curves.csv"
+BLOG_CSV = Path(__file__).resolve().parent / "blog_curves.csv"
 SETTINGS = {"no dropout": 0, "1 sample": 1, "8 sample": 8}  # the blog's legend -> dropout_num
 # The blog's recipe: the flags a run of ours must have to stand beside it (data and precision may differ).
 RECIPE = {"dataset": "cifar10", "model": "miniresnet", "dropout_p": 0.5, "batch_size": 128, "lr": 0.01,

@@ -105,7 +105,7 @@ def table_rows(path, header):
 
 
 def blog_final(setting):
-    with open(ROOT / "docs" / "blog" / "blog_curves.csv", newline="") as f:
+    with open(ROOT / "blog_curves.csv", newline="") as f:
         return next(float(r["epoch20"]) for r in csv.DictReader(f) if (r["metric"], r["setting"]) == ("valid_acc", setting))
 
 
