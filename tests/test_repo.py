@@ -116,7 +116,7 @@ def headline_cells(folder):
     compared = {row[0]: row for row in table_rows(path, "| comparison | seeds paired |")}
     epochs = {row[0]: row for row in table_rows(path, "| comparison | pairs | Δ epochs")}
     last_epoch = table_rows(path, "| epoch |")[-1]
-    cells = [f"{compared[label][2]}, {compared[label][1]} seeds" for label in ("M=8 − M=1", "M=0 − M=1")]
+    cells = [f"{compared[label][2].rstrip(' *')}, {compared[label][1]} seeds" for label in ("M=8 − M=1", "M=0 − M=1")]
     seeds = compared["M=8 − M=1"][1]
     cells += [f"{last_epoch[2].rstrip(' *')}, {seeds} seeds", f"{epochs['M=8 − M=1'][2]}, {epochs['M=8 − M=1'][1]} pairs"]
     return [cell.replace("-", "−") for cell in cells]
