@@ -118,7 +118,7 @@ def build_parser():
                    "choose how it is evaluated")
     p.add_argument("--compare", metavar="DIR", help="redraw the comparison of every setup from the finished runs under "
                    "DIR (their config.json and metrics.json are enough) into DIR/compare, or --output_dir's compare, "
-                   "without training; takes no other flag")
+                   "without training; takes no other flag but --output_dir")
     return p
 
 

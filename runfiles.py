@@ -22,6 +22,9 @@ CONFIG_KEYS = {"model": str, "dataset": str, "dropout_num": int, "dropout_p": (i
                "rdrop_alpha": (int, float), "valid_split": int, "head_hidden": int, "pool": str, "diversity": str,
                "msd_reduce": str, "msd_heads": str, "compile": bool}
 EARLIER_PLACES = {"earlier": list}  # a resumed run's: where its earlier epochs ran
+# Keys that older versions of this code did not write: a run without one is old, not damaged.
+OLDER_FORMAT = {"data_source", "data_dir", "rdrop_alpha", "valid_split", "head_hidden", "pool", "diversity",
+                "msd_reduce", "msd_heads", "compile", "rank_rng"}
 EARLIER_KEYS = {"until_epoch": int, "device": str}  # and the other fields of provenance.PLACE, as the run had them
 ROW_KEYS = {"epoch": int, "lr": (int, float), "train_loss": (int, float), "valid_loss": (int, float),
             "seconds": (int, float)}
@@ -62,6 +65,10 @@ def check_keys(path, values, keys, what, later=None):
     if not isinstance(values, dict):
         raise damaged(path, f"{what} is a {type(values).__name__}, not a JSON object")
     for key, kind in {**keys, **{k: v for k, v in (later or {}).items() if k in values}}.items():
+        if key in OLDER_FORMAT and key not in values:
+            raise UserError(f"{path}: {what} has no {key!r}, so an older version of this code wrote it; finish or "
+                            "redraw the run with that version (its config.json names the git commit), or train it "
+                            "afresh with --overwrite")
         if key not in values:
             raise damaged(path, f"{what} has no {key!r}")
         if isinstance(values[key], bool) != (kind is bool) or not isinstance(values[key], kind):

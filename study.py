@@ -40,7 +40,8 @@ Planned = collections.namedtuple("Planned", "number command args config device")
 def parse_args(argv):
     studies = "; ".join(f"{name}: {s.about} ({s.seeds} seeds)" for name, s in STUDIES.items())
     protocols = "; ".join(f"{name}: {about}" for name, (_, about) in PROTOCOLS.items())
-    p = run.Parser(prog="study.py", description=__doc__.split("\n")[0], formatter_class=run.HelpFormatter)
+    p = run.Parser(prog="study.py", description=__doc__.split("\n")[0], formatter_class=run.HelpFormatter,
+                   allow_abbrev=False)  # the --compare check below reads the flags as typed
     p.add_argument("study", choices=list(STUDIES), metavar="STUDY", help=f"which study: {studies}")
     p.add_argument("--data_dir", default="data", help="as for run.py: torchvision's root, or an image-folder copy")
     p.add_argument("--protocol", choices=list(PROTOCOLS), default="converged", help=protocols)
@@ -283,8 +284,9 @@ def main(argv=None):
         print(f"study.py: {e}", file=sys.stderr)
         return tools.stopped_status()
     except KeyboardInterrupt:  # a run stops itself and says how to go on; this is a stop outside any run
+        into = f" --output_dir {args.drawn_into}" if args.compare and args.drawn_into != args.compare else ""
         then = (f"while drawing; no file was left half-written; draw again with: python study.py {args.study} --compare "
-                f"{args.compare or args.output_dir}" if drawing else "outside a run (planning, fetching data or between "
+                f"{args.compare or args.output_dir}{into}" if drawing else "outside a run (planning, fetching data or between "
                 f"runs); the finished runs are kept; go on with: python study.py {shlex.join(argv)}")
         print(f"study.py: stopped by {tools.STOP.get('signal', 'SIGINT')} {then}", file=sys.stderr)
         return tools.stopped_status()

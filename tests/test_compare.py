@@ -128,6 +128,19 @@ def test_compare_of_a_truncated_metrics_file_is_one_line(tmp_path, capsys):
     assert rc == 2 and "may be truncated" in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_run_written_by_an_older_version_is_named_as_old_not_damaged(tmp_path, capsys):
+    run_dir = tmp_path / "some_run"
+    run_dir.mkdir()
+    config = {**fake_run(1, 1, [0.5])["config"], "epochs": 1, "model": "miniresnet", "dataset": "cifar10",
+              "precision": "fp32", "device": "cpu", "setup": "miniresnet_cifar10-x"}
+    del config["msd_reduce"]
+    write_json(run_dir / "config.json", config)
+    write_json(run_dir / "metrics.json", fake_run(1, 1, [0.5])["history"])
+    rc, out, err = cli(capsys, "--compare", tmp_path)
+    assert rc == 2 and "has no 'msd_reduce', so an older version of this code wrote it" in err
+    assert "restore it" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_every_figure_title_and_the_summary_say_which_setup_they_compare(tmp_path, monkeypatch):
     runs = [fake_run(m, seed, [0.5, 0.6]) for m in (1, 8) for seed in (1, 2)]
     for r in runs:
@@ -203,7 +216,7 @@ def test_compare_redraws_the_committed_comparison_byte_for_byte(tmp_path, capsys
 
 def test_every_redraw_can_go_to_another_folder_and_leaves_the_runs_folder_as_it_was(tmp_path, capsys):
     """run.py --compare, study.py --compare and blog.py draw into --output_dir what they draw in place, byte for byte,
-    and write nothing under the runs' folder, not even a lock."""
+    and write nothing under the runs' folder, not even a lock (it goes beside the comparison they draw)."""
     import blog
     import study
     runs = shutil.copytree(ROOT / "docs" / "cifar10-full", tmp_path / "runs")
@@ -216,4 +229,4 @@ def test_every_redraw_can_go_to_another_folder_and_leaves_the_runs_folder_as_it_
     drawn += [(tmp_path / "blog" / p.name, p) for p in runs.glob("blog*")]
     drawn += [(tmp_path / "study" / p.name, p) for p in (ROOT / "docs" / "study-full").glob("convergence.*")]
     assert len(drawn) >= 10 and all(new.read_bytes() == old.read_bytes() for new, old in drawn)
-    assert not list(tmp_path.rglob(".lock"))
+    assert [p.name for p in (tmp_path / "run" / "compare").glob(".*.lock")] == [".miniresnet_cifar10-5372cda9.lock"]
