@@ -69,13 +69,14 @@ def compare_setup(runs_dir, setup, out_dir=None):
     """Redraw (out_dir or runs_dir)/compare/<setup>/ from the finished runs of that setup under runs_dir; returns
     (that folder, their number).
 
-    Runs that finish at the same moment (a job array on a cluster) take turns, under a lock file beside the folder
-    (compare/.<setup>.lock: a file, since over NFS only a file opened for writing takes an exclusive lock): the
-    last to draw has seen every run that finished before it, and each file is replaced whole, never torn.
+    Runs that finish at the same moment (a job array on a cluster) take turns, under a lock file in the folder
+    (a file, since over NFS only a file opened for writing takes an exclusive lock; --output_dir keeps it out of a
+    committed folder): the last to draw has seen every run that finished before it, and each file is replaced
+    whole, never torn.
     """
     compare_dir = (out_dir or runs_dir) / "compare" / setup
     compare_dir.mkdir(parents=True, exist_ok=True)
-    with open(compare_dir.parent / f".{setup}.lock", "a") as lock:
+    with open(compare_dir / ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         runs = runfiles.one_per_identity([r for r in runfiles.finished_runs(runs_dir)
                                           if run_identity(r["config"])[1] == setup])
