@@ -7,7 +7,8 @@ import runfiles
 import stats
 import trainingmonitor
 from stats import format_difference
-from trainingmonitor import label_axes, mean_std, save_figure
+from comparisontables import mean_std
+from trainingmonitor import label_axes, save_figure
 
 matplotlib.use("Agg")  # headless: files only, no window
 import matplotlib.pyplot as plt  # noqa: E402

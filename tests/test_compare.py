@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import comparisontables
 import datasource
 import stats
 import train
@@ -38,7 +39,7 @@ def test_one_pair_has_no_interval_and_equal_differences_have_no_spread():
 
 
 def paired_cells(groups):
-    table = trainingmonitor.paired_markdown(groups).split("\n\n")[1].splitlines()[2:]
+    table = comparisontables.paired_markdown(groups).split("\n\n")[1].splitlines()[2:]
     return {(c[0], c[1]): c for c in ([x.strip() for x in line.split("|")[1:-1]] for line in table)}
 
 

@@ -14,7 +14,7 @@ import runfiles
 import stats
 import study
 from conftest import ROOT, SHARED_ARCHIVE
-from trainingmonitor import mean_std
+from comparisontables import mean_std
 
 
 def test_ci_runs_the_readme_test_command():
