@@ -29,7 +29,6 @@ import hardware
 import tools
 import train
 from nn import build_model
-from task import CLASSIFICATION
 
 BLOG_RECIPE_IMAGES = (50_000, 10_000)  # CIFAR-10's train and test images, for the memory figure
 # Dense peak TFLOP/s from NVIDIA's datasheets (SXM parts): bf16 tensor cores, and plain fp32 (not TF32,
@@ -123,8 +122,8 @@ def project_pipeline(args, device, dropout_num, precision, images=None, reduce="
 
     def train_steps(n):
         batches = itertools.islice(datasource.train_batches(x, y, args.batch_size, generator, args.augment, prepare), n)
-        train.train_epoch(forward, optimizer, CLASSIFICATION, batches, autocast, n)  # one read, at the last step
-    train_steps.evaluate = lambda x, y: train.evaluate(forward, x, y, autocast, prepare, CLASSIFICATION)
+        train.train_epoch(forward, optimizer, batches, autocast, n)  # one read, at the last step
+    train_steps.evaluate = lambda x, y: train.evaluate(forward, x, y, autocast, prepare)
     return train_steps
 
 

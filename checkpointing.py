@@ -105,7 +105,7 @@ def epochs_done(run_dir, config):
         return 0
     saved = runfiles.read_config(run_dir / "config.json")
     experiment.check_same_experiment(saved, config, run_dir / "config.json")
-    history = runfiles.read_history(run_dir / "metrics.json", saved)
+    history = runfiles.read_history(run_dir / "metrics.json")
     return history[-1]["epoch"] if history else 0
 
 

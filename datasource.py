@@ -128,17 +128,8 @@ def _can_write(folder):
         return False
 
 
-def quadratic():
-    """The dropout post's regression: its ten noisy samples of y = x^2 at x = 1..10 for training, and y = x^2 itself
-    on 1001 points of [0, 10] for validation. (N, 1) float32 arrays."""
-    x = np.arange(1, 11, dtype=np.float32)[:, None]
-    y = np.array([0.52, 8.54, 6.94, 20.76, 32.17, 30.65, 40.46, 80.12, 75.12, 98.83], np.float32)[:, None]
-    grid = np.linspace(0, 10, 1001, dtype=np.float32)[:, None]
-    return {"train_x": x, "train_y": y, "test_x": grid, "test_y": grid ** 2}
-
-
 def data_source(args):
-    return "builtin-quadratic" if args.dataset == "quadratic" else source_id(args.data_dir, args.dataset)
+    return source_id(args.data_dir, args.dataset)
 
 
 def split(data, args):
@@ -163,17 +154,12 @@ def split(data, args):
 
 
 def to_device(x, y, device):
-    """uint8 NHWC images -> uint8 NCHW on the device (normalised per batch); other arrays as they are."""
-    x = torch.from_numpy(x)
-    return (x.permute(0, 3, 1, 2).contiguous() if x.dim() == 4 else x).to(device), torch.from_numpy(y).to(device)
+    """uint8 NHWC images -> uint8 NCHW on the device (normalised per batch), and their labels."""
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device), torch.from_numpy(y).to(device)
 
 
 def load_splits(args, device):
-    """{'train', 'valid', 'test'}: (inputs, targets) on the device, and the number of outputs."""
-    if args.dataset == "quadratic":  # the post's ten points; validation and test: y = x^2 on a grid
-        data = quadratic()
-        train, grid_points = to_device(data["train_x"], data["train_y"], device), to_device(data["test_x"], data["test_y"], device)
-        return {"train": train, "valid": grid_points, "test": grid_points}, 1
+    """{'train', 'valid', 'test'}: (images, labels) on the device, and the number of classes."""
     data = load(args.data_dir, args.dataset, distributed.missing_on_every_rank(args.data_dir))  # all ranks, in step
     train, valid, test = split(data, args)
     splits = {"train": to_device(data["train_x"][train], data["train_y"][train], device),
@@ -184,9 +170,7 @@ def load_splits(args, device):
 
 
 def input_transform(dataset, device):
-    """uint8 images -> normalised float32, channels_last; the regression's x values go in as they are."""
-    if dataset == "quadratic":
-        return lambda x: x
+    """uint8 images -> normalised float32, channels_last."""
     mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) * 255 for v in STATS[dataset])
     return lambda x: ((x.float() - mean) / std).contiguous(memory_format=torch.channels_last)
 

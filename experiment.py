@@ -17,7 +17,7 @@ DEFINING = ["dataset", "data_source", "model", "dropout_num", "dropout_p", "batc
 # runs from before them keep theirs; another value enters both.
 OMITTED_AT_DEFAULT = {"valid_split": 0, "rdrop_alpha": 0.0, "head_hidden": 0, "pool": "avg4", "diversity": "none",
                       "msd_reduce": "loss", "msd_heads": "shared", "compile": False}
-HEAD_OPTIONS = ["head_hidden", "pool", "diversity", "msd_reduce", "msd_heads"]  # the ResNet head's; none for quadratic
+HEAD_OPTIONS = ["head_hidden", "pool", "diversity", "msd_reduce", "msd_heads"]  # the ResNet head's options
 GRID = ["seed", "dropout_p", "dropout_num", "rdrop_alpha"]  # flags that take several values; runs differing only in these are compared
 
 

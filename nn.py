@@ -1,4 +1,4 @@
-"""The multi-sample dropout head, and the networks it ends: a CIFAR ResNet and the dropout post's regression MLP.
+"""The multi-sample dropout head, and the network it ends: a CIFAR ResNet.
 
 Multi-sample dropout (Inoue 2019, arXiv 1905.09788): draw M dropout masks over the
 same features, run every masked copy through the same (shared-weight) head, and
@@ -242,25 +242,6 @@ def classifier_head(inputs, hidden, classes):
     return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, classes))
 
 
-class DropoutMLP(nn.Module):
-    """The regression network of the post on torch.nn.Dropout, 1-3-5-10-5-1 with sigmoids and a final ReLU.
-
-    Dropout A sits after the 5-unit layer, dropout B after the 10-unit layer. dropout_num=0: neither;
-    1: both, as in the post; M >= 2: A as in the post, and B becomes multi-sample dropout whose head is
-    every layer after it.
-    """
-
-    def __init__(self, dropout_num, dropout_p):
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(1, 3), nn.Sigmoid(), nn.Linear(3, 5), nn.Sigmoid(),
-                                  nn.Dropout(dropout_p) if dropout_num else nn.Identity(), nn.Linear(5, 10), nn.Sigmoid())
-        head = nn.Sequential(nn.Linear(10, 5), nn.Sigmoid(), nn.Linear(5, 1), nn.ReLU())
-        self.head = MultiSampleDropout(head, dropout_num, dropout_p)
-
-    def forward(self, x, target=None, loss_fn=None):
-        return self.head(self.body(x), target, loss_fn)
-
-
 MODEL_WIDTHS = {
     "miniresnet": (32, 64, 64, 128),  # the blog code's network: 848,810 parameters for 10 classes
     "resnet18": (64, 128, 256, 512),  # the standard CIFAR ResNet-18: 11,173,962 parameters
@@ -269,11 +250,6 @@ MODEL_WIDTHS = {
 
 def build_model(name, num_outputs, dropout_num, dropout_p, rdrop_alpha=0.0,
                 head_hidden=0, pool="avg4", diversity="none", reduce="loss", heads="shared"):
-    if name == "mlp":
-        problem = mlp_problem(rdrop_alpha, head_hidden, pool, diversity, reduce, heads)
-        if problem:
-            raise ValueError(problem)
-        return DropoutMLP(dropout_num, dropout_p)
     return ResNet(MODEL_WIDTHS[name], num_outputs, dropout_num, dropout_p, rdrop_alpha, head_hidden, pool, diversity,
                   reduce, heads)
 
@@ -284,8 +260,6 @@ def build_model(name, num_outputs, dropout_num, dropout_p, rdrop_alpha=0.0,
 def model_problem(name, dropout_num, dropout_p, rdrop_alpha=0.0, head_hidden=0, pool="avg4", diversity="none",
                   reduce="loss", heads="shared"):
     """What build_model would refuse, in one line, or None."""
-    if name == "mlp":
-        return mlp_problem(rdrop_alpha, head_hidden, pool, diversity, reduce, heads) or head_problem(dropout_num, dropout_p)
     return (resnet_head_problem(head_hidden, pool, diversity)
             or head_problem(dropout_num, dropout_p, rdrop_alpha, diversity, reduce, heads))
 
@@ -296,8 +270,7 @@ def fit_problem(name, num_outputs, dropout_num, head_hidden=0, pool="avg4", head
     moments, 16 bytes a weight (M sets with separate heads); and the M dropped copies of a batch_size batch's
     features, 3 bytes an element at least (2 in bf16, and a 1-byte mask), with the hidden units', 2 bytes each.
     batch_size 0: to evaluate, the weights alone, 4 bytes each."""
-    inputs = 10 if name == "mlp" else MODEL_WIDTHS[name][-1] * (4 // POOLS[pool]) ** 2
-    hidden = 0 if name == "mlp" else head_hidden
+    inputs, hidden = MODEL_WIDTHS[name][-1] * (4 // POOLS[pool]) ** 2, head_hidden
     weights = (inputs * num_outputs if not hidden else (inputs + num_outputs) * hidden) * (dropout_num if heads == "separate" else 1)
     need = (16 if batch_size else 4) * weights + max(dropout_num, 1) * batch_size * (3 * inputs + 2 * hidden)
     if memory is None or need <= memory:
@@ -315,14 +288,4 @@ def resnet_head_problem(head_hidden, pool, diversity):
         return f"the pooling (--pool) must be one of {', '.join(POOLS)}, got {pool!r}"
     if diversity in DIVERSITIES[1:] and pool == "avg4":  # a global average forgets where a feature was
         return f"diversity {diversity!r} needs --pool avg2: after the global average of --pool avg4 a flip changes nothing"
-    return None
-
-
-def mlp_problem(rdrop_alpha, head_hidden, pool, diversity, reduce, heads):
-    """The regression's mlp: one output, squared errors, its own head (R-Drop's term needs class distributions)."""
-    if rdrop_alpha:
-        return "R-Drop (--rdrop_alpha) compares class distributions: the regression's mlp has none; drop it"
-    if (head_hidden, pool, diversity, reduce, heads) != (0, "avg4", "none", "loss", "shared"):
-        return ("--head_hidden, --pool, --diversity, --msd_reduce and --msd_heads are options of the ResNet head; "
-                "the regression's mlp has its own: drop them")
     return None

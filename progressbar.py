@@ -20,18 +20,17 @@ class EpochBar:
         return not self.bar.disable
 
     def update(self, step, loss, acc):
-        """Move to `step` (counted from 1) showing the running loss and accuracy (None: a regression)."""
-        self.bar.set_postfix(loss=f"{loss:.4f}", **({} if acc is None else {"acc": f"{acc:.4f}"}), refresh=False)
+        """Move to `step` (counted from 1) showing the running loss and accuracy."""
+        self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.4f}", refresh=False)
         self.bar.update(step - self.bar.n)
 
     def close(self):
         self.bar.close()
 
 
-def print_header(classify=True):
-    """The column names; a regression has no accuracy columns."""
-    tqdm.write("  ".join(f"{name:>{width}}" for name, width, _ in COLUMNS if classify or not name.endswith("acc")))
+def print_header():
+    tqdm.write("  ".join(f"{name:>{width}}" for name, width, _ in COLUMNS))
 
 
 def print_row(row):
-    tqdm.write("  ".join(f"{row[name]:>{width}{fmt}}" for name, width, fmt in COLUMNS if name in row))
+    tqdm.write("  ".join(f"{row[name]:>{width}{fmt}}" for name, width, fmt in COLUMNS))

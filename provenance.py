@@ -11,6 +11,13 @@ import tools
 PLACE = ("device", "hardware", "threads", "torch", "torchvision", "numpy", "git_commit", "git_dirty")  # where it ran
 
 
+def trains_now(device, checkpoint=None):
+    """config.json's fields for where the run trains now, and, resumed, where its earlier epochs ran if elsewhere."""
+    now = place_now(device)
+    earlier = earlier_places(checkpoint["config"], now, checkpoint["epoch"]) if checkpoint else []
+    return {**now, **({"earlier": earlier} if earlier else {})}
+
+
 def place_now(device):
     """config.json's fields for where this process trains: PLACE's, and on CUDA whether TF32 was on."""
     import numpy as np  # here, not above: the tables read where finished runs ran without torch

@@ -20,24 +20,17 @@ from pathlib import Path
 import runlock
 import tools
 from experiment import DEFINING, GRID, IMAGE_SETS
-from task import REGRESSION
 from tools import UserError
 
 IMAGE_MODELS = ["miniresnet", "resnet18"]  # nn.MODEL_WIDTHS's names (a test keeps them equal), without importing torch
-# Defaults that depend on --dataset: the image sets follow the blog post on multi-sample dropout;
-# quadratic, the post on torch.nn.Dropout and its regression: one example per step, 3000 epochs.
-DEFAULTS = {"images": {"model": "miniresnet", "dropout_p": [0.5], "lr": 0.01, "lr_milestone": 10, "epochs": 20,
-                       "batch_size": 128},
-            "quadratic": {"model": "mlp", "dropout_p": [0.4], "lr": 0.005, "lr_milestone": 0, "epochs": 3000,
-                          "batch_size": 1}}
 
 
 PATH_FLAGS = ["data_dir", "output_dir", "resume", "eval", "compare"]  # an empty one is refused, never read as 'not given'
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults as a user types them (42, not [42]; a switch: off), except None: a flag that defaults per data
-    set says so in its help, and one that names a run or folder has no default."""
+    """Shows defaults as a user types them (42, not [42]; a switch: off), except None: a flag that names a run or
+    folder has no default."""
 
     def _get_help_string(self, action):
         if action.default is None or action.default == argparse.SUPPRESS:  # 0 is shown
@@ -47,23 +40,18 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return f"{action.help} (default: {default})"
 
 
-def per_dataset(flag):
-    value = lambda kind: ", ".join(map(str, DEFAULTS[kind][flag])) if flag in GRID else DEFAULTS[kind][flag]
-    return f"(default: {value('images')} for the images, {value('quadratic')} for quadratic)"
-
-
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not the whole usage block
         raise UserError(f"{message} (see python {self.prog} --help)")
 
 
 def build_parser():
-    p = Parser(prog="run.py", description="Multi-sample dropout on CIFAR-10, CIFAR-100, SVHN, or the regression of the "
-               "post on torch.nn.Dropout. --seed, --dropout_num, --dropout_p and --rdrop_alpha take several values and "
+    p = Parser(prog="run.py", description="Multi-sample dropout on CIFAR-10, CIFAR-100 or SVHN, with the blog post's "
+               "recipe by default. --seed, --dropout_num, --dropout_p and --rdrop_alpha take several values and "
                "run the grid: --dropout_num 0 1 8 (or --dropout_num=0 1 8, or --dropout_num=0,1,8).",
                formatter_class=HelpFormatter)
     p.add_argument("--dropout_num", type=int, nargs="+", default=[0], help="dropout samples M: 0 none, 1 plain dropout, M>1 multi-sample")
-    p.add_argument("--dropout_p", type=float, nargs="+", help=f"dropout probability {per_dataset('dropout_p')}")
+    p.add_argument("--dropout_p", type=float, nargs="+", default=[0.5], help="dropout probability")
     p.add_argument("--rdrop_alpha", type=float, nargs="+", default=[0.0], help="R-Drop: add (alpha/2) x the mean "
                    "symmetric KL between the dropout samples' predictions (needs --dropout_num 2 or more; 0: off)")
     p.add_argument("--head_hidden", type=int, default=0, help="the shared part after the dropout: 0, one Linear "
@@ -83,15 +71,12 @@ def build_parser():
     p.add_argument("--msd_heads", choices=["shared", "separate"], default="shared", help="shared: every sample "
                    "through the same head (the paper); separate: M independently initialised copies of the head, one "
                    "per sample, and evaluation takes the mean of the M heads' logits")
-    p.add_argument("--model", help=f"{', '.join(IMAGE_MODELS)} for the images; mlp (the Dropout post's network) for quadratic "
-                   f"{per_dataset('model')}")
-    p.add_argument("--dataset", default="cifar10", help=f"{', '.join(IMAGE_SETS)}, or quadratic: the dropout "
-                   "regression demo of the post on torch.nn.Dropout (y = x^2 from ten noisy points)")
-    p.add_argument("--epochs", type=int, help=f"epochs to train; more than a finished run continues it {per_dataset('epochs')}")
-    p.add_argument("--batch_size", type=int, help=f"training batch; the last incomplete batch is dropped {per_dataset('batch_size')}")
-    p.add_argument("--lr", type=float, help=f"Adam learning rate {per_dataset('lr')}")
-    p.add_argument("--lr_milestone", type=int, help="epochs 1..N use lr, later ones lr x 0.1; 0: never; quadratic "
-                   f"sets the lr per block of 100 epochs, so N is a multiple of 100 {per_dataset('lr_milestone')}")
+    p.add_argument("--model", default="miniresnet", help=f"{' or '.join(IMAGE_MODELS)}")
+    p.add_argument("--dataset", default="cifar10", help=f"{', '.join(IMAGE_SETS)}")
+    p.add_argument("--epochs", type=int, default=20, help="epochs to train; more than a finished run continues it")
+    p.add_argument("--batch_size", type=int, default=128, help="training batch; the last incomplete batch is dropped")
+    p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate")
+    p.add_argument("--lr_milestone", type=int, default=10, help="epochs 1..N use lr, later ones lr x 0.1; 0: never")
     p.add_argument("--augment", action="store_true", help="random crop (4-pixel padding) and horizontal flip")
     p.add_argument("--seed", type=int, nargs="+", default=[42], help="initialisation, shuffling, augmentation and dropout")
     p.add_argument("--data_seed", type=int, default=0, help="which images --train_size/--test_size/--valid_split pick")
@@ -145,15 +130,8 @@ def split_grid_values(argv):
     return out
 
 
-def with_dataset_defaults(args):
-    """The flags left unset, filled in from --dataset's defaults."""
-    defaults = DEFAULTS["quadratic" if args.dataset == "quadratic" else "images"]
-    return argparse.Namespace(**{k: defaults[k] if v is None and k in defaults else v for k, v in vars(args).items()})
-
-
 def grid(args):
     """One namespace per (seed, dropout_p, dropout_num, rdrop_alpha) of the command, seeds outermost."""
-    args = with_dataset_defaults(args)
     return [argparse.Namespace(**{**vars(args), **dict(zip(GRID, values))})
             for values in itertools.product(*(getattr(args, flag) for flag in GRID))]
 
@@ -168,7 +146,7 @@ def saved_args(checkpoint, explicit):
         if flag in GRID and len(value) > 1:
             raise UserError(f"--{flag} takes one value with --resume/--eval")
         flags[flag] = value[0] if flag in GRID else value
-    return with_dataset_defaults(argparse.Namespace(**flags)), checkpoint
+    return argparse.Namespace(**flags), checkpoint
 
 
 def check_modes(given):
@@ -181,8 +159,8 @@ def check_modes(given):
 
 
 def check_args(args):
-    if args.dataset not in IMAGE_SETS + ["quadratic"]:
-        raise UserError(f"unknown --dataset {args.dataset!r}: use one of {', '.join(IMAGE_SETS)} or quadratic")
+    if args.dataset not in IMAGE_SETS:
+        raise UserError(f"unknown --dataset {args.dataset!r}: use one of {', '.join(IMAGE_SETS)}")
     for flag in ("epochs", "batch_size", "lr", "train_size", "test_size"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
@@ -196,28 +174,13 @@ def check_args(args):
     for flag, value in (("seed", args.seed), ("data_seed", args.data_seed)):
         if not 0 <= value < 2**32:  # numpy's seeds are unsigned 32-bit
             raise UserError(f"--{flag} must be in [0, 2**32), got {value}")
-    if args.dataset == "quadratic":
-        check_quadratic_args(args)
-    elif args.model not in IMAGE_MODELS:
+    if args.model not in IMAGE_MODELS:
         raise UserError(f"unknown --model {args.model!r}: use one of {', '.join(IMAGE_MODELS)}")
     from nn import model_problem  # the model's rules live with it (torch: last, once the cheap checks passed)
     problem = model_problem(args.model, args.dropout_num, args.dropout_p, args.rdrop_alpha, args.head_hidden, args.pool,
                             args.diversity, args.msd_reduce, args.msd_heads)
     if problem:
         raise UserError(problem)
-
-
-def check_quadratic_args(args):
-    """The regression demo has ten fixed points and one network: the image-only data flags are errors, not ignored
-    (the network's own options are nn.model_problem's)."""
-    if args.model != "mlp":
-        raise UserError(f"--dataset quadratic trains the post's network, --model mlp, not {args.model!r}")
-    for flag, off in (("train_size", None), ("test_size", None), ("augment", False), ("valid_split", 0)):
-        if getattr(args, flag) != off:
-            raise UserError(f"--{flag} is for the image data sets; drop it with --dataset quadratic")
-    every = REGRESSION.rows_every
-    if args.lr_milestone % every:  # the lr is set once per row of `every` epochs
-        raise UserError(f"--lr_milestone must be a multiple of {every} with --dataset quadratic, got {args.lr_milestone}")
 
 
 def main(argv=None, resume_command=None):

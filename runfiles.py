@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 
 from experiment import run_identity
-from task import task_of
 from tools import UserError, json_writer, text_writer
 
 # The keys every reader relies on, and their types (bool is not a number here, though Python says so).
@@ -26,9 +25,8 @@ EARLIER_PLACES = {"earlier": list}  # a resumed run's: where its earlier epochs 
 OLDER_FORMAT = {"data_source", "data_dir", "rdrop_alpha", "valid_split", "head_hidden", "pool", "diversity",
                 "msd_reduce", "msd_heads", "compile", "rank_rng"}
 EARLIER_KEYS = {"until_epoch": int, "device": str}  # and the other fields of provenance.PLACE, as the run had them
-ROW_KEYS = {"epoch": int, "lr": (int, float), "train_loss": (int, float), "valid_loss": (int, float),
-            "seconds": (int, float)}
-ACCURACY_KEYS = {"train_acc": (int, float), "valid_acc": (int, float)}  # a classification run's rows have them too
+ROW_KEYS = {"epoch": int, "lr": (int, float), "train_loss": (int, float), "train_acc": (int, float),
+            "valid_loss": (int, float), "valid_acc": (int, float), "seconds": (int, float)}
 CHECKPOINT_KEYS = {"epoch": int, "config": dict, "history": list, "model": dict, "optimizer": dict,
                    "rank_rng": list}  # each rank's generator state, so a resume draws what the run would have
 FIELDS = ["epoch", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc", "seconds"]  # a row's, in order
@@ -38,7 +36,7 @@ ROW_NUMBERS = FIELDS[1:]  # the floats, each of which must be finite
 def metrics_files(run_dir, history):
     """[(path, write)] for tools.atomic_writes: metrics.csv and .json, a row per epoch, floats at full precision."""
     out = io.StringIO()
-    writer = csv.DictWriter(out, [f for f in FIELDS if f in history[0]], lineterminator="\n")
+    writer = csv.DictWriter(out, FIELDS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
     return [(run_dir / "metrics.csv", text_writer(out.getvalue())),
@@ -86,14 +84,12 @@ def read_config(path):
     return check_config(path, read_json(path))
 
 
-def check_history(path, history, config):
-    """Rows with every key a reader needs (the accuracies too where config's task has them), numbers that are
-    numbers, and all of them finite."""
+def check_history(path, history):
+    """Rows with every key a reader needs, numbers that are numbers, and all of them finite."""
     if not isinstance(history, list):
         raise damaged(path, f"the metrics are a {type(history).__name__}, not a list of rows")
-    keys = {**ROW_KEYS, **(ACCURACY_KEYS if task_of(config["dataset"]).classify else {})}
     for i, row in enumerate(history, 1):
-        check_keys(path, row, keys, f"row {i}")
+        check_keys(path, row, ROW_KEYS, f"row {i}")
         for key in ROW_NUMBERS:
             value = row.get(key, 0.0)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -103,15 +99,15 @@ def check_history(path, history, config):
     return history
 
 
-def read_history(path, config):
-    return check_history(path, read_json(path), config)
+def read_history(path):
+    return check_history(path, read_json(path))
 
 
 def check_checkpoint(path, checkpoint):
     """A checkpoint torch could read, with what resuming and evaluating take from it."""
     check_keys(path, checkpoint, CHECKPOINT_KEYS, "the checkpoint")
     check_config(path, checkpoint["config"], "the checkpoint's config")
-    check_history(path, checkpoint["history"], checkpoint["config"])
+    check_history(path, checkpoint["history"])
     last = checkpoint["history"][-1]["epoch"] if checkpoint["history"] else 0
     if last != checkpoint["epoch"]:
         raise damaged(path, f"the checkpoint says epoch {checkpoint['epoch']} but its metrics end at epoch {last}")
@@ -135,11 +131,10 @@ def finished_runs(output_dir):
     runs = []
     for run_dir in saved_run_dirs(output_dir):  # training renames the checkpoint into place last: each has both files
         config = read_config(run_dir / "config.json")
-        history = read_history(run_dir / "metrics.json", config)
+        history = read_history(run_dir / "metrics.json")
         if history and history[-1]["epoch"] >= config["epochs"]:
-            test, prediction = (read_json(run_dir / f) if os.path.lexists(run_dir / f) else None
-                                for f in ("test.json", "prediction.json"))
-            runs.append({"dir": run_dir, "config": config, "history": history, "test": test, "prediction": prediction})
+            test = read_json(run_dir / "test.json") if os.path.lexists(run_dir / "test.json") else None
+            runs.append({"dir": run_dir, "config": config, "history": history, "test": test})
     return runs
 
 

@@ -320,7 +320,7 @@ def protocol_of(points):
     """The protocol whose flags every run matches, by its own config (or 'custom')."""
     configs = [r["config"] for runs in points.values() for r in runs.values()]
     for name, (flags, _) in PROTOCOLS.items():
-        wanted = vars(run.with_dataset_defaults(run.build_parser().parse_args(flags)))
+        wanted = vars(run.build_parser().parse_args(flags))
         keys = ("train_size", "test_size", "epochs", "lr_milestone", "batch_size")
         if all(c.get(k) == wanted[k] for c in configs for k in keys):
             return name

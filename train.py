@@ -2,7 +2,6 @@
 
 run.py parses the flags and calls train_run once per run of the grid (or evaluate_saved_run for --eval).
 """
-import itertools
 import math
 import shutil
 import time
@@ -23,12 +22,11 @@ import trainingmonitor
 from checkpointing import (checkpoint_writer, epochs_done, load_state, resumable_checkpoint, rng_state,
                            seed_everything, set_rng_state)
 from nn import build_model, fit_problem
-from task import task_of
 from tools import UserError
 
 REDRAW_S = 10  # seconds between redraws of a run's figures (~0.3 s each); the last row always redraws
 EVAL_BATCH = 1000  # images per evaluation step; no gradients, so larger than training's
-READS_PER_ROW = 20  # device reads a row (an epoch for images) for the progress bar, and for torchrun's ranks to agree on stopping
+READS_PER_EPOCH = 20  # device reads an epoch, for the progress bar and for torchrun's ranks to agree on stopping
 EVAL_CHOICES = ("test_size", "precision")  # they choose how --eval evaluates, not which run it is (--device too)
 COMMAND_ONLY = ("resume", "eval", "compare")  # what the command did, not what the run is: kept out of config.json
 
@@ -74,94 +72,89 @@ def finished(run_dir, config, args):
 
 
 def train(args, config, run_dir, device, checkpoint):
-    """Set up, resume, loop over the epochs, save a row and a checkpoint after each."""
+    """Set up, resume, then an epoch at a time: train, evaluate, save a row of metrics and a checkpoint."""
     # Data: the whole (sub)sets as uint8 tensors on the device; --data_seed alone picks the images.
-    splits, num_outputs = datasource.load_splits(args, device)
+    splits, num_classes = datasource.load_splits(args, device)
     (train_x, train_y), (valid_x, valid_y) = splits["train"], splits["valid"]
     steps = len(train_y) // args.batch_size
     if steps == 0:
-        raise UserError(f"--batch_size {args.batch_size} is larger than the {len(train_y)} training examples; lower it")
-
+        raise UserError(f"--batch_size {args.batch_size} is larger than the {len(train_y)} training images; lower it")
     seed_everything(args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)  # shuffling and augmentation, the same on every rank
-    model = make_model(args, num_outputs, device, args.batch_size // distributed.world())  # the same weights on every rank
+    model = make_model(args, num_classes, device, args.batch_size // distributed.world())  # the same weights on every rank
     distributed.seed_dropout(args.seed)
     forward = parallel(model, args, device)  # shares model's weights; model is what we save
     evaluator = model if distributed.world() > 1 else forward  # DDP's forward is a collective: ranks evaluate alone
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, foreach=True)  # one op for all tensors; same bits
-    task = task_of(args.dataset)
     autocast = autocast_for(device, config["precision"])
     prepare = datasource.input_transform(args.dataset, device)
 
     if args.overwrite and run_dir.exists() and distributed.is_main():
         shutil.rmtree(run_dir)
-    history, first_epoch, resume_note = [], 1, ""
-    if checkpoint:
-        load_state(model, checkpoint["model"], run_dir / "last.pt")
-        load_state(optimizer, checkpoint["optimizer"], run_dir / "last.pt")
-        set_rng_state(checkpoint["rank_rng"][distributed.rank()], generator)
-        history, first_epoch = checkpoint["history"], checkpoint["epoch"] + 1
-        resume_note = provenance.resume_threads(checkpoint["config"], device)
-    config.update(run_dir=str(run_dir), **provenance.place_now(device), train_images=len(train_y),
+    history, first_epoch, resume_note = resume(checkpoint, model, optimizer, generator, run_dir, device)
+    config.update(run_dir=str(run_dir), **provenance.trains_now(device, checkpoint), train_images=len(train_y),
                   valid_images=len(valid_y), test_images=len(splits["test"][1]))
-    earlier = provenance.earlier_places(checkpoint["config"], config, checkpoint["epoch"]) if checkpoint else []
-    config.update({"earlier": earlier} if earlier else {})
     say(f"{run_dir}: {args.model}, dropout_num={args.dropout_num}, p={args.dropout_p}, "
-          f"{f'rdrop_alpha={args.rdrop_alpha}, ' if args.rdrop_alpha else ''}seed={args.seed}, "
-          f"{len(train_y)} train / {len(valid_y)} {'valid' if args.valid_split else 'test'} examples, "
-          f"{device}{f' x {distributed.world()} ranks' if distributed.world() > 1 else ''}, {config['precision']}"
-          + (f"; resumed from epoch {checkpoint['epoch']}{resume_note}" if checkpoint else ""))
+        f"{f'rdrop_alpha={args.rdrop_alpha}, ' if args.rdrop_alpha else ''}seed={args.seed}, "
+        f"{len(train_y)} train / {len(valid_y)} {'valid' if args.valid_split else 'test'} images, "
+        f"{device}{f' x {distributed.world()} ranks' if distributed.world() > 1 else ''}, {config['precision']}"
+        + resume_note)
     if distributed.is_main():
-        progressbar.print_header(classify=task.classify)
+        progressbar.print_header()
 
-    # A row (metrics, checkpoint) per task.rows_every epochs: one per epoch for images, per 100 for the regression.
-    drawn_at = -math.inf  # when the figures were last drawn: the first row draws them
-    for epoch in row_starts(first_epoch, args.epochs, task.rows_every):
-        last = min(epoch - (epoch - 1) % task.rows_every + task.rows_every - 1, args.epochs)  # this row: epoch..last
-        span = f"epoch {epoch}" if last == epoch else f"epochs {epoch}-{last}"
+    drawn_at = -math.inf  # when the figures were last drawn: the first epoch draws them
+    for epoch in range(first_epoch, args.epochs + 1):
         if tools.STOP:  # a stop requested during evaluation or start-up
-            raise tools.Interrupted(f"stopped by {tools.STOP['signal']} before {span}; {kept_note(run_dir, epoch)}")
+            raise tools.Interrupted(f"stopped by {tools.STOP['signal']} before epoch {epoch}; {kept_note(run_dir, epoch)}")
         start = time.perf_counter()
         lr = args.lr * (0.1 if args.lr_milestone and epoch > args.lr_milestone else 1.0)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batches = itertools.chain.from_iterable(datasource.train_batches(
-            train_x, train_y, args.batch_size, generator, args.augment, prepare, distributed.rank(), distributed.world())
-            for _ in range(epoch, last + 1))
-        row_steps = steps * (last - epoch + 1)
-        bar = progressbar.EpochBar(row_steps, last, args.epochs, show=distributed.is_main())
+        batches = datasource.train_batches(train_x, train_y, args.batch_size, generator, args.augment, prepare,
+                                           distributed.rank(), distributed.world())
+        bar = progressbar.EpochBar(steps, epoch, args.epochs, show=distributed.is_main())
         # Reading from the device makes the host wait: only to show progress, or for the ranks to agree on stopping
-        reads = READS_PER_ROW if bar.enabled or distributed.world() > 1 else 1
+        reads = READS_PER_EPOCH if bar.enabled or distributed.world() > 1 else 1
         try:
-            train_loss, train_acc = train_epoch(forward, optimizer, task, batches, autocast, row_steps, reads, bar)
+            train_loss, train_acc = train_epoch(forward, optimizer, batches, autocast, steps, reads, bar)
         except (FloatingPointError, tools.Interrupted) as e:
-            raise type(e)(f"{e} of {span}; {kept_note(run_dir, epoch)}") from None
+            raise type(e)(f"{e} of epoch {epoch}; {kept_note(run_dir, epoch)}") from None
         distributed.share_buffers(model)
-        valid_loss, valid_acc = evaluate(evaluator, valid_x, valid_y, autocast, prepare, task)
-        check_finite("valid" if args.valid_split else "test", valid_loss, span, run_dir, epoch)
-        row = {"epoch": last, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
-               "valid_loss": valid_loss, "valid_acc": valid_acc, "seconds": time.perf_counter() - start}
-        history.append({k: v for k, v in row.items() if v is not None})  # a regression has no accuracy
-        test = evaluate(evaluator, *splits["test"], autocast, prepare, task) if args.valid_split and last == args.epochs else None
+        valid_loss, valid_acc = evaluate(evaluator, valid_x, valid_y, autocast, prepare)
+        check_finite("valid" if args.valid_split else "test", valid_loss, run_dir, epoch)
+        history.append({"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
+                        "valid_loss": valid_loss, "valid_acc": valid_acc, "seconds": time.perf_counter() - start})
+        test = evaluate(evaluator, *splits["test"], autocast, prepare) if args.valid_split and epoch == args.epochs else None
         if test:
-            check_finite("test", test[0], span, run_dir, epoch)
-        prediction = grid_prediction(evaluator, splits, autocast) if task.predicts_grid else None
-        redraw = last == args.epochs or time.perf_counter() - drawn_at >= REDRAW_S
+            check_finite("test", test[0], run_dir, epoch)
+        redraw = epoch == args.epochs or time.perf_counter() - drawn_at >= REDRAW_S
         drawn_at = time.perf_counter() if redraw else drawn_at
         rank_rng = distributed.gather_on_main(rng_state(generator))  # every rank's, so a resume is exact
         if distributed.is_main():
             progressbar.print_row(history[-1])
-            save_epoch(run_dir, config, history, test, prediction, redraw, {
-                "epoch": last, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rank_rng": rank_rng,
+            save_epoch(run_dir, config, history, test, redraw, {
+                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rank_rng": rank_rng,
                 "history": history, "config": config})
 
 
-def train_epoch(model, optimizer, task, batches, autocast, steps, reads=1, bar=None):
-    """One pass over the `steps` batches; returns (mean loss, accuracy or None for a regression), over every rank's
-    images. The sums stay on the device and are read `reads` times (the last step's always): each read makes the
-    host wait for the device. Raises FloatingPointError on a non-finite loss, tools.Interrupted on a stop request."""
+def resume(checkpoint, model, optimizer, generator, run_dir, device):
+    """(the rows so far, the first epoch to train, a note for the start line): the checkpoint's weights, optimizer
+    and random state loaded, so the run goes on as if never stopped; ([], 1, '') for a run starting afresh."""
+    if not checkpoint:
+        return [], 1, ""
+    load_state(model, checkpoint["model"], run_dir / "last.pt")
+    load_state(optimizer, checkpoint["optimizer"], run_dir / "last.pt")
+    set_rng_state(checkpoint["rank_rng"][distributed.rank()], generator)
+    threads = provenance.resume_threads(checkpoint["config"], device)
+    return checkpoint["history"], checkpoint["epoch"] + 1, f"; resumed from epoch {checkpoint['epoch']}{threads}"
+
+
+def train_epoch(model, optimizer, batches, autocast, steps, reads=1, bar=None):
+    """One pass over the `steps` batches; returns (mean loss, accuracy) over every rank's images. The sums stay on
+    the device and are read `reads` times (the last step's always): each read makes the host wait for the device.
+    Raises FloatingPointError on a non-finite loss, tools.Interrupted on a stop request."""
     model.train()
-    loss_fn, classify = task.loss_fn(), task.classify
+    loss_fn = torch.nn.CrossEntropyLoss()
     device = next(model.parameters()).device
     loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
     bad_step = torch.full((), -1, device=device)  # the first step whose loss was not finite
@@ -174,8 +167,7 @@ def train_epoch(model, optimizer, task, batches, autocast, steps, reads=1, bar=N
         loss.backward()
         optimizer.step()
         loss_sum += loss.detach().float() * len(yb)
-        if classify:
-            correct += (logits.detach().argmax(1) == yb).sum()
+        correct += (logits.detach().argmax(1) == yb).sum()
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
         seen += len(yb)
         if step % every and step != steps and not (tools.STOP and single):
@@ -189,19 +181,19 @@ def train_epoch(model, optimizer, task, batches, autocast, steps, reads=1, bar=N
                 raise tools.Interrupted(f"stopped by {tools.STOP.get('signal', 'a signal to another rank')} at step {step}")
             raise FloatingPointError(f"non-finite training loss at step {int(bad)}")
         if bar:
-            bar.update(step, loss_sum.item() / seen, correct.item() / seen if classify else None)
+            bar.update(step, loss_sum.item() / seen, correct.item() / seen)
     if bar:
         bar.close()
     distributed.sum_across(loss_sum), distributed.sum_across(correct)
     seen *= distributed.world()  # every rank takes an equal slice of every batch
-    return loss_sum.item() / seen, correct.item() / seen if classify else None
+    return loss_sum.item() / seen, correct.item() / seen
 
 
-def evaluate(model, x, y, autocast, prepare, task):
-    """(loss, accuracy or None for a regression) of the single eval-mode pass: dropout off, so comparable
-    across dropout_num. Under torchrun each rank evaluates its shard and the sums are added up."""
+def evaluate(model, x, y, autocast, prepare):
+    """(loss, accuracy) of the single eval-mode pass: dropout off, so comparable across dropout_num. Under
+    torchrun each rank evaluates its shard and the sums are added up."""
     model.eval()
-    summed_loss, classify = task.loss_fn(reduction="sum"), task.classify
+    summed_loss = torch.nn.CrossEntropyLoss(reduction="sum")
     loss, correct = torch.zeros((), device=x.device), torch.zeros((), device=x.device)
     mine = distributed.shard(len(y))
     xs, ys = x[mine], y[mine]
@@ -209,21 +201,18 @@ def evaluate(model, x, y, autocast, prepare, task):
         for i in range(0, len(ys), EVAL_BATCH):
             logits = model(prepare(xs[i:i + EVAL_BATCH]))
             loss += summed_loss(logits.float(), ys[i:i + EVAL_BATCH])
-            if classify:
-                correct += (logits.argmax(1) == ys[i:i + EVAL_BATCH]).sum()
+            correct += (logits.argmax(1) == ys[i:i + EVAL_BATCH]).sum()
     distributed.sum_across(loss), distributed.sum_across(correct)
-    return loss.item() / len(y), correct.item() / len(y) if classify else None
+    return loss.item() / len(y), correct.item() / len(y)
 
 
-def save_epoch(run_dir, config, history, test, prediction, redraw, checkpoint):
+def save_epoch(run_dir, config, history, test, redraw, checkpoint):
     """Every file of the row written aside, then renamed into place together, the checkpoint last: so a run's
     metrics never stand without its checkpoint (but for a finished run's, committed without it), and a run stopped
     before its first row leaves no run. The curves follow. A full disk leaves the previous row whole."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         files = [(run_dir / "config.json", tools.json_writer(config)), *runfiles.metrics_files(run_dir, history)]
-        if prediction:
-            files.append((run_dir / "prediction.json", tools.json_writer(prediction)))
         if test:  # the test set, once, after the epochs were chosen on the validation set
             files.append((run_dir / "test.json", tools.json_writer({"epoch": history[-1]["epoch"], "test_loss": test[0],
                                                                     "test_acc": test[1]})))
@@ -231,8 +220,6 @@ def save_epoch(run_dir, config, history, test, prediction, redraw, checkpoint):
         tools.atomic_writes(files + [(run_dir / "last.pt", checkpoint_writer(checkpoint))])
         if redraw:
             trainingmonitor.plot_run(run_dir, history, config)
-            if prediction:
-                trainingmonitor.plot_prediction(run_dir, prediction, config)
     except OSError as e:
         raise UserError(f"could not save epoch {history[-1]['epoch']} in {run_dir} ({e.strerror or e}); the last "
                         f"checkpoint there is intact: make room and rerun the command to resume from it") from None
@@ -251,12 +238,6 @@ def report_comparison(run_dir, setup):
 def process_group(device_name):
     """torchrun's process group around the whole command (nothing in a single process)."""
     return distributed.process_group(hardware.pick_device(device_name))
-
-
-def row_starts(first, epochs, every):
-    """The first epoch of each row. Rows end at multiples of `every` (or at the last epoch), so a run extended from a
-    row's middle trains the next rows, and sets each one's lr, as a run trained to the end at once does."""
-    return [first, *range(first - (first - 1) % every + every, epochs + 1, every)] if first <= epochs else []
 
 
 def stop_requested():
@@ -298,10 +279,9 @@ def evaluate_saved_run(args, checkpoint):
     model = make_model(args, num_classes, device)
     load_state(model, checkpoint["model"], Path(args.eval) / "last.pt")
     autocast = autocast_for(device, config["precision"])
-    loss, acc = evaluate(model, *splits["test"], autocast, datasource.input_transform(args.dataset, device),
-                         task_of(args.dataset))
-    accuracy = "" if acc is None else f", accuracy {acc:.4f}"
-    print(f"{args.eval}: epoch {checkpoint['epoch']}, {len(splits['test'][1])} test examples: loss {loss:.4f}{accuracy}")
+    loss, acc = evaluate(model, *splits["test"], autocast, datasource.input_transform(args.dataset, device))
+    print(f"{args.eval}: epoch {checkpoint['epoch']}, {len(splits['test'][1])} test images: loss {loss:.4f}, "
+          f"accuracy {acc:.4f}")
     return 0
 
 
@@ -323,26 +303,14 @@ def autocast_for(device, precision):
 
 
 def precision_for(args, device):
-    """--precision resolved for this run: auto is the task's choice if it has one, else the hardware's."""
-    auto = task_of(args.dataset).auto_precision
-    return auto if auto and args.precision == "auto" else hardware.resolve_precision(args.precision, device)
+    """--precision resolved for this run: auto is the hardware's choice."""
+    return hardware.resolve_precision(args.precision, device)
 
 
-def grid_prediction(model, splits, autocast):
-    """The post's figure as data: its training points, and the eval-mode (dropout off) prediction on the grid."""
-    model.eval()
-    (x, y), (grid_x, grid_y) = splits["train"], splits["test"]
-    with torch.inference_mode(), autocast:  # as evaluate() computes it, so the figure matches valid_loss
-        prediction = model(grid_x).float()
-    as_list = lambda t: t.flatten().tolist()
-    return {"train_x": as_list(x), "train_y": as_list(y), "x": as_list(grid_x), "target": as_list(grid_y),
-            "prediction": as_list(prediction)}
-
-
-def check_finite(what, loss, span, run_dir, epoch):
+def check_finite(what, loss, run_dir, epoch):
     """A non-finite evaluation loss means the run diverged: it stops before the row is saved, so the last one stays."""
     if not math.isfinite(loss):
-        raise FloatingPointError(f"non-finite {what} loss ({loss}) after {span}; {kept_note(run_dir, epoch)}")
+        raise FloatingPointError(f"non-finite {what} loss ({loss}) after epoch {epoch}; {kept_note(run_dir, epoch)}")
 
 
 def kept_note(run_dir, epoch):

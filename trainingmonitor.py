@@ -8,7 +8,6 @@ import runfiles
 import stats
 from comparisontables import mean_std, paired_markdown, paired_rows, summary_markdown
 from experiment import HEAD_OPTIONS, OMITTED_AT_DEFAULT, run_identity, setup_flags
-from task import task_of
 from runfiles import FIELDS
 from tools import UserError, atomic_write, check_writable, text_writer
 
@@ -17,9 +16,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 def plot_run(run_dir, history, config):
-    """loss.png and (for a classifier) acc.png: train against valid over epochs, titled with the run's setup."""
-    epochs, task, setup = [row["epoch"] for row in history], task_of(config["dataset"]), run_title(config)
-    for metric, label in (("loss", task.loss_label), ("acc", "accuracy"))[:1 + task.classify]:
+    """loss.png and acc.png: train against valid over epochs, titled with the run's setup."""
+    epochs, setup = [row["epoch"] for row in history], run_title(config)
+    for metric, label in (("loss", "cross-entropy loss"), ("acc", "accuracy")):
         fig, ax = plt.subplots(figsize=(6, 4))
         curves = [[row[f"{split}_{metric}"] for row in history] for split in ("train", "valid")]
         lines = [ax.plot(epochs, values, marker=".", label=split)[0] for split, values in zip(("train", "valid"), curves)]
@@ -50,19 +49,6 @@ def keep_in_view(ax, lines):
 def run_title(config):
     return (f"{config['model']}, {config['dataset']}, {samples_in_words(config['dropout_num'])} (p={config['dropout_p']}), "
             f"seed {config['seed']}, {config.get('train_images', '?')} img, {config['precision']}")
-
-
-def plot_prediction(run_dir, prediction, config):
-    """prediction.png, the dropout post's figure: the training points, y = x^2 and the eval-mode prediction."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    _draw_regression_data(ax, prediction)
-    ax.plot(prediction["x"], prediction["prediction"], label="prediction (dropout off)")
-    _save(fig, ax, run_dir / "prediction.png", f"prediction\n{run_title(config)}", "x", "y")
-
-
-def _draw_regression_data(ax, prediction):
-    ax.scatter(prediction["train_x"], prediction["train_y"], color="red", zorder=3, label="training points")
-    ax.plot(prediction["x"], prediction["target"], color="orange", ls="--", label="y = x²")
 
 
 def compare_setup(runs_dir, setup, out_dir=None):
@@ -104,8 +90,6 @@ def write_comparison(out_dir, runs, setup):
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     groups, short = group_runs(runs), short_setup(setup, runs)
-    if not task_of(setup["dataset"]).classify:
-        return _write_regression_comparison(out_dir, groups, setup, short)
     for metric, label in (("train_loss", "train loss"), ("valid_loss", "valid loss"), ("valid_acc", "valid accuracy")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for g in groups:
@@ -149,41 +133,6 @@ def short_setup(setup, runs):
     return ", ".join([s["model"], s["dataset"], images, f"{max(r['config']['epochs'] for r in runs)} ep", schedule,
                       f"batch {s['batch_size']}", s["precision"]] + ["augment"] * bool(s["augment"]) + head
                      + ["compiled"] * bool(s.get("compile")))
-
-
-def _write_regression_comparison(out_dir, groups, setup, short):
-    """Loss curves, the predictions of every run overlaid, and a loss table."""
-    for metric, label in (("train_loss", "train MSE"), ("valid_loss", "valid MSE against y = x²")):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for g in groups:
-            draw_band(ax, g["epochs"], g["curves"][metric], g["label"])
-        ax.set_yscale("log")
-        _save(fig, ax, out_dir / f"{metric}.png", f"{label}\n{short}", "epoch", label)
-    predicted = [(g, r) for g in groups for r in g["runs"] if r["prediction"]]  # config and metrics are enough
-    if predicted:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        _draw_regression_data(ax, predicted[0][1]["prediction"])
-        for g, r in predicted:
-            ax.plot(r["prediction"]["x"], r["prediction"]["prediction"], alpha=0.8,
-                    label=f"{samples_in_words(g['dropout_num'])}, seed {r['config']['seed']}")
-        _save(fig, ax, out_dir / "predictions.png", f"predictions (dropout off)\n{short}", "x", "y")
-    lines = [describe_setup(setup, [r for g in groups for r in g["runs"]]),
-             "| dropout_num | p | seeds | epochs | final train MSE | final valid MSE | best valid MSE |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
-    for g in groups:
-        c = g["curves"]
-        lines.append(f"| {g['dropout_num']} | {g['dropout_p']} | {len(g['runs'])} | {g['epochs'][-1]} | "
-                     f"{mean_std(c['train_loss'][:, -1])} | {mean_std(c['valid_loss'][:, -1])} | {mean_std(c['valid_loss'].min(1))} |")
-    lines += ["", "| dropout_num | p | seed | epochs | final train MSE | final valid MSE | best valid MSE (epoch) | run |",
-              "|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for g in groups:  # one run stuck at a constant shows here, where the mean +- std above only looks noisy
-        for r in g["runs"]:
-            rows = r["history"][:len(g["epochs"])]  # the epochs every run of the group reached
-            last, best = rows[-1], min(rows, key=lambda row: row["valid_loss"])
-            lines.append(f"| {g['dropout_num']} | {g['dropout_p']} | {r['config']['seed']} | {last['epoch']} | "
-                         f"{last['train_loss']:.4f} | {last['valid_loss']:.4f} | {best['valid_loss']:.4f} ({best['epoch']}) | "
-                         f"{r['dir'].name} |")
-    atomic_write(out_dir / "summary.md", text_writer("\n".join(lines) + "\n"))
 
 
 def plot_gain(path, gains, title, what="final valid accuracy minus dropout_num=1's"):

@@ -183,10 +183,6 @@ def test_a_runs_figures_are_titled_with_its_setup_and_an_exploding_first_epoch_i
     assert marks["loss.png"] == ["train 33.4, off the axis", "valid 33.4, off the axis"]
     trainingmonitor.plot_run(run_dir, history[1:], config)  # no explosion: matplotlib's own limits
     assert limits["loss.png"][1] < 1.6 and limits["loss.png"][0] > 0.9 and marks["loss.png"] == []
-    prediction = {"train_x": [1, 2], "train_y": [1, 4], "x": [0, 1, 2], "target": [0, 1, 4], "prediction": [0, 1, 3]}
-    regression = {**config, "model": "mlp", "dataset": "quadratic", "train_images": 10}
-    trainingmonitor.plot_prediction(run_dir, prediction, regression)
-    assert titles["prediction.png"] == "prediction\nmlp, quadratic, 8 samples (p=0.5), seed 42, 10 img, fp32"
 
 
 def test_the_ablation_legends_are_words(tmp_path, monkeypatch):

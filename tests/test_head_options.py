@@ -194,15 +194,6 @@ def test_refused_head_options(kwargs, message):
     assert model_problem("miniresnet", dropout_num, 0.5, **kwargs) == str(refused.value)  # run.py's line: the same
 
 
-@pytest.mark.parametrize("kwargs", [dict(head_hidden=512), dict(pool="avg2"), dict(diversity="flip")])
-def test_mlp_refuses_head_options(kwargs):
-    with pytest.raises(ValueError, match="options of the ResNet head") as refused:
-        build_model("mlp", 1, 8, 0.4, **kwargs)
-    assert model_problem("mlp", 8, 0.4, **kwargs) == str(refused.value)
-    build_model("mlp", 1, 8, 0.4, **DEFAULTS)  # the defaults are fine
-    assert model_problem("mlp", 8, 0.4, **DEFAULTS) is None
-
-
 # --- the head's contract for any model, and its variants ----------------------------------------
 
 def test_the_head_sits_in_a_sequential_and_replaces_a_linear(batch):
