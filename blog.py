@@ -1,6 +1,6 @@
 """The blog post's results beside ours: final and best valid accuracy, and the curves overlaid.
 
-    python blog.py docs/cifar10-full    # writes blog.md and blog_vs_ours.png into that folder
+    python blog.py docs/blog-full-h200    # writes blog.md and blog_vs_ours.png into that folder
 
 The blog's code publishes its results only as figures. blog_curves.csv, beside this file, holds their
 values read off the pixels (about +-0.003 in accuracy, +-0.01 in loss): one run of each setting
@@ -100,7 +100,7 @@ def parse_args(argv):
     """(the runs' folder, the folder to write into)."""
     p = run.Parser(prog="blog.py", description="Write blog.md (final and best valid accuracy, ours beside the blog's "
                    "figures) and blog_vs_ours.png (the curves overlaid) into RUNS_DIR, or --output_dir.")
-    p.add_argument("runs_dir", metavar="RUNS_DIR", help="a folder of finished runs of the blog's recipe, e.g. docs/cifar10-full")
+    p.add_argument("runs_dir", metavar="RUNS_DIR", help="a folder of finished runs of the blog's recipe, e.g. docs/blog-full-h200")
     p.add_argument("--output_dir", help="where blog.md and blog_vs_ours.png go (default: RUNS_DIR)")
     args = p.parse_args(argv)
     runs_dir = Path(tools.require_path(args.runs_dir, "RUNS_DIR"))

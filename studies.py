@@ -8,7 +8,7 @@ import collections
 PROTOCOLS = {
     "converged": (["--train_size", "10000", "--epochs", "25", "--lr_milestone", "20"],
                   "10,000 training images, all 10,000 test images, 25 epochs, lr / 10 after epoch 20: dropout_num=1 "
-                  "ends at training accuracy 0.99 with a flat valid accuracy (the pilot in docs/pilot)"),
+                  "ends at training accuracy 0.99 with a flat valid accuracy (the pilot in docs/pilot-converged-xeon)"),
     "reduced": (["--train_size", "5000", "--test_size", "5000", "--epochs", "10", "--lr_milestone", "5",
                  "--precision", "fp32"], "5,000 training and 5,000 test images, 10 epochs, lr / 10 after epoch 5, "
                 "fp32 (far from converged: accuracies of 0.37 to 0.51)"),

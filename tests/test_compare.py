@@ -200,7 +200,7 @@ def test_the_ablation_legends_are_words(tmp_path, monkeypatch):
 
 def test_compare_redraws_the_committed_comparison_byte_for_byte(tmp_path, capsys):
     """The comparison of the blog's recipe in docs/, drawn again from its runs' config and metrics alone."""
-    copy = shutil.copytree(ROOT / "docs" / "cifar10-full", tmp_path / "cifar10-full")
+    copy = shutil.copytree(ROOT / "docs" / "blog-full-h200", tmp_path / "blog-full-h200")
     drawn = sorted(p.relative_to(copy) for p in (copy / "compare").rglob("*") if p.suffix in (".png", ".md"))
     for path in drawn:
         (copy / path).unlink()
@@ -208,7 +208,7 @@ def test_compare_redraws_the_committed_comparison_byte_for_byte(tmp_path, capsys
     assert rc == 0, err
     assert len(drawn) >= 6
     for path in drawn:
-        assert (copy / path).read_bytes() == (ROOT / "docs" / "cifar10-full" / path).read_bytes(), path
+        assert (copy / path).read_bytes() == (ROOT / "docs" / "blog-full-h200" / path).read_bytes(), path
 
 
 def test_every_redraw_can_go_to_another_folder_and_leaves_the_runs_folder_as_it_was(tmp_path, capsys):
@@ -216,7 +216,7 @@ def test_every_redraw_can_go_to_another_folder_and_leaves_the_runs_folder_as_it_
     and write nothing under the runs' folder, not even a lock (it goes beside the comparison they draw)."""
     import blog
     import study
-    runs = shutil.copytree(ROOT / "docs" / "cifar10-full", tmp_path / "runs")
+    runs = shutil.copytree(ROOT / "docs" / "blog-full-h200", tmp_path / "runs")
     before = {p: p.read_bytes() for p in runs.rglob("*") if p.is_file()}
     assert cli(capsys, "--compare", runs, "--output_dir", tmp_path / "run")[0] == 0
     assert study.main(["convergence", "--compare", ROOT / "docs" / "study-full", "--output_dir", tmp_path / "study"]) == 0

@@ -100,9 +100,9 @@ builtins.__import__ = stopping_import
 """
 
 
-@pytest.mark.parametrize("argv", [["bench.py", "--quick"], ["blog.py", "docs/cifar10-full"],
+@pytest.mark.parametrize("argv", [["bench.py", "--quick"], ["blog.py", "docs/blog-full-h200"],
                                   ["study.py", "convergence", "--compare", "docs/study-converged"],
-                                  ["run.py", "--compare", "docs/cifar10-full"]])
+                                  ["run.py", "--compare", "docs/blog-full-h200"]])
 @pytest.mark.slow
 def test_ctrl_c_while_an_entry_point_starts_is_one_line_and_exit_130(argv, tmp_path):
     (tmp_path / "sitecustomize.py").write_text(STOP_WHILE_IMPORTING)
