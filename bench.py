@@ -13,8 +13,8 @@ Prints, and writes to --out (bench.md, overhead.png):
   4. peak memory of a run the size of the blog's recipe (50,000 + 10,000 images) per dropout_num;
   5. with --workers K: images/s of K training processes at once (study.py --workers K), sharing the cores,
      against one process with all of them;
-  6. with --compile: the torch.compile'd step against the eager one, its compile time timed apart, and the
-     steps that pay it back.
+  6. with --compile: the torch.compile'd step (and on CUDA the step captured as one CUDA graph) against the
+     eager one, the compile and capture times apart, and the steps that pay them back.
 The images are random uint8: speed does not depend on what the pictures show. Timings are the
 median over --repeats blocks of --steps steps, the pipelines taking turns, after --warmup steps each;
 ratios are the median over rounds of the ratio within a round.
@@ -264,31 +264,39 @@ def variants_table(args, device, precision):
 
 
 def compiled_table(args, device, precision):
-    """The torch.compile'd step against the eager one at M; compiling is timed apart, as the first step's excess."""
-    m = args.dropout_num
-    eager, compiled = (project_pipeline(args, device, m, precision, compiled=c) for c in (False, True))
-    sync(device)
-    start = time.perf_counter()
-    compiled(1)  # compiles the forward and backward (and a last step of another size would compile again)
-    sync(device)
-    first_step_s = time.perf_counter() - start
-    times = seconds_per_step({"eager": eager, "compiled": compiled}, args, device)
+    """The torch.compile'd step (run.py --compile) and, on CUDA, the step captured as one graph (--cuda_graph)
+    against the eager one at M; compiling or capturing is timed apart, as the first step's excess over a steady one."""
+    m, modes = args.dropout_num, ["eager", "compiled"] + ["graph"] * (device.type == "cuda")
+    pipelines = {mode: project_pipeline(args, device, m, precision, mode=mode) for mode in modes}
+    first_s = {}
+    for mode in modes[1:]:
+        sync(device)
+        start = time.perf_counter()
+        pipelines[mode](1)  # compiles the forward and backward, or warms up and captures the graph
+        sync(device)
+        first_s[mode] = time.perf_counter() - start
+    times = seconds_per_step(pipelines, args, device)
     speedups = {name: [1 / r for r in rs] for name, rs in round_ratios(times, "eager").items()}  # eager time / its
-    eager_s, compiled_s = statistics.median(times["eager"]), statistics.median(times["compiled"])
-    compile_s = first_step_s - compiled_s
-    payback = f"after {compile_s / (eager_s - compiled_s):,.0f} steps" if eager_s > compiled_s else "never"
+    step_s = {mode: statistics.median(times[mode]) for mode in modes}
     flops, peak = flops_per_image(args, device, precision), peak_tflops(device, precision)
-    rows = []
-    for name, ts in times.items():
-        ips, gain = args.batch_size / statistics.median(ts), speedups[name]
-        rows.append([name, f"{1e3 * statistics.median(ts):.1f}", per_second(ips),
+    rows, notes = [], []
+    for mode in modes:
+        ips, gain = args.batch_size / step_s[mode], speedups[mode]
+        rows.append([mode, f"{1e3 * step_s[mode]:.1f}", per_second(ips),
                      f"{statistics.median(gain):.2f}x ({min(gain):.2f} - {max(gain):.2f})", f"{flops * ips / 1e12:.3f}",
                      f"{flops * ips / 1e12 / peak:.1%}" if peak else "-"])
+        if mode in first_s:
+            setup_s = first_s[mode] - step_s[mode]
+            saved_s = step_s["eager"] - step_s[mode]
+            payback = f"after {setup_s / saved_s:,.0f} steps" if saved_s > 0 else "never"
+            work = "Compiling" if mode == "compiled" else "Warming up and capturing"
+            notes.append(f"{work} took {setup_s:.1f} s (the first {mode} step, {first_s[mode]:.1f} s, less a steady "
+                         f"one); the faster steps pay it back {payback}.")
     table = markdown_table(["step", "ms/step", "images/s", "speed-up (lowest - highest round)", "TFLOP/s", "of peak"], rows)
-    note = (f"Compiling took {compile_s:.1f} s (the first compiled step, {first_step_s:.1f} s, less a steady one); "
-            f"the faster steps pay it back {payback} (an epoch of the blog's recipe is 390 steps at batch 128). "
-            "Evaluation compiles once more, at its own batch size.")
-    return f"### Compiled step (project pipeline, {precision}, M={m}; speed-up = eager time / this step's)", table, note
+    notes.append("An epoch of the blog's recipe is 390 steps at batch 128. Evaluation compiles or captures once more, "
+                 "at its own batch size.")
+    return (f"### Compiled step (project pipeline, {precision}, M={m}; speed-up = eager time / this step's)", table,
+            " ".join(notes))
 
 
 def memory_table(args, device):

@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
 import datasource
+import graphstep
 import hardware
 import tools
 import train
@@ -109,21 +110,25 @@ VARIANTS = [("the paper: shared head, mean of losses", "loss", "shared", "mean o
             ("separate heads", "loss", "separate", "mean over the M samples of CE(head_i(drop_i(f)), y)")]
 
 
-def project_pipeline(args, device, dropout_num, precision, images=None, reduce="loss", heads="shared", compiled=False):
-    """A function that trains n steps with run.py's own loop (train.train_epoch) and waits for the device;
-    compiled: the model under torch.compile, as run.py --compile trains it."""
+def project_pipeline(args, device, dropout_num, precision, images=None, reduce="loss", heads="shared", mode="eager"):
+    """A function that trains n steps with run.py's own loop (train.train_epoch) and waits for the device; mode:
+    eager, compiled (the model under torch.compile, as run.py --compile trains it) or graph (the step captured as a
+    CUDA graph, as run.py --cuda_graph trains it)."""
     torch.manual_seed(0)
-    model = project_model(args, device, dropout_num, reduce, heads)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
+    model, graph = project_model(args, device, dropout_num, reduce, heads), mode == "graph"
+    optimizer = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-3, device=device) if graph else 1e-3,
+                                 foreach=True, capturable=graph)
     x, y = datasource.to_device(*(images or synthetic_images(args.batch_size * (args.warmup + args.repeats * args.steps))), device)
     generator = torch.Generator(device=device).manual_seed(0)
-    forward = hardware.compiled(model) if compiled else model
-    autocast, prepare = train.autocast_for(device, precision), datasource.input_transform("cifar10", device)
+    forward = hardware.compiled(model) if mode == "compiled" else model
+    autocast, prepare = train.autocast_for(device, precision, graph), datasource.input_transform("cifar10", device)
+    train_step = train.make_step(forward, optimizer, autocast, graph)
+    logits_of = graphstep.GraphedForward(forward, prepare, autocast) if graph else None
 
     def train_steps(n):
         batches = itertools.islice(datasource.train_batches(x, y, args.batch_size, generator, args.augment, prepare), n)
-        train.train_epoch(forward, optimizer, batches, autocast, n)  # one read, at the last step
-    train_steps.evaluate = lambda x, y: train.evaluate(forward, x, y, autocast, prepare)
+        train.train_epoch(forward, train_step, batches, n)  # one read, at the last step
+    train_steps.evaluate = lambda x, y: train.evaluate(forward, x, y, autocast, prepare, logits_of)
     return train_steps
 
 

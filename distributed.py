@@ -110,6 +110,11 @@ def any_rank(flag):
     return bool(max_across(agreed).item())
 
 
+def stop_requested():
+    """Whether a stop was asked of this rank or any other: the ranks agree, so none is left waiting for the rest."""
+    return any_rank(bool(tools.STOP))
+
+
 def gather_on_main(obj):
     """[every rank's obj] on rank 0 (None elsewhere); [obj] in a single process."""
     if world() == 1:

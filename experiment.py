@@ -12,11 +12,11 @@ IMAGE_SETS = ["cifar10", "cifar100", "svhn"]
 # They name the run directory and decide what may be resumed and what may be compared.
 DEFINING = ["dataset", "data_source", "model", "dropout_num", "dropout_p", "batch_size", "lr", "lr_milestone",
             "augment", "seed", "data_seed", "train_size", "test_size", "valid_split", "precision", "rdrop_alpha",
-            "head_hidden", "pool", "diversity", "msd_reduce", "msd_heads", "compile"]
+            "head_hidden", "pool", "diversity", "msd_reduce", "msd_heads", "compile", "cuda_graph"]
 # Defining flags added after the first runs: at this value they stay out of a run's name and hash, so the
 # runs from before them keep theirs; another value enters both.
 OMITTED_AT_DEFAULT = {"valid_split": 0, "rdrop_alpha": 0.0, "head_hidden": 0, "pool": "avg4", "diversity": "none",
-                      "msd_reduce": "loss", "msd_heads": "shared", "compile": False}
+                      "msd_reduce": "loss", "msd_heads": "shared", "compile": False, "cuda_graph": False}
 HEAD_OPTIONS = ["head_hidden", "pool", "diversity", "msd_reduce", "msd_heads"]  # the ResNet head's options
 GRID = ["seed", "dropout_p", "dropout_num", "rdrop_alpha"]  # flags that take several values; runs differing only in these are compared
 
@@ -32,10 +32,10 @@ def defining_flags(config):
 
 
 def setup_flags(config):
-    """The defining flags that are not grid flags: what every run of one comparison shares (--compile only when on,
-    so the summaries of eager runs read as they did before it defined a run)."""
+    """The defining flags that are not grid flags: what every run of one comparison shares (--compile and
+    --cuda_graph only when on, so the summaries of eager runs read as they did before those defined a run)."""
     flags = {k: config.get(k, OMITTED_AT_DEFAULT.get(k)) for k in DEFINING if k not in GRID}
-    return {k: v for k, v in flags.items() if k != "compile" or v}
+    return {k: v for k, v in flags.items() if k not in ("compile", "cuda_graph") or v}
 
 
 def run_identity(config):
@@ -46,8 +46,9 @@ def run_identity(config):
     rdrop = f"_r{c['rdrop_alpha']}" if c.get("rdrop_alpha") else ""
     head = "".join(f"_{label}{c[k]}" for k, label in zip(HEAD_OPTIONS, ("h", "", "", "", ""))
                    if c.get(k, OMITTED_AT_DEFAULT[k]) != OMITTED_AT_DEFAULT[k])  # _h512_avg2_flip, _logits; nothing by default
-    compiled = "_compiled" if c.get("compile") else ""  # inductor draws its own dropout masks: another experiment
-    run = f"{c['model']}_{c['dataset']}_m{c['dropout_num']}_p{c['dropout_p']}{rdrop}{head}{compiled}_s{c['seed']}-{short_hash(defining)}"
+    # inductor draws its own dropout masks, and a CUDA graph runs Adam capturable: another experiment each
+    step = "_compiled" if c.get("compile") else "_graph" if c.get("cuda_graph") else ""
+    run = f"{c['model']}_{c['dataset']}_m{c['dropout_num']}_p{c['dropout_p']}{rdrop}{head}{step}_s{c['seed']}-{short_hash(defining)}"
     return run, f"{c['model']}_{c['dataset']}-{short_hash(setup)}"
 
 

@@ -94,6 +94,10 @@ def build_parser():
     p.add_argument("--compile", action="store_true", help="torch.compile the model: a slow first step, then steps 1.06x "
                    "as fast on a Zen 4 CPU (docs/speed-and-memory.md); inductor draws its own dropout masks, so a compiled "
                    "run is another experiment, named _compiled and never compared with an eager one")
+    p.add_argument("--cuda_graph", action="store_true", help="CUDA: capture the training step (forward, every "
+                   "dropout sample, backward, Adam) and evaluation as CUDA graphs, replayed a launch each; Adam runs "
+                   "capturable and the masks are drawn inside the graph, so it is another experiment, named _graph and "
+                   "never compared with an eager one (graphstep.py)")
     p.add_argument("--deterministic", action="store_true", help="CUDA: deterministic algorithms, no cudnn autotuning (slower)")
     p.add_argument("--sync_bn", action="store_true", help="under torchrun on GPUs: BatchNorm statistics over the global "
                    "batch (SyncBatchNorm) rather than each rank's batch_size/N images")
@@ -174,6 +178,8 @@ def check_args(args):
     for flag, value in (("seed", args.seed), ("data_seed", args.data_seed)):
         if not 0 <= value < 2**32:  # numpy's seeds are unsigned 32-bit
             raise UserError(f"--{flag} must be in [0, 2**32), got {value}")
+    if args.compile and args.cuda_graph:
+        raise UserError("--compile and --cuda_graph are two ways to a faster step: give one")
     if args.model not in IMAGE_MODELS:
         raise UserError(f"unknown --model {args.model!r}: use one of {', '.join(IMAGE_MODELS)}")
     from nn import model_problem  # the model's rules live with it (torch: last, once the cheap checks passed)
@@ -202,8 +208,11 @@ def main(argv=None, resume_command=None):
             raise UserError("--eval runs in one process: python run.py --eval RUN_DIR")
         with tools.interrupts():  # torch takes seconds to import: a stop meanwhile is a stop at once
             import checkpointing  # only once there is a run to train or evaluate
+            import distributed
+            import hardware
             import train
-        with tools.stop_on_signals(second_stops_at_once=not torchrun), train.process_group(args.device):
+        with tools.stop_on_signals(second_stops_at_once=not torchrun), \
+                distributed.process_group(hardware.pick_device(args.device)):  # torchrun's, around the whole command
             if args.eval:
                 evaluation = saved_args(checkpointing.saved_checkpoint(args.eval), explicit)
                 check_args(evaluation[0])  # --test_size 0, say: the same line as for training
@@ -216,14 +225,14 @@ def main(argv=None, resume_command=None):
                 check_args(runs[0])
             held = 0
             for run in runs:
-                if train.stop_requested():
+                if distributed.stop_requested():
                     raise tools.Interrupted(f"stopped by {tools.STOP.get('signal', 'a signal')} between two runs of the grid")
                 try:
                     train.report_comparison(*train.train_run(run, Path(args.resume) if args.resume else None))
                 except runlock.RunHeld as e:  # another process trains it: on to the next run
                     held += 1
                     report(torchrun, f"run.py: {e}", 0)
-            if train.stop_requested():  # it came during the last run's last save or redraw: that run is whole
+            if distributed.stop_requested():  # it came during the last run's last save or redraw: that run is whole
                 raise tools.Interrupted(f"stopped by {tools.STOP.get('signal', 'a signal')} as the last run finished (it is complete)")
             return runlock.HELD if held else 0
     except UserError as e:

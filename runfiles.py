@@ -20,7 +20,8 @@ CONFIG_KEYS = {"model": str, "dataset": str, "dropout_num": int, "dropout_p": (i
                "precision": str, "device": str, "setup": str, "data_source": str, "data_dir": str,
                "rdrop_alpha": (int, float), "valid_split": int, "head_hidden": int, "pool": str, "diversity": str,
                "msd_reduce": str, "msd_heads": str, "compile": bool}
-EARLIER_PLACES = {"earlier": list}  # a resumed run's: where its earlier epochs ran
+OPTIONAL_CONFIG_KEYS = {"earlier": list,  # a resumed run's: where its earlier epochs ran
+                        "cuda_graph": bool}  # written since --cuda_graph exists; without it, off
 # Keys that older versions of this code did not write: a run without one is old, not damaged.
 OLDER_FORMAT = {"data_source", "data_dir", "rdrop_alpha", "valid_split", "head_hidden", "pool", "diversity",
                 "msd_reduce", "msd_heads", "compile", "rank_rng"}
@@ -58,11 +59,11 @@ def read_json(path):
         raise damaged(path, f"cannot be read ({e.strerror or e})") from None
 
 
-def check_keys(path, values, keys, what, later=None):
-    """Every key of `keys` present and of its type; each of `later` of its type where present."""
+def check_keys(path, values, keys, what, optional=None):
+    """Every key of `keys` present and of its type; each of `optional` of its type where present."""
     if not isinstance(values, dict):
         raise damaged(path, f"{what} is a {type(values).__name__}, not a JSON object")
-    for key, kind in {**keys, **{k: v for k, v in (later or {}).items() if k in values}}.items():
+    for key, kind in {**keys, **{k: v for k, v in (optional or {}).items() if k in values}}.items():
         if key in OLDER_FORMAT and key not in values:
             raise UserError(f"{path}: {what} has no {key!r}, so an older version of this code wrote it; finish or "
                             "redraw the run with that version (its config.json names the git commit), or train it "
@@ -74,7 +75,7 @@ def check_keys(path, values, keys, what, later=None):
 
 
 def check_config(path, config, what="the config"):
-    check_keys(path, config, CONFIG_KEYS, what, EARLIER_PLACES)
+    check_keys(path, config, CONFIG_KEYS, what, OPTIONAL_CONFIG_KEYS)
     for i, place in enumerate(config.get("earlier", []), 1):  # where a resumed run's earlier epochs ran
         check_keys(path, place, EARLIER_KEYS, f"{what}'s earlier place {i}")
     return config

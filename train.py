@@ -12,6 +12,7 @@ import torch
 import datasource
 import distributed
 import experiment
+import graphstep
 import hardware
 import progressbar
 import provenance
@@ -34,6 +35,9 @@ COMMAND_ONLY = ("resume", "eval", "compare")  # what the command did, not what t
 def train_run(args, run_dir=None):
     """Train one run of the grid (or continue it) under its lock; returns (its folder, its setup's name)."""
     device = distributed.local_device(hardware.pick_device(args.device))
+    if args.cuda_graph and (device.type != "cuda" or distributed.world() > 1):
+        raise UserError(f"--cuda_graph captures the step on one CUDA device, not {device.type}"
+                        f"{f' x {distributed.world()} ranks' if distributed.world() > 1 else ''}: drop it")
     hardware.configure_determinism(args.deterministic, device)
     config, default_dir = identity(args, device)
     hardware.configure_precision(config["precision"])
@@ -85,9 +89,14 @@ def train(args, config, run_dir, device, checkpoint):
     distributed.seed_dropout(args.seed)
     forward = parallel(model, args, device)  # shares model's weights; model is what we save
     evaluator = model if distributed.world() > 1 else forward  # DDP's forward is a collective: ranks evaluate alone
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, foreach=True)  # one op for all tensors; same bits
-    autocast = autocast_for(device, config["precision"])
+    # foreach: one op for all tensors, the same bits. --cuda_graph: the lr a tensor and Adam's step count on the
+    # device (capturable), so the captured step reads what each epoch sets
+    optimizer = torch.optim.Adam(model.parameters(), lr=torch.tensor(args.lr, device=device) if args.cuda_graph
+                                 else args.lr, foreach=True, capturable=args.cuda_graph)
+    autocast = autocast_for(device, config["precision"], args.cuda_graph)
     prepare = datasource.input_transform(args.dataset, device)
+    train_step = make_step(forward, optimizer, autocast, args.cuda_graph)
+    logits_of = graphstep.GraphedForward(evaluator, prepare, autocast) if args.cuda_graph else None
 
     if args.overwrite and run_dir.exists() and distributed.is_main():
         shutil.rmtree(run_dir)
@@ -108,23 +117,22 @@ def train(args, config, run_dir, device, checkpoint):
             raise tools.Interrupted(f"stopped by {tools.STOP['signal']} before epoch {epoch}; {kept_note(run_dir, epoch)}")
         start = time.perf_counter()
         lr = args.lr * (0.1 if args.lr_milestone and epoch > args.lr_milestone else 1.0)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         batches = datasource.train_batches(train_x, train_y, args.batch_size, generator, args.augment, prepare,
                                            distributed.rank(), distributed.world())
         bar = progressbar.EpochBar(steps, epoch, args.epochs, show=distributed.is_main())
         # Reading from the device makes the host wait: only to show progress, or for the ranks to agree on stopping
         reads = READS_PER_EPOCH if bar.enabled or distributed.world() > 1 else 1
         try:
-            train_loss, train_acc = train_epoch(forward, optimizer, batches, autocast, steps, reads, bar)
+            train_loss, train_acc = train_epoch(forward, train_step, batches, steps, reads, bar)
         except (FloatingPointError, tools.Interrupted) as e:
             raise type(e)(f"{e} of epoch {epoch}; {kept_note(run_dir, epoch)}") from None
         distributed.share_buffers(model)
-        valid_loss, valid_acc = evaluate(evaluator, valid_x, valid_y, autocast, prepare)
+        valid_loss, valid_acc = evaluate(evaluator, valid_x, valid_y, autocast, prepare, logits_of)
         check_finite("valid" if args.valid_split else "test", valid_loss, run_dir, epoch)
         history.append({"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
                         "valid_loss": valid_loss, "valid_acc": valid_acc, "seconds": time.perf_counter() - start})
-        test = evaluate(evaluator, *splits["test"], autocast, prepare) if args.valid_split and epoch == args.epochs else None
+        test = evaluate(evaluator, *splits["test"], autocast, prepare, logits_of) if args.valid_split and epoch == args.epochs else None
         if test:
             check_finite("test", test[0], run_dir, epoch)
         redraw = epoch == args.epochs or time.perf_counter() - drawn_at >= REDRAW_S
@@ -144,28 +152,51 @@ def resume(checkpoint, model, optimizer, generator, run_dir, device):
         return [], 1, ""
     load_state(model, checkpoint["model"], run_dir / "last.pt")
     load_state(optimizer, checkpoint["optimizer"], run_dir / "last.pt")
+    for group in optimizer.param_groups:  # --cuda_graph's tensor lr, read on the device the graph runs on
+        group["lr"] = group["lr"].to(device) if torch.is_tensor(group["lr"]) else group["lr"]
     set_rng_state(checkpoint["rank_rng"][distributed.rank()], generator)
     threads = provenance.resume_threads(checkpoint["config"], device)
     return checkpoint["history"], checkpoint["epoch"] + 1, f"; resumed from epoch {checkpoint['epoch']}{threads}"
 
 
-def train_epoch(model, optimizer, batches, autocast, steps, reads=1, bar=None):
-    """One pass over the `steps` batches; returns (mean loss, accuracy) over every rank's images. The sums stay on
-    the device and are read `reads` times (the last step's always): each read makes the host wait for the device.
-    Raises FloatingPointError on a non-finite loss, tools.Interrupted on a stop request."""
-    model.train()
+def make_step(model, optimizer, autocast, cuda_graph=False):
+    """One training step, step(images, labels) -> (logits, loss): the forward with every dropout sample, backward,
+    Adam. With --cuda_graph, all of it captured once and replayed (graphstep.py)."""
     loss_fn = torch.nn.CrossEntropyLoss()
+    if cuda_graph:
+        return graphstep.GraphedStep(model, optimizer, loss_fn, autocast)
+
+    def step(xb, yb):
+        with autocast:
+            logits, loss = model(xb, yb, loss_fn)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return logits, loss
+    return step
+
+
+def set_lr(optimizer, lr):
+    """A tensor lr (--cuda_graph) is filled in place: the captured step reads that very tensor."""
+    for group in optimizer.param_groups:
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def train_epoch(model, train_step, batches, steps, reads=1, bar=None):
+    """One pass over the `steps` batches through train_step (make_step's); returns (mean loss, accuracy) over every rank's
+    images. The sums stay on the device and are read `reads` times (the last step's always): each read makes the host
+    wait for the device. Raises FloatingPointError on a non-finite loss, tools.Interrupted on a stop request."""
+    model.train()
     device = next(model.parameters()).device
     loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
     bad_step = torch.full((), -1, device=device)  # the first step whose loss was not finite
     single = distributed.world() == 1
     every = max(1, steps // reads)  # steps between reads
     for step, (xb, yb) in enumerate(batches, 1):
-        with autocast:
-            logits, loss = model(xb, yb, loss_fn)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        logits, loss = train_step(xb, yb)
         loss_sum += loss.detach().float() * len(yb)
         correct += (logits.detach().argmax(1) == yb).sum()
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
@@ -189,17 +220,18 @@ def train_epoch(model, optimizer, batches, autocast, steps, reads=1, bar=None):
     return loss_sum.item() / seen, correct.item() / seen
 
 
-def evaluate(model, x, y, autocast, prepare):
+def evaluate(model, x, y, autocast, prepare, logits_of=None):
     """(loss, accuracy) of the single eval-mode pass: dropout off, so comparable across dropout_num. Under
-    torchrun each rank evaluates its shard and the sums are added up."""
+    torchrun each rank evaluates its shard and the sums are added up. logits_of: a graphstep.GraphedForward."""
     model.eval()
+    logits_of = logits_of or (lambda images: model(prepare(images)))
     summed_loss = torch.nn.CrossEntropyLoss(reduction="sum")
     loss, correct = torch.zeros((), device=x.device), torch.zeros((), device=x.device)
     mine = distributed.shard(len(y))
     xs, ys = x[mine], y[mine]
     with torch.inference_mode(), autocast:
         for i in range(0, len(ys), EVAL_BATCH):
-            logits = model(prepare(xs[i:i + EVAL_BATCH]))
+            logits = logits_of(xs[i:i + EVAL_BATCH])
             loss += summed_loss(logits.float(), ys[i:i + EVAL_BATCH])
             correct += (logits.argmax(1) == ys[i:i + EVAL_BATCH]).sum()
     distributed.sum_across(loss), distributed.sum_across(correct)
@@ -233,16 +265,6 @@ def report_comparison(run_dir, setup):
         except OSError as e:  # only a run found finished gets here with an unwritable folder: a read-only copy
             return print(f"done: {run_dir}; comparison not redrawn ({e.strerror or e})")
         print(f"done: {run_dir}; comparison of {count} finished run(s) in {compare_dir}")
-
-
-def process_group(device_name):
-    """torchrun's process group around the whole command (nothing in a single process)."""
-    return distributed.process_group(hardware.pick_device(device_name))
-
-
-def stop_requested():
-    """Whether a stop was asked of this rank or any other: the ranks agree, so none is left waiting for the rest."""
-    return distributed.any_rank(bool(tools.STOP))
 
 
 def say(message):
@@ -297,9 +319,10 @@ def make_model(args, num_outputs, device, batch_size=0):
     return model.to(device, memory_format=torch.channels_last)
 
 
-def autocast_for(device, precision):
-    """bf16 autocast for --precision bf16, a no-op context for fp32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+def autocast_for(device, precision, cuda_graph=False):
+    """bf16 autocast for --precision bf16, a no-op context for fp32. A CUDA graph replays its casts of the weights:
+    autocast's cache of them, valid for one forward, must be off while capturing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=not cuda_graph)
 
 
 def precision_for(args, device):

@@ -132,7 +132,7 @@ def short_setup(setup, runs):
     head = [f"{k} {s[k]}" for k in HEAD_OPTIONS if s.get(k, OMITTED_AT_DEFAULT[k]) != OMITTED_AT_DEFAULT[k]]
     return ", ".join([s["model"], s["dataset"], images, f"{max(r['config']['epochs'] for r in runs)} ep", schedule,
                       f"batch {s['batch_size']}", s["precision"]] + ["augment"] * bool(s["augment"]) + head
-                     + ["compiled"] * bool(s.get("compile")))
+                     + ["compiled"] * bool(s.get("compile")) + ["CUDA graph"] * bool(s.get("cuda_graph")))
 
 
 def plot_gain(path, gains, title, what="final valid accuracy minus dropout_num=1's"):
