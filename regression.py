@@ -1,7 +1,7 @@
 """The post on torch.nn.Dropout, its regression of y = x^2 from ten noisy points, with multi-sample dropout.
 
     python regression.py                       # M = 0, 1 and 8, seed 42: about a minute on a CPU
-    python regression.py --seed 42 43 44       # the figure in docs/quadratic
+    python regression.py --seed 42 43 44       # the runs in docs/regression-zen4
 
 The post trains a 1-3-5-10-5-1 sigmoid network (final ReLU) with dropout p = 0.4 after the 5- and the
 10-unit layers: Adam, lr 0.005, one example a step, 3000 epochs. Here dropout_num 0 has neither dropout,

@@ -1,6 +1,7 @@
 """The post on torch.nn.Dropout, its regression (y = x^2 from ten noisy points) with multi-sample dropout:
 regression.py, a script of its own beside the classification path."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -124,3 +125,13 @@ def test_the_script_runs_from_a_shell(tmp_path):
     proc = subprocess.run([sys.executable, "regression.py", "--epochs", "100", "--dropout_num", "8", "--output_dir",
                            str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stderr == "" and "m=8 seed=42: final train MSE" in proc.stdout
+
+
+def test_the_committed_runs_redraw_their_table_and_figure_byte_for_byte(tmp_path, capsys):
+    committed = ROOT / "docs" / "regression-zen4"
+    for run_file in committed.glob("m*.json"):
+        shutil.copy(run_file, tmp_path)
+    assert regression.main(["--seed", "42", "43", "44", "--output_dir", tmp_path]) == 0
+    assert "seed=" not in capsys.readouterr().out  # nothing trained: every run was found
+    for name in ("summary.md", "regression.png"):
+        assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), name
