@@ -33,11 +33,11 @@ if __name__ == "__main__":  # a stop during the imports that take seconds: one l
 import matplotlib  # noqa: E402
 import torch  # noqa: E402
 
-import hardware  # noqa: E402
 import run  # noqa: E402
-from benchpipelines import (VARIANTS, blog_style_pipeline, flops_per_image, images_per_second_at_once,  # noqa: E402
-                            peak_memory_in_fresh_process, peak_tflops, project_model, project_pipeline, round_ratios,
-                            seconds_per_step, sync)
+from benchmarks.pipelines import (VARIANTS, blog_style_pipeline, flops_per_image,  # noqa: E402
+                                  images_per_second_at_once, peak_memory_in_fresh_process, peak_tflops, project_model,
+                                  project_pipeline, round_ratios, seconds_per_step, sync)
+from bookkeeping import hardware  # noqa: E402
 from nn import MODEL_WIDTHS, fit_problem  # noqa: E402
 
 matplotlib.use("Agg")  # files only, no window

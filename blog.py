@@ -19,8 +19,8 @@ import matplotlib  # noqa: E402
 import numpy as np  # noqa: E402
 
 import run  # noqa: E402
-import runfiles  # noqa: E402
 import trainingmonitor  # noqa: E402
+from bookkeeping import runfiles  # noqa: E402
 from tools import UserError, atomic_write  # noqa: E402
 
 matplotlib.use("Agg")  # files only, no window

@@ -17,9 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import distributed
-from imagefolders import LAYOUT, decode_archive, decode_folder, split_root, visible
-import runlock
+from bookkeeping import distributed, runlock
+from bookkeeping.imagefolders import LAYOUT, decode_archive, decode_folder, split_root, visible
 from tools import UserError, atomic_write
 
 # Decoded image-folder copies; MSD_CACHE_DIR moves them (the tests send theirs, subprocesses too, to a temporary folder)

@@ -29,7 +29,7 @@ from torch import nn  # noqa: E402
 from nn import MultiSampleDropout  # noqa: E402
 from run import Parser  # noqa: E402
 from tools import UserError  # noqa: E402
-from trainingmonitor import label_axes, save_figure, samples_in_words  # noqa: E402
+from trainingmonitor import label_axes, samples_in_words, save_figure  # noqa: E402
 
 matplotlib.use("Agg")  # files only, no window
 import matplotlib.pyplot as plt  # noqa: E402

@@ -17,9 +17,9 @@ import shlex
 import sys
 from pathlib import Path
 
-import runlock
 import tools
-from experiment import DEFINING, GRID, IMAGE_SETS
+from bookkeeping import runlock
+from bookkeeping.experiment import DEFINING, GRID, IMAGE_SETS
 from tools import UserError
 
 IMAGE_MODELS = ["miniresnet", "resnet18"]  # nn.MODEL_WIDTHS's names (a test keeps them equal), without importing torch
@@ -207,10 +207,9 @@ def main(argv=None, resume_command=None):
         if torchrun and args.eval:
             raise UserError("--eval runs in one process: python run.py --eval RUN_DIR")
         with tools.interrupts():  # torch takes seconds to import: a stop meanwhile is a stop at once
-            import checkpointing  # only once there is a run to train or evaluate
-            import distributed
-            import hardware
             import train
+            from bookkeeping import checkpointing  # only once there is a run to train or evaluate
+            from bookkeeping import distributed, hardware
         with tools.stop_on_signals(second_stops_at_once=not torchrun), \
                 distributed.process_group(hardware.pick_device(args.device)):  # torchrun's, around the whole command
             if args.eval:

@@ -24,11 +24,11 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import datasource  # noqa: E402
-import hardware  # noqa: E402
 import run  # noqa: E402
 import train  # noqa: E402
 from bench import markdown_table  # noqa: E402
-from benchpipelines import project_pipeline, sync, synthetic_images  # noqa: E402
+from benchmarks.pipelines import project_pipeline, sync, synthetic_images  # noqa: E402
+from bookkeeping import hardware  # noqa: E402
 from nn import MODEL_WIDTHS  # noqa: E402
 
 TOP = 5  # operators named per step

@@ -20,15 +20,15 @@ import tools
 
 if __name__ == "__main__":  # a stop during the imports that take seconds: one line, not a traceback
     tools.quiet_start("study.py")
-import experiment  # noqa: E402
 import run  # noqa: E402
-import runfiles  # noqa: E402
-import runlock  # noqa: E402
-import stats  # noqa: E402
-from provenance import place, where, where_pair  # noqa: E402
-from studies import MORE_SEEDS, PROTOCOLS, SETTINGS, STUDIES, Point, own_seeds, study_points  # noqa: E402
+from bookkeeping import experiment  # noqa: E402
+from bookkeeping import runfiles  # noqa: E402
+from bookkeeping import runlock  # noqa: E402
+from bookkeeping.provenance import place, where, where_pair  # noqa: E402
+from studies import stats  # noqa: E402
+from studies.catalogue import MORE_SEEDS, PROTOCOLS, SETTINGS, STUDIES, Point, own_seeds, study_points  # noqa: E402
+from studies.workers import train_in_workers  # noqa: E402
 from tools import UserError  # noqa: E402
-from workers import train_in_workers  # noqa: E402
 
 # A paired comparison of final valid accuracies over every shared seed (difference), over the study's own seeds
 # (first: None until all of them are paired; the rule decides on it) and over the seeds after them (later: the
@@ -169,9 +169,9 @@ def to_train(commands, pairs):
 def plan(commands):
     """{name: Planned} for the runs; run.py's checks of their flags come first: a bad one is one line, not K workers
     failing."""
-    import distributed  # torch: not for --help
-    import hardware
     import train
+    from bookkeeping import distributed  # torch: not for --help
+    from bookkeeping import hardware
     planned = {}
     for number, (name, command) in enumerate(commands.items(), 1):
         (args,) = run.grid(run.parse_args(command)[0])
@@ -294,22 +294,22 @@ def main(argv=None):
 
 def draw(runs_dir, name, output_dir):
     """output_dir/NAME.png and NAME.md from the finished runs under runs_dir."""
-    import studyfigures
+    from studies import figures
     study = STUDIES[name]
     points = collect(runs_dir, study)
     pairs = [c for c in compare(points, study.pairs, own_seeds(study)) if c.difference]
     if not pairs:
         raise UserError(f"{runs_dir} holds no finished pair of runs for the {name} study; run it first")
-    caption = studyfigures.caption(points, protocol_of(points))
+    caption = figures.caption(points, protocol_of(points))
     run_times = collections.defaultdict(list)  # where a run ran: its seconds, epochs summed
     for runs in points.values():
         for r in runs.values():
             run_times[where(r)].append(sum(row["seconds"] for row in r["history"]))
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        studyfigures.FIGURES[study.figure](output_dir / f"{name}.png", points, pairs, caption)
+        figures.FIGURES[study.figure](output_dir / f"{name}.png", points, pairs, caption)
         tools.atomic_write(output_dir / f"{name}.md", tools.text_writer(
-            studyfigures.table(name, study, points, pairs, caption, MORE_SEEDS, run_times, own_seeds(study))))
+            figures.table(name, study, points, pairs, caption, MORE_SEEDS, run_times, own_seeds(study))))
     except OSError as e:
         raise UserError(f"cannot write the study's figure or table in {output_dir} ({e.strerror or e}); choose another folder")
     print(f"study.py: wrote {output_dir / (name + '.png')} and {output_dir / (name + '.md')}")

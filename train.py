@@ -10,18 +10,13 @@ from pathlib import Path
 import torch
 
 import datasource
-import distributed
-import experiment
 import graphstep
-import hardware
 import progressbar
-import provenance
-import runfiles
-import runlock
 import tools
 import trainingmonitor
-from checkpointing import (checkpoint_writer, epochs_done, load_state, resumable_checkpoint, rng_state,
-                           seed_everything, set_rng_state)
+from bookkeeping import distributed, experiment, hardware, provenance, runfiles, runlock
+from bookkeeping.checkpointing import (checkpoint_writer, epochs_done, load_state, resumable_checkpoint, rng_state,
+                                       seed_everything, set_rng_state)
 from nn import build_model, fit_problem
 from tools import UserError
 

@@ -1,19 +1,20 @@
-"""The curves: per run, and the runs of one setup overlaid and compared (their tables: comparisontables.py)."""
+"""The curves: per run, and the runs of one setup overlaid and compared (their tables: tables.py)."""
 import fcntl
 
 import matplotlib
 import numpy as np
 
-import runfiles
-import stats
-from comparisontables import mean_std, paired_markdown, paired_rows, summary_markdown
-from experiment import HEAD_OPTIONS, OMITTED_AT_DEFAULT, run_identity, setup_flags
-from runfiles import FIELDS
+from bookkeeping import runfiles
+from bookkeeping.experiment import HEAD_OPTIONS, OMITTED_AT_DEFAULT, run_identity, setup_flags
+from bookkeeping.runfiles import FIELDS
+from studies import stats
+from studies.tables import paired_markdown, paired_rows, summary_markdown
 from tools import UserError, atomic_write, check_writable, text_writer
 
 matplotlib.use("Agg")  # headless: files only, no window
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
 
 def plot_run(run_dir, history, config):
     """loss.png and acc.png: train against valid over epochs, titled with the run's setup."""

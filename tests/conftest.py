@@ -1,6 +1,7 @@
 """Shared fixtures: a small real CIFAR-10 subset, a private cache, and torchvision offline."""
 import csv
 import io
+import json
 import os
 import sys
 import tarfile
@@ -170,3 +171,28 @@ def no_network(monkeypatch):
         if not os.path.isfile(os.path.join(root, filename)):
             offline(url, root)
     monkeypatch.setattr(tv_svhn, "download_url", download_url)
+
+
+def write_runs(folder, finals, seeds=(42, 43, 44), precision="fp32", train_size=5000):
+    """Finished runs whose final valid accuracies are finals[(m, p)][seed index] (or finals[m] at p = 0.5)."""
+    for key, values in finals.items():
+        m, p = key if isinstance(key, tuple) else (key, 0.5)
+        for seed, final in zip(seeds, values):
+            run = fake_run(m, seed, [0.3, final], p)
+            run["config"].update(epochs=2, dataset="cifar10", model="miniresnet", data_source="x", batch_size=128,
+                                 lr=0.01, lr_milestone=1, augment=False, data_seed=0, train_size=train_size,
+                                 test_size=5000, precision=precision, train_images=5000, valid_images=5000, device="cpu",
+                                 hardware="Some CPU (family 1)", setup="miniresnet_cifar10-x")
+            name = f"m{m}_p{p}_s{seed}-{precision}"
+            (folder / name).mkdir(parents=True)
+            write_json(folder / name / "config.json", run["config"])
+            write_json(folder / name / "metrics.json", run["history"])
+
+
+def set_curves(folder, m, seed, **per_epoch):
+    """Give a write_runs run these per-epoch values (train_loss=[...], ...), as many epochs as they have."""
+    run = folder / f"m{m}_p0.5_s{seed}-fp32"
+    n = len(next(iter(per_epoch.values())))
+    history = [{**row, **{k: v[e] for k, v in per_epoch.items()}} for e, row in enumerate(fake_run(m, seed, [0.5] * n)["history"])]
+    write_json(run / "metrics.json", history)
+    write_json(run / "config.json", {**json.loads((run / "config.json").read_text()), "epochs": n})

@@ -8,24 +8,24 @@ import time
 
 import pytest
 import torch
+from conftest import ROOT
 
 import bench
-import benchpipelines
 import stepprofile
 import tools
-from conftest import ROOT
+from benchmarks import pipelines
 
 
 def test_ratios_are_taken_within_each_round():
     times = {0: [1.0, 2.0, 1.0], 8: [1.1, 2.0, 1.2]}  # round 2 was a slow spell for both
-    assert benchpipelines.round_ratios(times, 0) == {0: [1.0, 1.0, 1.0], 8: pytest.approx([1.1, 1.0, 1.2])}
+    assert pipelines.round_ratios(times, 0) == {0: [1.0, 1.0, 1.0], 8: pytest.approx([1.1, 1.0, 1.2])}
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the peak can be reset on Linux only")
 def test_peak_memory_resets_and_sees_a_new_allocation():
     """In a fresh process, as bench measures it: memory another test freed but kept would hide the allocation."""
-    code = ("import torch, benchpipelines as b\ncpu = torch.device('cpu')\nb.reset_peak_memory(cpu)\n"
+    code = ("import torch\nfrom benchmarks import pipelines as b\ncpu = torch.device('cpu')\nb.reset_peak_memory(cpu)\n"
             "before = b.peak_memory_since_reset(cpu)\nblock = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched\n"
             "assert b.peak_memory_since_reset(cpu) >= before + 60 * 2**20\ndel block\nb.reset_peak_memory(cpu)\n"
             "assert b.peak_memory_since_reset(cpu) < before + 32 * 2**20")
@@ -67,7 +67,7 @@ def test_workers_times_k_fresh_processes_at_once_against_one(tmp_path, capsys, m
 
 
 def test_images_per_second_counts_every_process_from_the_first_start_to_the_last_end():
-    assert benchpipelines.images_per_second([(10.0, 12.0), (11.0, 14.0)], images_each=100) == 200 / 4
+    assert pipelines.images_per_second([(10.0, 12.0), (11.0, 14.0)], images_each=100) == 200 / 4
 
 
 @pytest.mark.slow
@@ -76,7 +76,7 @@ def test_a_process_that_dies_ends_the_one_waiting_for_it_and_is_one_line(tmp_pat
     dies = argparse.Namespace(**{**vars(args), "device": "no such device"})  # its pick_device raises at once
     start = multiprocessing.get_context("spawn").Barrier(2)  # the other waits here for it forever
     with pytest.raises(tools.UserError, match=r"^the pair ended without an answer \(exit code 1\); try again$"):
-        benchpipelines.answers_of_fresh_processes(benchpipelines.timed_training, [(args, 1, start), (dies, 1, start)],
+        pipelines.answers_of_fresh_processes(pipelines.timed_training, [(args, 1, start), (dies, 1, start)],
                                                   "the pair", "try again")
 
 
@@ -170,7 +170,7 @@ def test_the_compiled_table_times_both_steps_and_the_compile_apart(tmp_path, cap
             return model(*inputs)
         forward.parameters, forward.train, forward.eval = model.parameters, model.train, model.eval
         return forward
-    monkeypatch.setattr(benchpipelines.hardware, "compiled", compile_that_takes_a_while)
+    monkeypatch.setattr(pipelines.hardware, "compiled", compile_that_takes_a_while)
     args = bench.parse_args(TINY + ["--warmup", "1", "--compile", "--out", str(tmp_path)])
     heading, table, note = bench.compiled_table(args, torch.device("cpu"), "fp32")
     assert heading.startswith("### Compiled step") and "| eager |" in table and "| compiled |" in table

@@ -7,12 +7,11 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, cli, result_tables, rows, run_dirs
 
-import experiment
-import hardware
 import run
 import tools
-from conftest import ROOT, cli, result_tables, rows, run_dirs
+from bookkeeping import experiment, hardware
 
 # 400 real images (300 train, 100 test), batch 32: about a second an epoch
 TINY = ["--batch_size", "32", "--lr_milestone", "1", "--epochs", "2"]

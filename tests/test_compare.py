@@ -4,13 +4,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, cli, fake_run, run_dirs, write_json
 
-import comparisontables
 import datasource
-import stats
 import train
 import trainingmonitor
-from conftest import ROOT, cli, fake_run, run_dirs, write_json
+from studies import stats, tables
 
 T_975_2DF = 4.302652729749464  # Student t, 97.5th percentile, 2 degrees of freedom (from a printed table)
 
@@ -39,7 +38,7 @@ def test_one_pair_has_no_interval_and_equal_differences_have_no_spread():
 
 
 def paired_cells(groups):
-    table = comparisontables.paired_markdown(groups).split("\n\n")[1].splitlines()[2:]
+    table = tables.paired_markdown(groups).split("\n\n")[1].splitlines()[2:]
     return {(c[0], c[1]): c for c in ([x.strip() for x in line.split("|")[1:-1]] for line in table)}
 
 

@@ -7,12 +7,15 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, cli, run_dirs, write_runs
+
 
 import blog
 import run
 import study
-from conftest import ROOT, cli, run_dirs
-from test_study import write_runs
+import trainingmonitor
+from bookkeeping import runfiles
+from studies import figures
 
 DAMAGES = {  # what is done to a finished run's files -> what the one line says
     "metrics cut short": (lambda run: (run / "metrics.json").write_text('[{"epoch": 1, "valid_'), "not valid JSON"),
@@ -169,9 +172,9 @@ def test_a_name_too_long_or_a_read_only_folder_is_one_line(entry, argv, tmp_path
 
     def too_long(path, write):
         raise OSError(36, "File name too long")
-    for module in (tools, blog, __import__("trainingmonitor"), __import__("studyfigures")):
+    for module in (tools, blog, trainingmonitor, figures):
         monkeypatch.setattr(module, "atomic_write", too_long, raising=False)
-    monkeypatch.setattr(blog, "blog_recipe_runs", __import__("runfiles").finished_runs)  # 2 epochs suffice here
+    monkeypatch.setattr(blog, "blog_recipe_runs", runfiles.finished_runs)  # 2 epochs suffice here
     main = {"run.py": run.main, "study.py": study.main, "blog.py": blog.main}[entry]
     assert main([a.format(folder=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err
@@ -184,7 +187,8 @@ def slow(*args, **kwargs):  # called by tools.atomic_write with its temporary fi
     print("drawing", flush=True)
     time.sleep(30)
 matplotlib.figure.Figure.savefig = pathlib.Path.write_text = pathlib.Path.write_bytes = slow
-import blog, run, runfiles, study
+import blog, run, study
+from bookkeeping import runfiles
 blog.blog_recipe_runs = runfiles.finished_runs  # two-epoch runs stand in for the blog's recipe
 main = {"run.py": run.main, "study.py": study.main, "blog.py": blog.main}[sys.argv[1]]
 sys.exit(main(sys.argv[2:]))

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 import bench
-import checkpointing
 import datasource
+from bookkeeping import checkpointing
 from conftest import ROOT, cli, run_dirs
 from nn import fit_problem
 

@@ -5,12 +5,11 @@ import contextlib
 
 import pytest
 import torch
-
-import experiment
-import graphstep
-import runfiles
-import train
 from conftest import cli
+
+import graphstep
+import train
+from bookkeeping import experiment, runfiles
 from nn import build_model
 
 

@@ -1,15 +1,16 @@
 """The ResNet head's options (hidden layer, pooling, diversity) and the variants of the head (mean of logits,
 separate heads): what each computes, and what is refused."""
 import itertools
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn as tnn
 
-from conftest import B, C, D, RecordingHead, make_msd
+from bookkeeping import experiment
+from conftest import B, C, D, RecordingHead, cli, make_msd, run_dirs
 from nn import MultiSampleDropout, build_model, model_problem, pooling, rdrop_consistency
-
 
 # --- head options: head_hidden, pool, diversity ---------------------------------------------
 
@@ -294,3 +295,50 @@ def test_a_target_without_a_loss_function_is_refused_not_ignored(batch):
     features, target = batch
     with pytest.raises(ValueError, match="give both target and loss_fn"):
         make_msd(8)(features, target)
+
+
+# --- the head options from the command line --------------------------------------------------
+
+def test_default_head_keeps_the_names_of_earlier_runs_and_other_heads_say_theirs():
+    before = {"model": "miniresnet", "dataset": "cifar10", "dropout_num": 8, "dropout_p": 0.5, "seed": 42,
+              "data_source": "archive-x", "batch_size": 128, "lr": 0.01, "lr_milestone": 10, "augment": False,
+              "data_seed": 0, "train_size": None, "test_size": None, "precision": "fp32"}
+    now = {**before, "head_hidden": 0, "pool": "avg4", "diversity": "none", "rdrop_alpha": 0.0, "valid_split": 0}
+    assert experiment.run_identity(now) == experiment.run_identity(before)
+    name, setup = experiment.run_identity({**now, "head_hidden": 512, "pool": "avg2", "diversity": "flip+pad"})
+    assert name.startswith("miniresnet_cifar10_m8_p0.5_h512_avg2_flip+pad_s42-") and setup != experiment.run_identity(now)[1]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--diversity", "flip", "--dropout_num", "8"], "diversity 'flip' needs --pool avg2"),
+    (["--pool", "avg2", "--diversity", "pad", "--dropout_num", "1"], "needs 2 or more dropout samples (--dropout_num), got 1"),
+    (["--head_hidden", "-1"], "(--head_hidden) must be 0 (a single linear layer) or more, got -1"),
+    (["--pool", "avg3"], "invalid choice"),
+])
+def test_refused_head_options_are_one_line_and_exit_2(small_cifar, tmp_path, capsys, flags, message):
+    rc, _, err = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path, *flags)
+    assert rc == 2 and message in err and err.count("\n") == 1 and not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag, value, part", [("--msd_reduce", "logits", "_logits_s42-"), ("--msd_heads", "separate", "_separate_s42-")])
+def test_each_variant_trains_from_the_command_line_and_names_its_run(small_cifar, tmp_path, capsys, flag, value, part):
+    rc, _, err = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path, "--epochs", 1, "--batch_size", 100,
+                     "--dropout_num", 8, flag, value)
+    (run_dir,) = run_dirs(tmp_path, 8)
+    assert rc == 0, err
+    assert run_dir.name.startswith("miniresnet_cifar10_m8_p0.5" + part)
+    default = experiment.run_identity({**json.loads((run_dir / "config.json").read_text()), flag[2:]: {
+        "--msd_reduce": "loss", "--msd_heads": "shared"}[flag]})[0]
+    assert default.startswith("miniresnet_cifar10_m8_p0.5_s42-") and default[-8:] != run_dir.name[-8:]  # name and hash
+
+
+@pytest.mark.slow
+def test_every_head_option_trains_from_the_command_line(small_cifar, tmp_path, capsys):
+    rc, out, err = cli(capsys, "--data_dir", small_cifar, "--output_dir", tmp_path, "--epochs", 1, "--batch_size", 100,
+                       "--dropout_num", 4, "--head_hidden", 64, "--pool", "avg2", "--diversity", "flip+pad",
+                       "--rdrop_alpha", 1)
+    (run_dir,) = run_dirs(tmp_path, 4)
+    config = json.loads((run_dir / "config.json").read_text())
+    assert rc == 0 and (config["head_hidden"], config["pool"], config["diversity"]) == (64, "avg2", "flip+pad")
+    assert "_r1.0_h64_avg2_flip+pad_s42-" in run_dir.name

@@ -9,15 +9,15 @@ import time
 
 import pytest
 import torch
+from conftest import ROOT, cli, rows, run_dirs
 
 import run
-import runlock
-import studies
 import study
 import tools
 import train
 import trainingmonitor
-from conftest import ROOT, cli, rows, run_dirs
+from bookkeeping import runlock
+from studies import catalogue
 
 TINY = ["--epochs", 2, "--train_size", 200, "--test_size", 100, "--batch_size", 50]
 
@@ -62,7 +62,7 @@ def test_a_finished_grid_on_a_read_only_file_system_is_skipped(small_cifar, tmp_
 HOLD = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {root!r})
-    import runlock
+    from bookkeeping import runlock
     with runlock.hold({run_dir!r}):
         print("held", flush=True)
         time.sleep(600)
@@ -133,7 +133,7 @@ def test_a_process_that_finds_the_download_lock_held_says_who_holds_it_and_waits
 
 @pytest.mark.slow
 def test_study_workers_train_each_run_once_and_leave_a_held_run_to_its_holder(small_cifar, tmp_path, capsys, monkeypatch):
-    small = studies.Study("three runs", 1, [("avg2", [1, 8], [0.5]), ("avg2-flip", [8], [0.5])],
+    small = catalogue.Study("three runs", 1, [("avg2", [1, 8], [0.5]), ("avg2-flip", [8], [0.5])],
                         study.STUDIES["where"].pairs, "gain")
     monkeypatch.setitem(study.STUDIES, "where", small)
     argv = ["where", "--data_dir", small_cifar, "--output_dir", tmp_path, "--protocol", "smoke", "--seed", 1, "--workers", 2]

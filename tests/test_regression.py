@@ -116,7 +116,8 @@ def test_a_damaged_run_file_is_named_not_a_traceback(tmp_path, capsys):
 
 
 def test_the_classification_path_knows_nothing_of_the_regression():
-    for name in ("run.py", "train.py", "datasource.py", "nn.py", "trainingmonitor.py", "progressbar.py", "runfiles.py"):
+    for name in ("run.py", "train.py", "datasource.py", "nn.py", "trainingmonitor.py", "progressbar.py",
+                 "bookkeeping/runfiles.py"):
         text = (ROOT / name).read_text().lower()
         assert "quadratic" not in text and "regression" not in text and "mlp" not in text, name
 

@@ -9,12 +9,12 @@ import subprocess
 import sys
 
 import pytest
-
-import runfiles
-import stats
-import study
 from conftest import ROOT, SHARED_ARCHIVE
-from comparisontables import mean_std
+
+import study
+from bookkeeping import runfiles
+from studies import stats
+from studies.tables import mean_std
 
 
 def test_ci_runs_the_readme_test_command():
@@ -169,3 +169,15 @@ def test_the_full_scale_numbers_the_gpu_pages_quote_are_the_committed_h200_table
         assert f"| {cells[3]} | {cells[4]} | {cells[6]}" in page, cells
     full_scale = (ROOT / "docs" / "full-scale.md").read_text().replace("\n", " ")
     assert all(row[2].replace("-", "−") in full_scale for row in comparisons), comparisons
+
+
+def test_the_tree_shows_the_architecture():
+    """At the root the commands and the files of one run; the rest in folders a first reading can skip; no file of
+    code past 350 lines."""
+    commands = {"run.py", "study.py", "bench.py", "stepprofile.py", "blog.py", "regression.py"}
+    one_run = {"nn.py", "train.py", "datasource.py", "trainingmonitor.py", "graphstep.py", "progressbar.py", "tools.py"}
+    assert {p.name for p in ROOT.glob("*.py")} == commands | one_run
+    for folder in ("bookkeeping", "studies", "benchmarks"):
+        assert (ROOT / folder / "__init__.py").read_text().startswith('"""'), folder  # says what the folder holds
+    code = [p for p in ROOT.rglob("*.py") if not {".venv", "outputs", "data"} & set(p.relative_to(ROOT).parts)]
+    assert not [(p.name, n) for p in code if (n := len(p.read_text().splitlines())) > 350]

@@ -11,15 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, cli, fake_run, result_tables, rows, run_dirs
 
-import comparisontables
-import experiment
-import provenance
 import run
-import runfiles
 import train
 import trainingmonitor
-from conftest import ROOT, cli, fake_run, result_tables, rows, run_dirs
+from bookkeeping import experiment, provenance, runfiles
+from studies import tables
 
 FOUR_EPOCHS = ["--epochs", "4", "--batch_size", "32", "--lr_milestone", "2"]
 
@@ -140,7 +138,7 @@ def test_summary_statistics_and_epochs_to_the_m1_runs_best():
     runs = [fake_run(1, 1, [0.5, 0.6, 0.7]), fake_run(1, 2, [0.5, 0.7, 0.7]),  # mean curve 0.5 0.65 0.7: target 0.7
             fake_run(8, 1, [0.6, 0.7, 0.8]), fake_run(8, 2, [0.6, 0.8, 0.8]),  # mean 0.6 0.75 0.8: reaches it at 2
             fake_run(0, 1, [0.1, 0.2, 0.3])]
-    summary = comparisontables.summary_markdown(trainingmonitor.group_runs(runs))
+    summary = tables.summary_markdown(trainingmonitor.group_runs(runs))
     assert "| epochs to M=1's best |" in summary and "M=1's best: the best point of the mean valid accuracy" in summary
     table = summary.split("\n\n")[0].splitlines()[2:]
     cells = {int(line.split("|")[1]): [c.strip() for c in line.split("|")[1:-1]] for line in table}
@@ -150,7 +148,7 @@ def test_summary_statistics_and_epochs_to_the_m1_runs_best():
     assert cells[0][5] == "0.3000" and cells[0][3] == "1"  # one seed: no spread
     std = np.std([0.6, 0.7], ddof=1)
     runs[3]["history"][-1]["valid_acc"] = 0.7
-    table = comparisontables.summary_markdown(trainingmonitor.group_runs(runs))
+    table = tables.summary_markdown(trainingmonitor.group_runs(runs))
     assert f"0.7500 ± {std:.4f}" in table
 
 

@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import experiment
-import runfiles
+from bookkeeping import experiment, runfiles
 from tools import UserError
 
 

@@ -12,7 +12,7 @@ import math
 import os
 from pathlib import Path
 
-from experiment import run_identity
+from bookkeeping.experiment import run_identity
 from tools import UserError, json_writer, text_writer
 
 # The keys every reader relies on, and their types (bool is not a number here, though Python says so).

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 import run
-import runlock
 import tools
+from bookkeeping import runlock
 from tools import UserError
 
 

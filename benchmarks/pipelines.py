@@ -26,9 +26,9 @@ from torchvision import transforms
 
 import datasource
 import graphstep
-import hardware
 import tools
 import train
+from bookkeeping import hardware
 from nn import build_model
 
 BLOG_RECIPE_IMAGES = (50_000, 10_000)  # CIFAR-10's train and test images, for the memory figure

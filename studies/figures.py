@@ -3,11 +3,11 @@
 import matplotlib
 import numpy as np
 
-import runfiles
-import stats
 import trainingmonitor
-from stats import format_difference
-from comparisontables import mean_std
+from bookkeeping import runfiles
+from studies import stats
+from studies.stats import format_difference
+from studies.tables import mean_std
 from trainingmonitor import label_axes, save_figure
 
 matplotlib.use("Agg")  # headless: files only, no window

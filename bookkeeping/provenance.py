@@ -23,7 +23,7 @@ def place_now(device):
     import numpy as np  # here, not above: the tables read where finished runs ran without torch
     import torch
 
-    import hardware
+    from bookkeeping import hardware
     commit, dirty = tools.git_state()
     return dict(device=str(device), hardware=hardware.describe(device), threads=torch.get_num_threads(),
                 torch=str(torch.__version__), torchvision=version("torchvision"), numpy=np.__version__,
@@ -43,7 +43,7 @@ def resume_threads(saved, device):
     began with (elsewhere the bits differ anyway, and the cores may be fewer): '' or a note saying so."""
     import torch
 
-    import hardware
+    from bookkeeping import hardware
     began, now = saved.get("threads"), torch.get_num_threads()
     if device.type != "cpu" or began in (None, now) or saved.get("hardware") != hardware.describe(device):
         return ""

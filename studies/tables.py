@@ -1,8 +1,8 @@
 """The tables of a comparison (summary.md): every setting's mean over seeds, every run, and the paired differences."""
 import numpy as np
 
-import stats
-from stats import format_difference
+from studies import stats
+from studies.stats import format_difference
 
 
 def summary_markdown(groups):
