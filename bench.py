@@ -60,7 +60,8 @@ def parse_args(argv):
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="the 'default' rows' precision")
     p.add_argument("--augment", action="store_true", help="random crop and flip in both pipelines")
     p.add_argument("--compile", action="store_true", help="also time the torch.compile'd step (run.py --compile) "
-                   "against the eager one, with its compile time and the steps that pay it back")
+                   "and, on CUDA, the step captured as a CUDA graph (--cuda_graph) against the eager one, with the "
+                   "compile and capture times and the steps that pay them back")
     for flag, help in (("steps", "timed steps per block (on a GPU, use more: 100)"),
                        ("warmup", "untimed steps before the first block"),
                        ("repeats", "timed blocks per pipeline; the median is reported"),

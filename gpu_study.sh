@@ -41,7 +41,7 @@ DRAW_S=45  # kept at the end to stop the workers (5 to 11 s seen), draw the figu
 DEST=${DEST:-outputs/gpu}
 SEEDS=${SEEDS:-}  # empty: each study's own seeds
 if [ "${SMOKE:-0}" = 1 ]; then
-  DEVICE=cpu PROTOCOL=smoke MODELS=(miniresnet) BENCH=(--steps 1 --repeats 2 --warmup 0 --batch_size 8 --memory_steps 0)
+  DEVICE=cpu PROTOCOL=smoke MODELS=(miniresnet) BENCH=(--quick --steps 1 --repeats 2 --warmup 0 --batch_size 8 --memory_steps 0)
   WORKERS=2 DRAW_S=30 MPS=${MPS:-0}
 else
   DEVICE=cuda PROTOCOL=full MODELS=(miniresnet resnet18) BENCH=(--steps 20 --repeats 3 --warmup 5)

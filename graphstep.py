@@ -8,10 +8,11 @@ launches; the arithmetic would take under 1 ms (docs/gpu-study.md). The step is 
     logits, loss = step(xb, yb)                                # xb, yb copied into the static buffers, then replayed
 
 What stays as in eager: the data order and augmentation (drawn outside the graph from the run's generator), the
-checkpoints and the points a run resumes from. What differs: Adam runs `capturable` (its step count and bias
-corrections on the device, in float32 rather than Python's doubles), and the dropout masks are drawn inside the graph
-from the CUDA generator's Philox offsets. A seed still fixes everything, but not to the eager run's bits, so a
---cuda_graph run is another experiment; how far the two drift apart is what gpu_graph_check.sh measures.
+checkpoints and the points a run resumes from; the dropout masks are drawn inside the graph from the seeded CUDA
+generator. What differs: Adam runs `capturable` (its step count and bias corrections on the device, in float32 rather
+than Python's doubles), so a --cuda_graph run is another experiment than the eager run of its seed. Whether the
+replayed step gives the bits of an eager step with capturable Adam, and how far it drifts from run.py's eager step,
+is what gpu_graph_check.sh measures.
 
 The capture runs WARMUP_STEPS eager steps first (as CUDA graphs need: lazy initialisation, cuDNN's autotuning) and
 then puts back everything they changed (weights, BatchNorm statistics, Adam's state, the random state), so a run
@@ -73,6 +74,7 @@ class GraphedStep:
         return self.graph.replay()
 
     def _capture(self, x, y):
+        use_device(x.device)
         self.static = (x.clone(), y.clone())
         kept = snapshot(self.model, self.optimizer)
         with self.graph_factory.side_stream():
@@ -95,14 +97,16 @@ class GraphedStep:
 
 class GraphedForward:
     """model(prepare(x)) in eval mode, replayed from a graph for batches of the captured size; any other size (the
-    last batch of a set) runs eagerly. Nothing it runs changes state, so it needs no undoing."""
+    last batch of a set) runs eagerly. It runs inside evaluate()'s inference_mode and autocast, captures included.
+    Nothing it runs changes state, so it needs no undoing."""
 
-    def __init__(self, model, prepare, autocast, graph_factory=CudaGraph):
-        self.model, self.prepare, self.autocast = model, prepare, autocast
+    def __init__(self, model, prepare, graph_factory=CudaGraph):
+        self.model, self.prepare = model, prepare
         self.graph_factory, self.graph, self.static = graph_factory, None, None
 
     def __call__(self, x):
         if self.graph is None:
+            use_device(x.device)
             self.static = x.clone()
             with self.graph_factory.side_stream():
                 for _ in range(WARMUP_STEPS):
@@ -115,8 +119,14 @@ class GraphedForward:
         return self.graph.replay()
 
     def _forward(self, x=None):
-        with torch.inference_mode(), self.autocast:
-            return self.model(self.prepare(self.static if x is None else x))
+        return self.model(self.prepare(self.static if x is None else x))
+
+
+def use_device(device):
+    """The graph, its side stream and its memory pool belong to the current CUDA device: make it the data's
+    (--device cuda:1 in a single process would otherwise capture on cuda:0)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
 
 
 def check_shapes(static, given):
@@ -144,10 +154,12 @@ def restore(model, optimizer, kept):
         for param, state in optimizer.state.items():
             before = kept["optimizer"].get(param)
             for key, value in state.items():
-                if torch.is_tensor(value):
-                    value.copy_(before[key]) if before else value.zero_()
+                if not torch.is_tensor(value):
+                    state[key] = before[key] if before else value
                 elif before:
-                    state[key] = before[key]
+                    value.copy_(before[key])
+                else:
+                    value.zero_()
     set_random_state(kept["random"])
 
 

@@ -13,6 +13,7 @@ off) prediction against y = x^2 on 1001 points of [0, 10]. Into --output_dir: on
 and final prediction), summary.md (a table per setting and per run) and regression.png (the post's figure
 with every run's prediction, and the valid MSE against epochs). A rerun skips the runs it finds there.
 """
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -172,9 +173,9 @@ def main(argv=None):
         args = parse_args(argv)
         tools.check_writable(args.output_dir)
         args.output_dir.mkdir(parents=True, exist_ok=True)
-        torch.set_num_threads(1)  # a batch of one: more threads only add their overhead
         with tools.interrupts():  # SIGTERM as Ctrl-C: the run in training leaves no file, the finished ones stay
-            runs = [one_run(args, m, seed) for m in args.dropout_num for seed in args.seed]
+            with one_thread():
+                runs = [one_run(args, m, seed) for m in args.dropout_num for seed in args.seed]
             tools.atomic_write(args.output_dir / "summary.md", tools.text_writer(summary_markdown(runs)))
             plot(args.output_dir, runs)
         print(f"wrote {args.output_dir / 'summary.md'} and {args.output_dir / 'regression.png'}")
@@ -186,6 +187,17 @@ def main(argv=None):
         print(f"regression.py: stopped by {tools.STOP.get('signal', 'SIGINT')}; the runs finished before it are kept, "
               "and the command resumes from them", file=sys.stderr)
         return tools.stopped_status()
+
+
+@contextlib.contextmanager
+def one_thread():
+    """A batch of one: more threads only add their overhead. The caller's count after (the tests run in-process)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def one_run(args, m, seed):

@@ -96,8 +96,8 @@ def build_parser():
                    "run is another experiment, named _compiled and never compared with an eager one")
     p.add_argument("--cuda_graph", action="store_true", help="CUDA: capture the training step (forward, every "
                    "dropout sample, backward, Adam) and evaluation as CUDA graphs, replayed a launch each; Adam runs "
-                   "capturable and the masks are drawn inside the graph, so it is another experiment, named _graph and "
-                   "never compared with an eager one (graphstep.py)")
+                   "capturable, so it is another experiment, named _graph and never compared with an eager one "
+                   "(graphstep.py)")
     p.add_argument("--deterministic", action="store_true", help="CUDA: deterministic algorithms, no cudnn autotuning (slower)")
     p.add_argument("--sync_bn", action="store_true", help="under torchrun on GPUs: BatchNorm statistics over the global "
                    "batch (SyncBatchNorm) rather than each rank's batch_size/N images")

@@ -24,7 +24,7 @@ import run  # noqa: E402
 from bookkeeping import experiment  # noqa: E402
 from bookkeeping import runfiles  # noqa: E402
 from bookkeeping import runlock  # noqa: E402
-from bookkeeping.provenance import place, where, where_pair  # noqa: E402
+from bookkeeping.provenance import kind_and_precision, where, where_pair  # noqa: E402
 from studies import stats  # noqa: E402
 from studies.catalogue import MORE_SEEDS, PROTOCOLS, SETTINGS, STUDIES, Point, own_seeds, study_points  # noqa: E402
 from studies.workers import train_in_workers  # noqa: E402
@@ -143,18 +143,18 @@ def to_train(commands, pairs):
 
     A finished run its folder holds is done in either precision where the protocol leaves --precision to auto,
     so a study rerun on a machine that resolves auto otherwise trains nothing twice. A missing run whose pairs
-    (the runs of its seed it is compared with) are held trains in their precision, so both runs of a pair share
+    (the runs of its seed it is compared with) are finished trains in their precision, so both runs of a pair share
     it; where this machine lacks that precision natively or picks another kind of device, it is named and left."""
     planned = plan(commands)
-    held = {}
+    finished = {}
     for folder in {Path(p.args.output_dir) for p in planned.values()}:
         for r in runfiles.finished_runs(folder):
-            held.setdefault(without_precision(r["config"]), []).append(r)
+            finished.setdefault(without_precision(r["config"]), []).append(r)
     left, elsewhere = [], 0
     for name, p in planned.items():
-        if held_run(p, held):
+        if finished_run(p, finished):
             continue
-        places = {place(r["config"]) for r in its_pairs(p, planned, pairs, held)}
+        places = {kind_and_precision(r["config"]) for r in its_pairs(p, planned, pairs, finished)}
         precision, why_not = pair_precision(p, places)
         command = p.command + ["--precision", precision] * (precision not in (None, p.config["precision"]))
         if why_not:
@@ -186,17 +186,18 @@ def without_precision(config):
     return tuple(sorted((k, v) for k, v in experiment.defining_flags(config).items() if k != "precision"))
 
 
-def held_run(p, held):
+def finished_run(p, finished):
     """The folder's finished run of this command, to its --epochs (any precision under auto, else its own), or None."""
-    return next((r for r in held.get(without_precision(p.config), []) if r["history"][-1]["epoch"] >= p.args.epochs
+    return next((r for r in finished.get(without_precision(p.config), []) if r["history"][-1]["epoch"] >= p.args.epochs
                  and p.args.precision in ("auto", r["config"]["precision"])), None)
 
 
-def its_pairs(p, planned, pairs, held):
-    """The held runs the run is compared with: its seed's runs of the points it pairs with."""
+def its_pairs(p, planned, pairs, finished):
+    """The finished runs the run is compared with: its seed's runs of the points it pairs with."""
     mine = point_of(p.args)
     partners = {b if a == mine else a for _, a, b in pairs if mine in (a, b)}
-    runs = (held_run(q, held) for q in planned.values() if q.args.seed == p.args.seed and point_of(q.args) in partners)
+    runs = (finished_run(q, finished) for q in planned.values()
+            if q.args.seed == p.args.seed and point_of(q.args) in partners)
     return [r for r in runs if r]
 
 
@@ -253,9 +254,12 @@ def compare(points, pairs, own):
         seeds = sorted(mine.keys() & theirs.keys())
         for seed in seeds:  # both runs of a pair on one kind of device in one precision: else, two draws
             a, b = mine[seed]["config"], theirs[seed]["config"]
-            if place(a) != place(b):
+            if kind_and_precision(a) != kind_and_precision(b):
                 raise UserError(f"{mine[seed]['dir']} ran on {where(mine[seed])} and {theirs[seed]['dir']} on "
                                 f"{where(theirs[seed])}: a pair must share its kind of device and precision")
+            if experiment.step_of(a) != experiment.step_of(b):  # another step draws other masks, or rounds otherwise
+                raise UserError(f"{mine[seed]['dir']} trained with the {experiment.step_of(a)} step and "
+                                f"{theirs[seed]['dir']} with the {experiment.step_of(b)} one: a pair must share its step")
         ran_on = collections.Counter(where_pair(mine[s], theirs[s]) for s in seeds)
         accuracies = runfiles.final_accuracies(mine), runfiles.final_accuracies(theirs)
         first = stats.paired_by_seed(*({s: a[s] for s in own if s in a} for a in accuracies))

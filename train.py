@@ -91,7 +91,7 @@ def train(args, config, run_dir, device, checkpoint):
     autocast = autocast_for(device, config["precision"], args.cuda_graph)
     prepare = datasource.input_transform(args.dataset, device)
     train_step = make_step(forward, optimizer, autocast, args.cuda_graph)
-    logits_of = graphstep.GraphedForward(evaluator, prepare, autocast) if args.cuda_graph else None
+    logits_of = graphstep.GraphedForward(evaluator, prepare) if args.cuda_graph else None
 
     if args.overwrite and run_dir.exists() and distributed.is_main():
         shutil.rmtree(run_dir)

@@ -123,7 +123,7 @@ def project_pipeline(args, device, dropout_num, precision, images=None, reduce="
     forward = hardware.compiled(model) if mode == "compiled" else model
     autocast, prepare = train.autocast_for(device, precision, graph), datasource.input_transform("cifar10", device)
     train_step = train.make_step(forward, optimizer, autocast, graph)
-    logits_of = graphstep.GraphedForward(forward, prepare, autocast) if graph else None
+    logits_of = graphstep.GraphedForward(forward, prepare) if graph else None
 
     def train_steps(n):
         batches = itertools.islice(datasource.train_batches(x, y, args.batch_size, generator, args.augment, prepare), n)

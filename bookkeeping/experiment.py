@@ -52,6 +52,11 @@ def run_identity(config):
     return run, f"{c['model']}_{c['dataset']}-{short_hash(setup)}"
 
 
+def step_of(config):
+    """How the run's training step ran: eager, compiled (--compile) or CUDA graph (--cuda_graph)."""
+    return "compiled" if config.get("compile") else "CUDA graph" if config.get("cuda_graph") else "eager"
+
+
 def check_same_experiment(saved, wanted, path, advice="use another --output_dir or --overwrite"):
     """Refuse a checkpoint whose defining flags differ from this command's."""
     saved, wanted = (dict(OMITTED_AT_DEFAULT, **defining_flags(c)) for c in (saved, wanted))  # a flag at its default, named

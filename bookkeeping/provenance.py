@@ -51,7 +51,7 @@ def resume_threads(saved, device):
     return f" with the {began} thread(s) it began with, not this process's {now}"
 
 
-def place(config):
+def kind_and_precision(config):
     """(kind of device, precision): what both runs of a pair share, or they are two draws. A run resumed on another
     kind of device names each kind its epochs ran on."""
     return "+".join(sorted({c["device"].split(":")[0] for c in [*config.get("earlier", []), config]})), config["precision"]

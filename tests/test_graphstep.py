@@ -98,7 +98,7 @@ def test_evaluation_replays_full_batches_and_runs_the_last_one_eagerly():
     model, _ = setup()
     autocast, prepare = train.autocast_for(torch.device("cpu"), "fp32"), lambda x: x.float() / 255
     x, y = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (10,))
-    logits_of = graphstep.GraphedForward(model, prepare, autocast, graph_factory=ReplayedPython)
+    logits_of = graphstep.GraphedForward(model, prepare, graph_factory=ReplayedPython)
     eager = train.evaluate(model, x, y, autocast, prepare)
     train.EVAL_BATCH, kept = 4, train.EVAL_BATCH  # batches of 4, 4 and a last one of 2
     try:

@@ -122,6 +122,7 @@ def test_the_classification_path_knows_nothing_of_the_regression():
         assert "quadratic" not in text and "regression" not in text and "mlp" not in text, name
 
 
+@pytest.mark.slow
 def test_the_script_runs_from_a_shell(tmp_path):
     proc = subprocess.run([sys.executable, "regression.py", "--epochs", "100", "--dropout_num", "8", "--output_dir",
                            str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
@@ -136,3 +137,9 @@ def test_the_committed_runs_redraw_their_table_and_figure_byte_for_byte(tmp_path
     assert "seed=" not in capsys.readouterr().out  # nothing trained: every run was found
     for name in ("summary.md", "regression.png"):
         assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), name
+
+
+def test_the_caller_keeps_its_thread_count(tmp_path):
+    threads = torch.get_num_threads()
+    assert regression.main(["--epochs", "100", "--dropout_num", "0", "--output_dir", tmp_path]) == 0
+    assert torch.get_num_threads() == threads

@@ -1,5 +1,6 @@
 """study.py as a command: the rule's seeds, planning and workers, the pairs' machines and precisions, and its
 refusals in one line."""
+import json
 import shlex
 import shutil
 
@@ -103,6 +104,17 @@ def test_a_pair_across_precisions_or_two_runs_of_one_seed_are_refused(tmp_path, 
     err = capsys.readouterr().err
     assert "m8_p0.5_s42-bf16 and " in err and "two runs of blog-head, dropout_num 8, p 0.5, seed 42" in err
     assert not (tmp_path / "convergence.md").exists()
+
+
+@pytest.mark.parametrize("flag, step", [("compile", "compiled"), ("cuda_graph", "CUDA graph")])
+def test_a_pair_of_two_steps_is_refused(flag, step, tmp_path, capsys):
+    write_runs(tmp_path / "blog-head", {1: [0.50, 0.52, 0.54], 8: [0.51, 0.55, 0.53]})
+    config = tmp_path / "blog-head" / "m8_p0.5_s43-fp32" / "config.json"  # placed by hand beside eager runs
+    write_json(config, {**json.loads(config.read_text()), flag: True})
+    assert study.main(["convergence", "--compare", tmp_path]) == 2
+    err = capsys.readouterr().err
+    assert f"m8_p0.5_s43-fp32 trained with the {step} step and " in err and "with the eager one" in err
+    assert err.count("\n") == 1 and not (tmp_path / "convergence.md").exists()
 
 
 SMALL_STUDY = catalogue.Study("a small study", 1, [("avg2", [1, 8], [0.5]), ("avg2-flip", [8], [0.5])],

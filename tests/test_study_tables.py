@@ -184,7 +184,8 @@ def test_a_run_resumed_on_another_kind_of_device_pairs_only_with_one_that_moved_
     gpu = {"device": "cuda:0", "precision": "fp32"}
     moved = {**gpu, "earlier": [{"until_epoch": 3, "device": "cpu"}, {"until_epoch": 5, "device": "cuda:1"}]}
     back = {"device": "cpu", "precision": "fp32", "earlier": [{"until_epoch": 3, "device": "cuda:0"}]}
-    assert provenance.place(gpu) == ("cuda", "fp32") and provenance.place(moved) == provenance.place(back) == ("cpu+cuda", "fp32")
+    assert provenance.kind_and_precision(gpu) == ("cuda", "fp32")
+    assert provenance.kind_and_precision(moved) == provenance.kind_and_precision(back) == ("cpu+cuda", "fp32")
 
 
 def test_the_tables_name_each_stretch_of_epochs_a_resumed_run_ran_elsewhere():
