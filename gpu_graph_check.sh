@@ -13,8 +13,9 @@
 #    side, and whether they agree within the stated bound (valid accuracy within 0.02, train loss within 5%: the
 #    rounding of capturable Adam, compounded over 780 steps); epoch 2's seconds are the steady ones (epoch 1 pays for
 #    cuDNN's autotuning and the captures).
-# 3. bench.py --compile --quick on CUDA: eager, compiled and graph steps side by side, with TFLOP/s, the fraction of
-#    peak and the capture time, for miniresnet in fp32 and bf16 and resnet18 in bf16, each cut at BENCH_S.
+# 3. bench.py --compile --quick on CUDA: eager, compiled, reduce-overhead and graph steps side by side, with TFLOP/s,
+#    the fraction of peak and the compile or capture time, for miniresnet in fp32 and bf16 and resnet18 in bf16, each
+#    cut at BENCH_S.
 # Everything lands in outputs/graph-check/ (check.txt, the runs, bench-*/) and, with $OUT set, $OUT/graph-check.tar.gz.
 # Exit 0 when both checks hold, 1 when one does not, 2 without CUDA or data.
 set -uo pipefail

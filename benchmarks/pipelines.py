@@ -112,15 +112,17 @@ VARIANTS = [("the paper: shared head, mean of losses", "loss", "shared", "mean o
 
 def project_pipeline(args, device, dropout_num, precision, images=None, reduce="loss", heads="shared", mode="eager"):
     """A function that trains n steps with run.py's own loop (train.train_epoch) and waits for the device; mode:
-    eager, compiled (the model under torch.compile, as run.py --compile trains it) or graph (the step captured as a
-    CUDA graph, as run.py --cuda_graph trains it)."""
+    eager, compiled (the model under torch.compile, as run.py --compile trains it), reduce-overhead (torch.compile's
+    mode that replays its own CUDA graphs of the forward and backward) or graph (the whole step captured as a CUDA
+    graph, as run.py --cuda_graph trains it)."""
     torch.manual_seed(0)
     model, graph = project_model(args, device, dropout_num, reduce, heads), mode == "graph"
     optimizer = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-3, device=device) if graph else 1e-3,
                                  foreach=True, capturable=graph)
     x, y = datasource.to_device(*(images or synthetic_images(args.batch_size * (args.warmup + args.repeats * args.steps))), device)
     generator = torch.Generator(device=device).manual_seed(0)
-    forward = hardware.compiled(model) if mode == "compiled" else model
+    forward = (hardware.compiled(model, "reduce-overhead" if mode == "reduce-overhead" else None)
+               if mode in ("compiled", "reduce-overhead") else model)
     autocast, prepare = train.autocast_for(device, precision, graph), datasource.input_transform("cifar10", device)
     train_step = train.make_step(forward, optimizer, autocast, graph)
     logits_of = graphstep.GraphedForward(forward, prepare) if graph else None

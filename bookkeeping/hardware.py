@@ -102,8 +102,8 @@ def describe(device):
     return f"{name} (family {family} model {model})"
 
 
-def compiled(model):
-    """torch.compile(model), without the warning that a CUDA build of torch logs on a machine without CUDA when
-    inductor imports torch.utils.cpp_extension, whatever the device."""
+def compiled(model, mode=None):
+    """torch.compile(model) (mode "reduce-overhead": inductor's own CUDA graphs), without the warning that a CUDA
+    build of torch logs on a machine without CUDA when inductor imports torch.utils.cpp_extension."""
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    return torch.compile(model)
+    return torch.compile(model, mode=mode)

@@ -161,7 +161,7 @@ def test_a_slow_rate_keeps_its_digits_instead_of_rounding_to_zero():
 def test_the_compiled_table_times_both_steps_and_the_compile_apart(tmp_path, capsys, monkeypatch):
     """torch.compile is stood in for by a model that sleeps 2 s once, on its first step: the table must count
     that as compile time, not as a step (a step here is well under a second, even on a busy machine)."""
-    def compile_that_takes_a_while(model):
+    def compile_that_takes_a_while(model, mode=None):
         first = []
 
         def forward(*inputs):
@@ -177,7 +177,7 @@ def test_the_compiled_table_times_both_steps_and_the_compile_apart(tmp_path, cap
     assert "| TFLOP/s | of peak |" in table
     compile_s = float(re.search(r"Compiling took ([\d.]+) s", note).group(1))
     assert 1.5 < compile_s < 5, note
-    assert "pay it back" in note and "| graph |" not in table  # the CUDA graph only on CUDA
+    assert "pay it back" in note and "| graph |" not in table and "reduce-overhead" not in table  # CUDA's only
 
 
 @pytest.mark.slow
