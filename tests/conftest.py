@@ -119,7 +119,7 @@ def run_dirs(output_dir, dropout_num):
     return sorted(Path(output_dir).glob(f"miniresnet_cifar10_m{dropout_num}_*"))
 
 
-# --- for the head's tests (test_nn.py, test_head_options.py) ---
+# --- for the head's tests (test_head.py, test_head_options.py) ---
 
 B, D, C = 64, 16, 10
 

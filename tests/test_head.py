@@ -1,3 +1,5 @@
+"""The multi-sample dropout head: what it computes in training and evaluation, its loss and gradient, R-Drop on it,
+and the networks it ends."""
 import itertools
 
 import pytest
