@@ -61,9 +61,9 @@ class GraphedStep:
     graph_factory makes the graph: CudaGraph on CUDA; a test gives one that calls fn again at each replay, so the
     buffers, the warm-up and its undoing are checked on a CPU against the eager step."""
 
-    def __init__(self, model, optimizer, loss_fn, autocast, graph_factory=CudaGraph):
+    def __init__(self, model, optimizer, loss_fn, autocast, graph_factory=None):
         self.model, self.optimizer, self.loss_fn, self.autocast = model, optimizer, loss_fn, autocast
-        self.graph_factory, self.graph, self.static = graph_factory, None, None
+        self.graph_factory, self.graph, self.static = graph_factory or CudaGraph, None, None
 
     def __call__(self, x, y):
         if self.graph is None:
@@ -100,9 +100,9 @@ class GraphedForward:
     last batch of a set) runs eagerly. It runs inside evaluate()'s inference_mode and autocast, captures included.
     Nothing it runs changes state, so it needs no undoing."""
 
-    def __init__(self, model, prepare, graph_factory=CudaGraph):
+    def __init__(self, model, prepare, graph_factory=None):
         self.model, self.prepare = model, prepare
-        self.graph_factory, self.graph, self.static = graph_factory, None, None
+        self.graph_factory, self.graph, self.static = graph_factory or CudaGraph, None, None
 
     def __call__(self, x):
         if self.graph is None:
@@ -127,6 +127,14 @@ def use_device(device):
     (--device cuda:1 in a single process would otherwise capture on cuda:0)."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
+
+
+def refusal(device, ranks):
+    """Why --cuda_graph cannot run here, in words, or None: it captures on one CUDA device."""
+    if device.type != "cuda" or ranks > 1:
+        return (f"--cuda_graph captures the step on one CUDA device, not {device.type}"
+                f"{f' x {ranks} ranks' if ranks > 1 else ''}: drop it")
+    return None
 
 
 def check_shapes(static, given):

@@ -30,9 +30,8 @@ COMMAND_ONLY = ("resume", "eval", "compare")  # what the command did, not what t
 def train_run(args, run_dir=None):
     """Train one run of the grid (or continue it) under its lock; returns (its folder, its setup's name)."""
     device = distributed.local_device(hardware.pick_device(args.device))
-    if args.cuda_graph and (device.type != "cuda" or distributed.world() > 1):
-        raise UserError(f"--cuda_graph captures the step on one CUDA device, not {device.type}"
-                        f"{f' x {distributed.world()} ranks' if distributed.world() > 1 else ''}: drop it")
+    if args.cuda_graph and graphstep.refusal(device, distributed.world()):
+        raise UserError(graphstep.refusal(device, distributed.world()))
     hardware.configure_determinism(args.deterministic, device)
     config, default_dir = identity(args, device)
     hardware.configure_precision(config["precision"])

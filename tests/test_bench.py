@@ -8,12 +8,12 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT
 
 import bench
 import stepprofile
 import tools
 from benchmarks import pipelines
+from conftest import ROOT
 
 
 def test_ratios_are_taken_within_each_round():

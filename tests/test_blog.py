@@ -1,9 +1,9 @@
 """blog.py: the blog's numbers beside ours, from finished run folders."""
 import numpy as np
 import pytest
-from conftest import fake_run, write_json
 
 import blog
+from conftest import fake_run, write_json
 
 
 def write_run(folder, m, seed, final_acc, **changes):

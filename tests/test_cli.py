@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, cli, result_tables, rows, run_dirs
 
 import run
 import tools
 from bookkeeping import experiment, hardware
+from conftest import ROOT, cli, result_tables, rows, run_dirs
 
 # 400 real images (300 train, 100 test), batch 32: about a second an epoch
 TINY = ["--batch_size", "32", "--lr_milestone", "1", "--epochs", "2"]

@@ -4,11 +4,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, cli, fake_run, run_dirs, write_json
 
 import datasource
 import train
 import trainingmonitor
+from conftest import ROOT, cli, fake_run, run_dirs, write_json
 from studies import stats, tables
 
 T_975_2DF = 4.302652729749464  # Student t, 97.5th percentile, 2 degrees of freedom (from a printed table)

@@ -5,11 +5,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import cli
 
 import datasource
 import train
 from bookkeeping import hardware
+from conftest import cli
 
 
 def test_random_crop_flip_is_a_shifted_window_of_the_padded_image_or_its_mirror():

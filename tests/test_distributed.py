@@ -8,10 +8,10 @@ import textwrap
 
 import pytest
 import torch
-from conftest import ROOT, cli, fake_run, rows, run_dirs
 
 import datasource
 import trainingmonitor
+from conftest import ROOT, cli, fake_run, rows, run_dirs
 
 # 300 training images in batches of 60: 5 steps an epoch, each rank 30 images a step
 RUN = ["--batch_size", "60", "--dropout_num", "8", "--lr_milestone", "1", "--precision", "fp32"]

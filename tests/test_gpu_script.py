@@ -6,6 +6,7 @@ import sys
 import tarfile
 
 import pytest
+
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow  # the script's smoke run: minutes, whatever the machine

@@ -2,20 +2,23 @@
 batch of another size, the evaluation's eager last batch, the flag's record and refusals. The graph itself is stood
 in for by one that calls the captured function again at each replay: on CUDA the graph replays those same kernels."""
 import contextlib
+import json
 
 import pytest
 import torch
-from conftest import cli
 
 import graphstep
 import train
 from bookkeeping import experiment, runfiles
+from conftest import cli, rows, run_dirs
 from nn import build_model
 
 
 class ReplayedPython:
     """A stand-in for graphstep.CudaGraph: capture() records fn without running it (a capture computes nothing,
     though it may move the generator on: this one draws a number), replay() runs it."""
+
+    replayed = 0  # by every instance: run.py's wiring makes its own
 
     def __init__(self):
         self.fn, self.replays = None, 0
@@ -26,6 +29,7 @@ class ReplayedPython:
 
     def replay(self):
         self.replays += 1
+        ReplayedPython.replayed += 1
         return self.fn()
 
     side_stream = staticmethod(contextlib.nullcontext)
@@ -145,3 +149,30 @@ def test_a_config_may_lack_the_flag_but_not_hold_another_type(tmp_path):
 def test_the_flag_is_refused_where_it_cannot_run(flags, message, small_cifar, tmp_path, capsys):
     rc, _, err = cli(capsys, *flags, "--data_dir", small_cifar, "--epochs", 1, "--output_dir", tmp_path)
     assert rc == 2 and message in err and err.count("\n") == 1 and list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def graphs_on_a_cpu(monkeypatch):
+    """run.py --cuda_graph's wiring on a CPU: the stand-in graph, and Adam as a CPU runs it with a tensor lr
+    (capturable needs a GPU)."""
+    adam = torch.optim.Adam
+    monkeypatch.setattr(graphstep, "CudaGraph", ReplayedPython)
+    monkeypatch.setattr(graphstep, "refusal", lambda device, ranks: None)
+    monkeypatch.setattr(torch.optim, "Adam", lambda params, **kw: adam(params, **{**kw, "capturable": False,
+                                                                               "foreach": False}))
+    ReplayedPython.replayed = 0
+
+
+@pytest.mark.slow
+def test_a_graphed_run_resumed_trains_what_it_trains_at_once(graphs_on_a_cpu, small_cifar, tmp_path, capsys):
+    flags = ["--data_dir", small_cifar, "--cuda_graph", "--device", "cpu", "--dropout_num", 8, "--batch_size", 32,
+             "--lr_milestone", 1, "--valid_split", 50]
+    assert cli(capsys, *flags, "--epochs", 2, "--output_dir", tmp_path / "at_once")[0] == 0
+    assert cli(capsys, *flags, "--epochs", 1, "--output_dir", tmp_path / "resumed")[0] == 0
+    rc, out, _ = cli(capsys, *flags, "--epochs", 2, "--output_dir", tmp_path / "resumed")
+    assert rc == 0 and "resumed from epoch 1" in out
+    (at_once,), (resumed,) = run_dirs(tmp_path / "at_once", 8), run_dirs(tmp_path / "resumed", 8)
+    assert "_graph_s42-" in at_once.name and rows(at_once) == rows(resumed)
+    assert [row["lr"] for row in rows(at_once)] == ["0.01", "0.001"]  # the schedule reached the captured step
+    assert (at_once / "test.json").read_text() == (resumed / "test.json").read_text()
+    assert ReplayedPython.replayed > 0 and json.loads((at_once / "config.json").read_text())["cuda_graph"] is True

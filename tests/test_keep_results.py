@@ -9,7 +9,6 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, cli, rows, run_dirs
 
 import run
 import study
@@ -17,6 +16,7 @@ import tools
 import train
 import trainingmonitor
 from bookkeeping import runlock
+from conftest import ROOT, cli, rows, run_dirs
 from studies import catalogue
 
 TINY = ["--epochs", 2, "--train_size", 200, "--test_size", 100, "--batch_size", 50]

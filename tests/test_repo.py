@@ -9,10 +9,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, SHARED_ARCHIVE
 
 import study
 from bookkeeping import runfiles
+from conftest import ROOT, SHARED_ARCHIVE
 from studies import stats
 from studies.tables import mean_std
 

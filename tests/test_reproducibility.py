@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, cli, fake_run, result_tables, rows, run_dirs
 
 import run
 import train
 import trainingmonitor
 from bookkeeping import experiment, provenance, runfiles
+from conftest import ROOT, cli, fake_run, result_tables, rows, run_dirs
 from studies import tables
 
 FOUR_EPOCHS = ["--epochs", "4", "--batch_size", "32", "--lr_milestone", "2"]
