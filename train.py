@@ -30,8 +30,9 @@ COMMAND_ONLY = ("resume", "eval", "compare")  # what the command did, not what t
 def train_run(args, run_dir=None):
     """Train one run of the grid (or continue it) under its lock; returns (its folder, its setup's name)."""
     device = distributed.local_device(hardware.pick_device(args.device))
-    if args.cuda_graph and graphstep.refusal(device, distributed.world()):
-        raise UserError(graphstep.refusal(device, distributed.world()))
+    refused = args.cuda_graph and graphstep.refusal(device, distributed.world())
+    if refused:
+        raise UserError(refused)
     hardware.configure_determinism(args.deterministic, device)
     config, default_dir = identity(args, device)
     hardware.configure_precision(config["precision"])
